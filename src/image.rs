@@ -1,0 +1,193 @@
+//! Resolving a reference to one runnable image: manifest, config and layers.
+//!
+//! A tag may name an index (multi-platform image); it is resolved to the entry for the wanted
+//! platform, as `docker pull` does, and the choice is recorded so that `inspect` can say which of
+//! the offered platforms was taken. Nested indexes are followed a few levels deep (some tools emit
+//! an index of indexes); deeper nesting is treated as hostile.
+//!
+//! Resolution costs one manifest request per level plus one config request: the minimum the
+//! format allows, since the layer list lives in the manifest and the diff IDs in the config.
+
+use crate::digest::Digest;
+use crate::oci::{
+    Descriptor, ImageConfig, ImageManifest, LayerCompression, LazyIndex, MAX_CONFIG_BYTES,
+    Manifest, ManifestError, Platform,
+};
+use crate::reference::ManifestSelector;
+use crate::source::{ImageSource, SourceError};
+
+/// Indexes nested deeper than this are refused (real images use at most two levels).
+const MAX_INDEX_DEPTH: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("image {image}: {what} {digest} is malformed: {source}")]
+    Malformed {
+        image: String,
+        what: &'static str,
+        digest: Digest,
+        source: ManifestError,
+    },
+    #[error(
+        "image {image} has no manifest for platform {wanted}; it offers: {} (choose one with --platform)",
+        if available.is_empty() { "none".to_string() } else { available.join(", ") }
+    )]
+    NoMatchingPlatform {
+        image: String,
+        wanted: Platform,
+        available: Vec<String>,
+    },
+    #[error("image {image}: {reason}")]
+    Inconsistent { image: String, reason: String },
+}
+
+/// An index that was resolved to one of its entries.
+#[derive(Clone, Debug)]
+pub struct ResolvedIndex {
+    pub digest: Digest,
+    /// Platforms the index offered, in its order.
+    pub platforms: Vec<Platform>,
+}
+
+/// A layer of a resolved image.
+#[derive(Clone, Debug)]
+pub struct Layer {
+    pub descriptor: Descriptor,
+    /// Digest of the uncompressed tar (from the config's `rootfs.diff_ids`).
+    pub diff_id: Digest,
+    pub lazy_index: Option<LazyIndex>,
+}
+
+impl Layer {
+    pub fn compression(&self) -> Result<LayerCompression, ManifestError> {
+        LayerCompression::from_media_type(&self.descriptor.media_type)
+    }
+}
+
+/// One image, resolved to a single platform, with everything needed to read its layers.
+#[derive(Clone, Debug)]
+pub struct ResolvedImage {
+    /// The source's name, for messages.
+    pub source: String,
+    /// The index the reference pointed to, outermost first, when it pointed to one.
+    pub indexes: Vec<ResolvedIndex>,
+    pub manifest_digest: Digest,
+    pub manifest_media_type: String,
+    pub manifest: ImageManifest,
+    pub config: ImageConfig,
+    /// The platform the image is for: the matched index entry's, else the config's.
+    pub platform: Platform,
+    pub layers: Vec<Layer>,
+}
+
+impl ResolvedImage {
+    pub fn compressed_size(&self) -> u64 {
+        self.layers.iter().map(|l| l.descriptor.size).sum()
+    }
+}
+
+/// Resolves `selector` in `source` to the image for `platform`.
+pub async fn resolve(
+    source: &dyn ImageSource,
+    selector: &ManifestSelector,
+    platform: &Platform,
+) -> Result<ResolvedImage, ImageError> {
+    let image = source.name();
+    let malformed = |what, digest: &Digest, source| ImageError::Malformed {
+        image: image.clone(),
+        what,
+        digest: digest.clone(),
+        source,
+    };
+    let mut indexes = Vec::new();
+    let mut chosen_platform = None;
+    let mut selector = selector.clone();
+    let (fetched, manifest) = loop {
+        let fetched = source.manifest(&selector).await?;
+        let parsed = Manifest::parse(&fetched.bytes, fetched.media_type.as_deref())
+            .map_err(|e| malformed("manifest", &fetched.digest, e))?;
+        let index = match parsed {
+            Manifest::Image(m) => break (fetched, m),
+            Manifest::Index(index) => index,
+        };
+        if indexes.len() >= MAX_INDEX_DEPTH {
+            return Err(ImageError::Inconsistent {
+                image,
+                reason: format!("indexes nested more than {MAX_INDEX_DEPTH} deep"),
+            });
+        }
+        let platforms: Vec<Platform> = index
+            .manifests
+            .iter()
+            .filter_map(|d| d.platform.clone())
+            .collect();
+        let entry = index
+            .manifests
+            .iter()
+            .find(|d| d.platform.as_ref().is_some_and(|p| platform.matches(p)))
+            .or(match index.manifests.as_slice() {
+                // A single entry without a platform (an OCI layout's index, or a nested index)
+                // is simply "the" image.
+                [only] if only.platform.is_none() => Some(only),
+                _ => None,
+            })
+            .ok_or_else(|| ImageError::NoMatchingPlatform {
+                image: image.clone(),
+                wanted: platform.clone(),
+                available: platforms.iter().map(ToString::to_string).collect(),
+            })?;
+        if entry.platform.is_some() {
+            chosen_platform = entry.platform.clone().map(Platform::normalized);
+        }
+        selector = ManifestSelector::Digest(entry.digest.clone());
+        indexes.push(ResolvedIndex {
+            digest: fetched.digest,
+            platforms,
+        });
+    };
+    let manifest_media_type = manifest
+        .media_type
+        .clone()
+        .or(fetched.media_type.clone())
+        .unwrap_or_else(|| crate::oci::MEDIA_OCI_MANIFEST.to_string());
+    let config_bytes = source.blob(&manifest.config, MAX_CONFIG_BYTES).await?;
+    let config = ImageConfig::parse(&config_bytes)
+        .map_err(|e| malformed("config", &manifest.config.digest, e))?;
+    if config.rootfs.diff_ids.len() != manifest.layers.len() {
+        return Err(ImageError::Inconsistent {
+            image,
+            reason: format!(
+                "manifest {} lists {} layers but its config lists {} diff_ids",
+                fetched.digest,
+                manifest.layers.len(),
+                config.rootfs.diff_ids.len()
+            ),
+        });
+    }
+    let layers = manifest
+        .layers
+        .iter()
+        .zip(&config.rootfs.diff_ids)
+        .map(|(descriptor, diff_id)| {
+            let lazy_index =
+                LazyIndex::of(descriptor).map_err(|e| malformed("manifest", &fetched.digest, e))?;
+            Ok(Layer {
+                descriptor: descriptor.clone(),
+                diff_id: diff_id.clone(),
+                lazy_index,
+            })
+        })
+        .collect::<Result<Vec<_>, ImageError>>()?;
+    Ok(ResolvedImage {
+        source: image,
+        indexes,
+        manifest_digest: fetched.digest,
+        manifest_media_type,
+        platform: chosen_platform.unwrap_or_else(|| config.platform().normalized()),
+        manifest,
+        config,
+        layers,
+    })
+}

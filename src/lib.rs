@@ -1,0 +1,27 @@
+//! lazylayer: mount container images before they are downloaded.
+//!
+//! The read path, top to bottom (each stage is its own module; see README.md):
+//!
+//! ```text
+//! FUSE op ─► merged tree ─► chunk ─► chunk cache ─► fetcher ─► source (registry, layout)
+//! ```
+//!
+//! What exists so far is the bottom of that path and the image model:
+//! - [`reference`]: image references, normalised as Docker does;
+//! - [`digest`]: content digests and verification;
+//! - [`oci`]: manifests, indexes, configs, platforms, layer media types and lazy indexes;
+//! - [`registry`]: the distribution API client (auth, ranges, redirects);
+//! - [`layout`]: local OCI image layouts;
+//! - [`source`]: the trait both sources implement;
+//! - [`image`]: resolving a reference to one platform's image;
+//! - [`inspect`] and [`cli`]: the `lazylayer` command.
+
+pub mod cli;
+pub mod digest;
+pub mod image;
+pub mod inspect;
+pub mod layout;
+pub mod oci;
+pub mod reference;
+pub mod registry;
+pub mod source;

@@ -1,0 +1,518 @@
+//! The OCI / Docker image model: descriptors, manifests, indexes, configs and platforms.
+//!
+//! Registries serve four manifest shapes that mean two things: an image manifest (OCI
+//! `application/vnd.oci.image.manifest.v1+json`, Docker schema 2) and a list of per-platform
+//! manifests (OCI index, Docker manifest list). They share JSON field names, so one set of serde
+//! types parses both; the media type decides which it is. Docker schema 1 is not supported (it is
+//! deprecated and registries convert on the fly when asked with the right `Accept`).
+//!
+//! Parsing is strict where a wrong answer would be served later (digests, sizes, media types) and
+//! lenient about fields we do not use, so that annotations or new optional fields from newer
+//! writers do not break reading.
+//!
+//! Layers are classified here once ([`LayerCompression`], [`LazyIndex`]) so that later stages
+//! (formats, mount, snapshotter) match on enums instead of re-reading strings.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+
+pub const MEDIA_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const MEDIA_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const MEDIA_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// The `Accept` list for manifest requests: every shape we can read, images first.
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// Annotation with the eStargz TOC digest (stargz-snapshotter's name).
+pub const ANNOTATION_ESTARGZ_TOC: &str = "containerd.io/snapshot/stargz/toc.digest";
+/// Annotation with the uncompressed size of an eStargz layer.
+pub const ANNOTATION_ESTARGZ_UNCOMPRESSED_SIZE: &str = "io.containers.estargz.uncompressed-size";
+/// zstd:chunked TOC checksum and position, as containers/storage writes them.
+pub const ANNOTATION_ZSTD_CHUNKED_CHECKSUM: &str =
+    "io.github.containers.zstd-chunked.manifest-checksum";
+pub const ANNOTATION_ZSTD_CHUNKED_POSITION: &str =
+    "io.github.containers.zstd-chunked.manifest-position";
+/// Older spellings without `github.` seen in some documents; accepted as aliases.
+const ANNOTATION_ZSTD_CHUNKED_CHECKSUM_ALT: &str = "io.containers.zstd-chunked.manifest-checksum";
+const ANNOTATION_ZSTD_CHUNKED_POSITION_ALT: &str = "io.containers.zstd-chunked.manifest-position";
+/// Tag name of an entry in an OCI layout's `index.json`.
+pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+/// Largest manifest or index we accept. containerd uses 4 MiB; a manifest is a few KiB even for
+/// hundreds of layers, so anything bigger is hostile or broken.
+pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+/// Largest image config we accept (history and env of big images stay well under 1 MiB).
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+/// A content descriptor: what a manifest says about a blob it references.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Descriptor {
+    pub media_type: String,
+    pub digest: Digest,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<Platform>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub urls: Vec<String>,
+}
+
+/// An image manifest (OCI or Docker schema 2).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageManifest {
+    pub schema_version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media_type: Option<String>,
+    pub config: Descriptor,
+    pub layers: Vec<Descriptor>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<Descriptor>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// An OCI index or Docker manifest list.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageIndex {
+    pub schema_version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media_type: Option<String>,
+    pub manifests: Vec<Descriptor>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// The parts of an image config that lazylayer reads. Everything else is kept by digest, not
+/// parsed, so unknown fields are fine.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct ImageConfig {
+    #[serde(default)]
+    pub os: String,
+    #[serde(default)]
+    pub architecture: String,
+    #[serde(default)]
+    pub variant: Option<String>,
+    pub rootfs: RootFs,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct RootFs {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub diff_ids: Vec<Digest>,
+}
+
+/// A manifest as fetched, parsed by what its media type says it is.
+#[derive(Clone, Debug)]
+pub enum Manifest {
+    Image(ImageManifest),
+    Index(ImageIndex),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error(
+        "unsupported manifest media type `{0}` (lazylayer reads OCI and Docker schema 2 manifests and indexes)"
+    )]
+    UnsupportedMediaType(String),
+    #[error("malformed {what}: {source}")]
+    Json {
+        what: &'static str,
+        source: serde_json::Error,
+    },
+    #[error("malformed {what}: {reason}")]
+    Invalid { what: &'static str, reason: String },
+}
+
+impl Manifest {
+    /// Parses manifest bytes. `content_type` is what the server said (may be absent or generic,
+    /// as with files in an OCI layout); the `mediaType` field inside the JSON decides when it is
+    /// set, and the presence of `manifests` vs `layers` when neither says.
+    pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<Manifest, ManifestError> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Probe {
+            schema_version: Option<u32>,
+            media_type: Option<String>,
+            manifests: Option<serde_json::Value>,
+            layers: Option<serde_json::Value>,
+        }
+        let probe: Probe = serde_json::from_slice(bytes).map_err(|source| ManifestError::Json {
+            what: "manifest",
+            source,
+        })?;
+        let declared = probe
+            .media_type
+            .as_deref()
+            .or(content_type.map(|c| c.split(';').next().unwrap_or(c).trim()))
+            .filter(|m| !m.is_empty() && *m != "application/json" && *m != "text/plain");
+        let is_index = match declared {
+            Some(MEDIA_OCI_INDEX | MEDIA_DOCKER_LIST) => true,
+            Some(MEDIA_OCI_MANIFEST | MEDIA_DOCKER_MANIFEST) => false,
+            Some(other) => return Err(ManifestError::UnsupportedMediaType(other.to_string())),
+            None => probe.manifests.is_some() && probe.layers.is_none(),
+        };
+        if probe.schema_version != Some(2) {
+            return Err(ManifestError::Invalid {
+                what: "manifest",
+                reason: format!(
+                    "schemaVersion is {:?}, expected 2 (schema 1 manifests are not supported)",
+                    probe.schema_version
+                ),
+            });
+        }
+        if is_index {
+            let index: ImageIndex =
+                serde_json::from_slice(bytes).map_err(|source| ManifestError::Json {
+                    what: "image index",
+                    source,
+                })?;
+            Ok(Manifest::Index(index))
+        } else {
+            let manifest: ImageManifest =
+                serde_json::from_slice(bytes).map_err(|source| ManifestError::Json {
+                    what: "image manifest",
+                    source,
+                })?;
+            Ok(Manifest::Image(manifest))
+        }
+    }
+}
+
+impl ImageConfig {
+    pub fn parse(bytes: &[u8]) -> Result<ImageConfig, ManifestError> {
+        let config: ImageConfig =
+            serde_json::from_slice(bytes).map_err(|source| ManifestError::Json {
+                what: "image config",
+                source,
+            })?;
+        if config.rootfs.kind != "layers" {
+            return Err(ManifestError::Invalid {
+                what: "image config",
+                reason: format!("rootfs.type is `{}`, expected `layers`", config.rootfs.kind),
+            });
+        }
+        Ok(config)
+    }
+
+    pub fn platform(&self) -> Platform {
+        Platform {
+            os: self.os.clone(),
+            architecture: self.architecture.clone(),
+            variant: self.variant.clone(),
+        }
+    }
+}
+
+/// An OS/architecture/variant triple, as in index entries and `--platform`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+}
+
+impl Platform {
+    /// The platform of the machine lazylayer runs on (Linux, by Go's architecture names).
+    pub fn host() -> Platform {
+        let architecture = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            "x86" => "386",
+            "powerpc64" => "ppc64le",
+            "s390x" => "s390x",
+            "riscv64" => "riscv64",
+            "arm" => "arm",
+            other => other,
+        };
+        Platform {
+            os: "linux".into(),
+            architecture: architecture.into(),
+            variant: None,
+        }
+        .normalized()
+    }
+
+    /// Parses `os/arch[/variant]`, as `docker --platform` takes it.
+    pub fn parse(s: &str) -> Result<Platform, String> {
+        let parts: Vec<&str> = s.split('/').collect();
+        let bad = || {
+            format!(
+                "`{s}` is not a platform: expected OS/ARCH[/VARIANT], e.g. linux/amd64 or linux/arm64/v8"
+            )
+        };
+        if parts.iter().any(|p| p.is_empty()) {
+            return Err(bad());
+        }
+        let p = match parts.as_slice() {
+            [os, arch] => Platform {
+                os: os.to_string(),
+                architecture: arch.to_string(),
+                variant: None,
+            },
+            [os, arch, variant] => Platform {
+                os: os.to_string(),
+                architecture: arch.to_string(),
+                variant: Some(variant.to_string()),
+            },
+            _ => return Err(bad()),
+        };
+        Ok(p.normalized())
+    }
+
+    /// containerd's normalisation: lower-case, `aarch64`→`arm64` (variant `v8` implied),
+    /// `x86_64`→`amd64`, `arm` defaults to `v7`.
+    pub fn normalized(mut self) -> Platform {
+        self.os = self.os.to_ascii_lowercase();
+        self.architecture = match self.architecture.to_ascii_lowercase().as_str() {
+            "x86_64" | "x86-64" => "amd64".into(),
+            "aarch64" => "arm64".into(),
+            "i386" => "386".into(),
+            other => other.to_string(),
+        };
+        self.variant = match (self.architecture.as_str(), self.variant.take()) {
+            ("arm64", Some(v)) if v == "v8" => None,
+            ("arm", None) => Some("v7".into()),
+            ("amd64", Some(v)) if v == "v1" => None,
+            (_, v) => v.map(|v| v.to_ascii_lowercase()),
+        };
+        self
+    }
+
+    /// Whether an image built for `other` runs as `self` asks: same OS and architecture, and the
+    /// same variant once both are normalised.
+    pub fn matches(&self, other: &Platform) -> bool {
+        let a = self.clone().normalized();
+        let b = other.clone().normalized();
+        a.os == b.os && a.architecture == b.architecture && a.variant == b.variant
+    }
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
+}
+
+/// How a layer blob is compressed, from its media type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerCompression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl LayerCompression {
+    /// Classifies a layer media type. OCI and Docker spellings, including the non-distributable
+    /// ("foreign") variants, are accepted; anything else is an error naming the type.
+    pub fn from_media_type(media_type: &str) -> Result<LayerCompression, ManifestError> {
+        match media_type {
+            "application/vnd.oci.image.layer.v1.tar"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar" => Ok(Self::None),
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+            | "application/vnd.docker.image.rootfs.diff.tar.gzip"
+            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Ok(Self::Gzip),
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => Ok(Self::Zstd),
+            other => Err(ManifestError::UnsupportedMediaType(other.to_string())),
+        }
+    }
+}
+
+/// The index a layer carries that lets it be read lazily, found from its annotations.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum LazyIndex {
+    /// eStargz: a gzip layer whose TOC (`stargz.index.json`) digest is annotated.
+    Estargz { toc_digest: Digest },
+    /// zstd:chunked: a zstd layer whose TOC position (`offset:length:uncompressed:type`) and
+    /// checksum are annotated.
+    ZstdChunked {
+        manifest_checksum: Digest,
+        manifest_position: String,
+    },
+}
+
+impl LazyIndex {
+    /// Reads the lazy-index annotations of a layer descriptor. A malformed digest in an
+    /// annotation is an error: a reader would otherwise verify the TOC against garbage.
+    pub fn of(layer: &Descriptor) -> Result<Option<LazyIndex>, ManifestError> {
+        let a = &layer.annotations;
+        let digest = |key: &str, value: &String| {
+            value.parse::<Digest>().map_err(|e| ManifestError::Invalid {
+                what: "layer annotation",
+                reason: format!("{key} on layer {}: {e}", layer.digest),
+            })
+        };
+        if let Some(v) = a.get(ANNOTATION_ESTARGZ_TOC) {
+            return Ok(Some(LazyIndex::Estargz {
+                toc_digest: digest(ANNOTATION_ESTARGZ_TOC, v)?,
+            }));
+        }
+        let checksum = a
+            .get_key_value(ANNOTATION_ZSTD_CHUNKED_CHECKSUM)
+            .or_else(|| a.get_key_value(ANNOTATION_ZSTD_CHUNKED_CHECKSUM_ALT));
+        let position = a
+            .get(ANNOTATION_ZSTD_CHUNKED_POSITION)
+            .or_else(|| a.get(ANNOTATION_ZSTD_CHUNKED_POSITION_ALT));
+        match (checksum, position) {
+            (Some((key, sum)), Some(pos)) => Ok(Some(LazyIndex::ZstdChunked {
+                manifest_checksum: digest(key, sum)?,
+                manifest_position: pos.clone(),
+            })),
+            _ => Ok(None),
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LazyIndex::Estargz { .. } => "estargz",
+            LazyIndex::ZstdChunked { .. } => "zstd:chunked",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    fn layer(annotations: &[(&str, &str)]) -> Descriptor {
+        Descriptor {
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            digest: D.parse().unwrap(),
+            size: 1,
+            platform: None,
+            annotations: annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            urls: vec![],
+        }
+    }
+
+    #[test]
+    fn platform_parse_and_normalise() {
+        assert_eq!(
+            Platform::parse("linux/amd64").unwrap().to_string(),
+            "linux/amd64"
+        );
+        assert_eq!(
+            Platform::parse("linux/aarch64").unwrap().to_string(),
+            "linux/arm64"
+        );
+        assert_eq!(
+            Platform::parse("linux/arm64/v8").unwrap().to_string(),
+            "linux/arm64"
+        );
+        assert_eq!(
+            Platform::parse("linux/arm").unwrap().to_string(),
+            "linux/arm/v7"
+        );
+        assert!(Platform::parse("linux").is_err());
+        assert!(Platform::parse("linux//x").is_err());
+        assert!(Platform::parse("a/b/c/d").is_err());
+        let arm64 = Platform::parse("linux/arm64").unwrap();
+        assert!(arm64.matches(&Platform {
+            os: "linux".into(),
+            architecture: "arm64".into(),
+            variant: Some("v8".into()),
+        }));
+        assert!(!arm64.matches(&Platform::parse("linux/amd64").unwrap()));
+        assert!(
+            !Platform::parse("linux/arm/v6")
+                .unwrap()
+                .matches(&Platform::parse("linux/arm/v7").unwrap())
+        );
+    }
+
+    #[test]
+    fn manifest_kind_comes_from_media_type_or_shape() {
+        let image = format!(
+            r#"{{"schemaVersion":2,"config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{D}","size":2}},"layers":[]}}"#
+        );
+        assert!(matches!(
+            Manifest::parse(image.as_bytes(), Some(MEDIA_DOCKER_MANIFEST)),
+            Ok(Manifest::Image(_))
+        ));
+        assert!(matches!(
+            Manifest::parse(image.as_bytes(), None),
+            Ok(Manifest::Image(_))
+        ));
+        let index = r#"{"schemaVersion":2,"manifests":[]}"#;
+        assert!(matches!(
+            Manifest::parse(index.as_bytes(), None),
+            Ok(Manifest::Index(_))
+        ));
+        assert!(matches!(
+            Manifest::parse(index.as_bytes(), Some("application/vnd.foo")),
+            Err(ManifestError::UnsupportedMediaType(_))
+        ));
+        let schema1 = r#"{"schemaVersion":1,"fsLayers":[]}"#;
+        assert!(Manifest::parse(schema1.as_bytes(), None).is_err());
+        assert!(Manifest::parse(b"not json", None).is_err());
+        // A declared image manifest that lacks `config` is malformed, not an index.
+        let broken = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","layers":[]}"#;
+        assert!(matches!(
+            Manifest::parse(broken.as_bytes(), None),
+            Err(ManifestError::Json { .. })
+        ));
+    }
+
+    #[test]
+    fn layer_compression_from_media_type() {
+        use LayerCompression::*;
+        for (m, c) in [
+            ("application/vnd.oci.image.layer.v1.tar", None),
+            ("application/vnd.oci.image.layer.v1.tar+gzip", Gzip),
+            ("application/vnd.docker.image.rootfs.diff.tar.gzip", Gzip),
+            ("application/vnd.oci.image.layer.v1.tar+zstd", Zstd),
+        ] {
+            assert_eq!(LayerCompression::from_media_type(m).unwrap(), c);
+        }
+        let err = LayerCompression::from_media_type("application/x-foo").unwrap_err();
+        assert!(err.to_string().contains("application/x-foo"));
+    }
+
+    #[test]
+    fn lazy_index_detection() {
+        assert_eq!(LazyIndex::of(&layer(&[])).unwrap(), None);
+        assert_eq!(
+            LazyIndex::of(&layer(&[(ANNOTATION_ESTARGZ_TOC, D)])).unwrap(),
+            Some(LazyIndex::Estargz {
+                toc_digest: D.parse().unwrap()
+            })
+        );
+        let z = LazyIndex::of(&layer(&[
+            (ANNOTATION_ZSTD_CHUNKED_CHECKSUM, D),
+            (ANNOTATION_ZSTD_CHUNKED_POSITION, "10:20:30:1"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(z.kind(), "zstd:chunked");
+        let alt = LazyIndex::of(&layer(&[
+            (ANNOTATION_ZSTD_CHUNKED_CHECKSUM_ALT, D),
+            (ANNOTATION_ZSTD_CHUNKED_POSITION_ALT, "1:2:3:1"),
+        ]))
+        .unwrap();
+        assert!(alt.is_some());
+        assert!(LazyIndex::of(&layer(&[(ANNOTATION_ESTARGZ_TOC, "sha256:nothex")])).is_err());
+    }
+}
