@@ -109,7 +109,7 @@ pub async fn resolve(
         let parsed = Manifest::parse(&fetched.bytes, fetched.media_type.as_deref())
             .map_err(|e| malformed("manifest", &fetched.digest, e))?;
         let index = match parsed {
-            Manifest::Image(m) => break (fetched, m),
+            Manifest::Image(m) => break (fetched, *m),
             Manifest::Index(index) => index,
         };
         if indexes.len() >= MAX_INDEX_DEPTH {

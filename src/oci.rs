@@ -114,7 +114,7 @@ pub struct RootFs {
 /// A manifest as fetched, parsed by what its media type says it is.
 #[derive(Clone, Debug)]
 pub enum Manifest {
-    Image(ImageManifest),
+    Image(Box<ImageManifest>),
     Index(ImageIndex),
 }
 
@@ -183,7 +183,7 @@ impl Manifest {
                     what: "image manifest",
                     source,
                 })?;
-            Ok(Manifest::Image(manifest))
+            Ok(Manifest::Image(Box::new(manifest)))
         }
     }
 }

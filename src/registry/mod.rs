@@ -81,7 +81,8 @@ impl Default for RegistryConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error(
-        "cannot reach registry {registry} at {url}: {reason} (is it running and reachable? for a registry without TLS use --plain-http)"
+        "cannot reach registry {registry} at {url}: {reason} (is it running and reachable?{})",
+        if url.starts_with("https:") { " for a registry without TLS use --plain-http" } else { "" }
     )]
     Connect {
         registry: String,
@@ -130,11 +131,12 @@ pub enum RegistryError {
     },
     #[error("bad range response from {url}: {reason}")]
     BadRange { url: String, reason: String },
-    #[error("range {start}-{end} of blob {digest} is outside the blob at {url}")]
+    #[error("range {start}-{end} of blob {digest} is outside the blob{} at {url}", size.map(|s| format!(" ({s} bytes)")).unwrap_or_default())]
     RangeNotSatisfiable {
         digest: Digest,
         start: u64,
         end: u64,
+        size: Option<u64>,
         url: String,
     },
     #[error("response body from {url} ended after {got} of {expected} bytes")]
@@ -157,8 +159,10 @@ pub(crate) fn describe_reqwest(e: &reqwest::Error) -> String {
     let mut cur: Option<&dyn std::error::Error> = Some(e);
     while let Some(err) = cur {
         let s = err.to_string();
-        // reqwest repeats the URL in its own message; keep the causes.
-        if !out.contains(&s) && !s.starts_with("error sending request for url") {
+        // reqwest repeats the URL and hyper names its layer; keep the causes.
+        let noise =
+            s.starts_with("error sending request for url") || s.starts_with("client error (");
+        if !out.contains(&s) && !noise {
             if !out.is_empty() {
                 out.push_str(": ");
             }
@@ -374,13 +378,17 @@ async fn status_error(resp: reqwest::Response, url: &Url) -> RegistryError {
     }
 }
 
-/// Parses `Content-Range: bytes START-END/TOTAL` (TOTAL may be `*`).
-fn parse_content_range(v: &str) -> Option<(u64, u64)> {
+/// Parses `Content-Range: bytes START-END/TOTAL` into (START, END, TOTAL); TOTAL may be `*`.
+fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
     let rest = v.trim().strip_prefix("bytes ")?;
-    let (range, _total) = rest.split_once('/')?;
+    let (range, total) = rest.split_once('/')?;
     let (a, b) = range.split_once('-')?;
     let (a, b) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
-    (a <= b).then_some((a, b))
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse().ok()?),
+    };
+    (a <= b).then_some((a, b, total))
 }
 
 impl Repository {
@@ -520,11 +528,22 @@ impl Repository {
         }
         let (resp, url) = self.open_blob(digest, Some(range.clone())).await?;
         let want = range.end - range.start;
+        let outside = |size| RegistryError::RangeNotSatisfiable {
+            digest: digest.clone(),
+            start: range.start,
+            end: range.end - 1,
+            size,
+            url: url.to_string(),
+        };
         let skip = match resp.status() {
             StatusCode::PARTIAL_CONTENT => {
                 let cr = header_str(&resp, CONTENT_RANGE).unwrap_or_default();
                 match parse_content_range(&cr) {
-                    Some((a, b)) if a == range.start && b == range.end - 1 => 0,
+                    Some((a, b, _)) if a == range.start && b == range.end - 1 => 0,
+                    // Servers clip a range that runs past the end of the blob.
+                    Some((a, b, Some(total))) if a == range.start && b + 1 == total => {
+                        return Err(outside(Some(total)));
+                    }
                     _ => {
                         return Err(RegistryError::BadRange {
                             url: url.to_string(),
@@ -542,12 +561,9 @@ impl Repository {
                 range.start
             }
             StatusCode::RANGE_NOT_SATISFIABLE => {
-                return Err(RegistryError::RangeNotSatisfiable {
-                    digest: digest.clone(),
-                    start: range.start,
-                    end: range.end - 1,
-                    url: url.to_string(),
-                });
+                let total = header_str(&resp, CONTENT_RANGE)
+                    .and_then(|v| v.strip_prefix("bytes */")?.trim().parse().ok());
+                return Err(outside(total));
             }
             _ => return Err(blob_status_error(resp, &url).await),
         };
@@ -746,8 +762,12 @@ mod tests {
 
     #[test]
     fn content_range_parsing() {
-        assert_eq!(parse_content_range("bytes 0-9/100"), Some((0, 9)));
-        assert_eq!(parse_content_range("bytes 5-5/*"), Some((5, 5)));
+        assert_eq!(
+            parse_content_range("bytes 0-9/100"),
+            Some((0, 9, Some(100)))
+        );
+        assert_eq!(parse_content_range("bytes 5-5/*"), Some((5, 5, None)));
+        assert_eq!(parse_content_range("bytes 0-9/x"), None);
         assert_eq!(parse_content_range("bytes 9-0/100"), None);
         assert_eq!(parse_content_range("bytes */100"), None);
         assert_eq!(parse_content_range("items 0-9/100"), None);

@@ -1,0 +1,658 @@
+//! The registry client and `lazylayer inspect` against Debian's docker-registry (distribution
+//! 2.8) with the shared images pushed by skopeo, with htpasswd and token auth; plus the few
+//! misbehaviours no real registry produces on demand (wrong bytes, redirects, stalls), served by
+//! the tests' own small HTTP server.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use lazylayer::digest::Digest;
+use lazylayer::reference::ImageRef;
+use lazylayer::registry::auth::Credentials;
+use lazylayer::registry::{Registry as Client, RegistryConfig, RegistryError, Repository};
+use serde_json::{Value, json};
+use support::http::{HttpServer, Response};
+use support::token::{TokenPolicy, TokenServer};
+use support::{
+    Registry, RegistryAuth, lazylayer, shared_blob, shared_images, shared_json, shared_tags,
+};
+
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+fn digest_of(tag: &str) -> String {
+    shared_tags()
+        .into_iter()
+        .find(|(t, _)| t == tag)
+        .unwrap_or_else(|| panic!("no tag {tag} in shared images"))
+        .1
+}
+
+/// Checks an `inspect --json` report against the manifest and config in the shared layout.
+fn check_report(report: &Value, manifest_digest: &str) {
+    let manifest = shared_json(manifest_digest);
+    let config = shared_json(manifest["config"]["digest"].as_str().unwrap());
+    assert_eq!(report["manifest_digest"], manifest_digest);
+    // The shared manifests carry no `mediaType`; the layout's index.json and the registry's
+    // Content-Type both say OCI manifest.
+    assert_eq!(report["manifest_media_type"], OCI_MANIFEST);
+    assert_eq!(report["config_digest"], manifest["config"]["digest"]);
+    let platform = format!(
+        "{}/{}",
+        config["os"].as_str().unwrap(),
+        config["architecture"].as_str().unwrap()
+    );
+    assert_eq!(report["platform"], platform.as_str());
+    let want = manifest["layers"].as_array().unwrap();
+    let got = report["layers"].as_array().unwrap();
+    assert_eq!(got.len(), want.len());
+    let mut total = 0;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(g["digest"], w["digest"], "layer {i}");
+        assert_eq!(g["size"], w["size"], "layer {i}");
+        assert_eq!(g["media_type"], w["mediaType"], "layer {i}");
+        assert_eq!(g["diff_id"], config["rootfs"]["diff_ids"][i], "layer {i}");
+        assert_eq!(g["compression"], "gzip", "layer {i}");
+        assert_eq!(g["lazy_index"], Value::Null, "layer {i}");
+        total += w["size"].as_u64().unwrap();
+    }
+    assert_eq!(report["compressed_size"], total);
+}
+
+#[test]
+fn inspect_reports_every_shared_image_by_tag_by_digest_and_from_the_layout() {
+    let reg = Registry::start(RegistryAuth::None);
+    let tags = shared_tags();
+    assert_eq!(tags.len(), 3, "expected the three shared images");
+    for (tag, digest) in tags {
+        reg.push_shared(&tag, &format!("test/{tag}"));
+        let by_tag = format!("{}/test/{tag}:latest", reg.host());
+        let report = lazylayer(&["inspect", "--json", &by_tag], &[]).json();
+        check_report(&report, &digest);
+        assert_eq!(report["reference"], by_tag.as_str());
+        assert_eq!(report["index_digest"], Value::Null);
+
+        let by_digest = format!("{}/test/{tag}@{digest}", reg.host());
+        check_report(
+            &lazylayer(&["inspect", "--json", &by_digest], &[]).json(),
+            &digest,
+        );
+
+        let layout = format!("oci:{}:{tag}", shared_images().display());
+        check_report(
+            &lazylayer(&["inspect", "--json", &layout], &[]).json(),
+            &digest,
+        );
+    }
+    // The human form names every layer digest and the lazy-index column.
+    let run = lazylayer(
+        &["inspect", &format!("{}/test/python-app", reg.host())],
+        &[],
+    );
+    assert!(run.status.success(), "{}", run.stderr);
+    for layer in shared_json(&digest_of("python-app"))["layers"]
+        .as_array()
+        .unwrap()
+    {
+        assert!(
+            run.stdout.contains(layer["digest"].as_str().unwrap()),
+            "{}",
+            run.stdout
+        );
+    }
+    assert!(run.stdout.contains("LAZY INDEX") && run.stdout.contains("linux/amd64"));
+
+    let missing = lazylayer(
+        &["inspect", &format!("{}/test/nothere:v1", reg.host())],
+        &[],
+    );
+    missing.assert_error(&["manifest not found", "test/nothere", "v1"]);
+    let bad_layout_tag = lazylayer(
+        &[
+            "inspect",
+            &format!("oci:{}:nope", shared_images().display()),
+        ],
+        &[],
+    );
+    bad_layout_tag.assert_error(&["nope", "python-app"]);
+}
+
+#[test]
+fn an_index_resolves_to_the_requested_platform() {
+    let reg = Registry::start(RegistryAuth::None);
+    let (app, debian) = (digest_of("python-app"), digest_of("debian-bookworm"));
+    reg.push_shared_as("python-app", "test/multi", "amd");
+    reg.push_shared_as("debian-bookworm", "test/multi", "arm");
+    let entry = |digest: &str, platform: Value| {
+        json!({"mediaType": OCI_MANIFEST, "digest": digest,
+               "size": shared_blob(digest).len(), "platform": platform})
+    };
+    let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        entry(&app, json!({"os": "linux", "architecture": "amd64"})),
+        entry(&debian, json!({"os": "linux", "architecture": "arm64", "variant": "v8"})),
+    ]});
+    let index_bytes = serde_json::to_vec(&index).unwrap();
+    let index_digest = reg.put_manifest("test/multi", "latest", OCI_INDEX, &index_bytes);
+    let image = format!("{}/test/multi", reg.host());
+
+    let default = lazylayer(&["inspect", "--json", &image], &[]).json();
+    check_report(&default, &app);
+    assert_eq!(default["index_digest"], index_digest.as_str());
+    assert_eq!(
+        default["index_platforms"],
+        json!(["linux/amd64", "linux/arm64/v8"])
+    );
+
+    for platform in ["linux/arm64", "linux/arm64/v8", "linux/aarch64"] {
+        let arm = lazylayer(&["inspect", "--json", "--platform", platform, &image], &[]).json();
+        assert_eq!(arm["manifest_digest"], debian.as_str(), "{platform}");
+        assert_eq!(arm["platform"], "linux/arm64");
+        assert_eq!(arm["index_digest"], index_digest.as_str());
+    }
+
+    let by_digest = format!("{}/test/multi@{index_digest}", reg.host());
+    check_report(
+        &lazylayer(&["inspect", "--json", &by_digest], &[]).json(),
+        &app,
+    );
+
+    let text = lazylayer(&["inspect", &image], &[]);
+    assert!(
+        text.stdout.contains(&format!("index      {index_digest}")),
+        "{}",
+        text.stdout
+    );
+
+    lazylayer(&["inspect", "--platform", "linux/s390x", &image], &[]).assert_error(&[
+        "linux/s390x",
+        "linux/amd64",
+        "linux/arm64/v8",
+        "--platform",
+    ]);
+    lazylayer(&["inspect", "--platform", "linux", &image], &[]).assert_error(&["--platform"]);
+}
+
+#[test]
+fn lazy_index_annotations_are_reported_per_layer() {
+    let reg = Registry::start(RegistryAuth::None);
+    reg.push_shared("python-app", "test/app");
+    let mut manifest = shared_json(&digest_of("python-app"));
+    let toc = Digest::of(b"toc").to_string();
+    let chunked = Digest::of(b"chunked").to_string();
+    manifest["layers"][0]["annotations"] = json!({"containerd.io/snapshot/stargz/toc.digest": toc});
+    manifest["layers"][1]["annotations"] = json!({
+        "io.github.containers.zstd-chunked.manifest-checksum": chunked,
+        "io.github.containers.zstd-chunked.manifest-position": "100:200:300:1",
+    });
+    reg.put_manifest(
+        "test/app",
+        "lazy",
+        OCI_MANIFEST,
+        &serde_json::to_vec(&manifest).unwrap(),
+    );
+    let image = format!("{}/test/app:lazy", reg.host());
+    let report = lazylayer(&["inspect", "--json", &image], &[]).json();
+    let layers = &report["layers"];
+    assert_eq!(
+        layers[0]["lazy_index"],
+        json!({"kind": "estargz", "toc_digest": toc})
+    );
+    assert_eq!(
+        layers[1]["lazy_index"],
+        json!({"kind": "zstd-chunked", "manifest_checksum": chunked, "manifest_position": "100:200:300:1"})
+    );
+    assert_eq!(layers[2]["lazy_index"], Value::Null);
+    let text = lazylayer(&["inspect", &image], &[]);
+    assert!(
+        text.stdout.contains("estargz (toc sha256:"),
+        "{}",
+        text.stdout
+    );
+    assert!(text.stdout.contains("zstd:chunked"), "{}", text.stdout);
+
+    manifest["layers"][0]["annotations"] =
+        json!({"containerd.io/snapshot/stargz/toc.digest": "sha256:not-a-digest"});
+    reg.put_manifest(
+        "test/app",
+        "broken",
+        OCI_MANIFEST,
+        &serde_json::to_vec(&manifest).unwrap(),
+    );
+    let layer0 = manifest["layers"][0]["digest"].as_str().unwrap();
+    lazylayer(
+        &["inspect", &format!("{}/test/app:broken", reg.host())],
+        &[],
+    )
+    .assert_error(&["toc.digest", layer0]);
+}
+
+fn client(host: &str, repo: &str, config: &RegistryConfig) -> Repository {
+    let ImageRef::Registry(r) = ImageRef::parse(&format!("{host}/{repo}")).unwrap() else {
+        panic!()
+    };
+    Client::new(&r, config).unwrap().repository(&r.repository)
+}
+
+fn no_docker_config() -> RegistryConfig {
+    RegistryConfig {
+        docker_config: None,
+        ..RegistryConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn range_reads_return_exactly_the_requested_bytes() {
+    let reg = Registry::start(RegistryAuth::None);
+    reg.push_shared("python-app", "test/app");
+    let repo = client(&reg.host(), "test/app", &no_docker_config());
+    let manifest = shared_json(&digest_of("python-app"));
+    let layer: Digest = manifest["layers"][2]["digest"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let blob = shared_blob(&layer.to_string());
+    let len = blob.len() as u64;
+    for range in [0..1, 0..4096, 1000..70_000, len - 10..len, 0..len] {
+        let got = repo.read_range(&layer, range.clone()).await.unwrap();
+        assert_eq!(
+            &got[..],
+            &blob[range.start as usize..range.end as usize],
+            "{range:?}"
+        );
+    }
+    assert!(repo.read_range(&layer, 5..5).await.unwrap().is_empty());
+    let err = repo
+        .read_range(&layer, len - 10..len + 10)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, RegistryError::RangeNotSatisfiable { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains(&layer.to_string()), "{err}");
+    assert!(err.to_string().contains(&format!("({len} bytes)")), "{err}");
+    let err = repo
+        .read_range(&layer, len + 5..len + 10)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, RegistryError::RangeNotSatisfiable { .. }),
+        "{err}"
+    );
+
+    let config: Digest = manifest["config"]["digest"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let size = manifest["config"]["size"].as_u64().unwrap();
+    let bytes = repo.blob(&config, size, 1 << 20).await.unwrap();
+    assert_eq!(&bytes[..], &shared_blob(&config.to_string())[..]);
+    let err = repo.blob(&layer, len, 1 << 20).await.unwrap_err();
+    assert!(matches!(err, RegistryError::TooLarge { .. }), "{err}");
+}
+
+#[test]
+fn htpasswd_auth_uses_user_flag_env_and_docker_config() {
+    let anon = Registry::start(RegistryAuth::None);
+    anon.push_shared("debian-bookworm", "test/debian");
+    let reg = Registry::start_sharing(
+        &anon,
+        RegistryAuth::Htpasswd {
+            user: "alice".into(),
+            password: "s3cret".into(),
+        },
+    );
+    let image = format!("{}/test/debian", reg.host());
+    let digest = digest_of("debian-bookworm");
+
+    lazylayer(&["inspect", &image], &[]).assert_error(&[
+        "unauthorized",
+        reg.host().as_str(),
+        "--user",
+    ]);
+    let wrong = lazylayer(&["inspect", "--user", "alice:wrong", &image], &[]);
+    wrong.assert_error(&["unauthorized", "credentials refused"]);
+    assert!(
+        !wrong.stderr.contains("alice:wrong"),
+        "password echoed: {}",
+        wrong.stderr
+    );
+
+    check_report(
+        &lazylayer(
+            &["inspect", "--json", "--user", "alice:s3cret", &image],
+            &[],
+        )
+        .json(),
+        &digest,
+    );
+    check_report(
+        &lazylayer(
+            &["inspect", "--json", &image],
+            &[("LAZYLAYER_USER", "alice:s3cret")],
+        )
+        .json(),
+        &digest,
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let auth = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
+    std::fs::write(
+        dir.path().join("config.json"),
+        json!({"auths": {reg.host(): {"auth": auth}}}).to_string(),
+    )
+    .unwrap();
+    let cfg_dir = dir.path().to_str().unwrap();
+    check_report(
+        &lazylayer(
+            &["inspect", "--json", &image],
+            &[("DOCKER_CONFIG", cfg_dir)],
+        )
+        .json(),
+        &digest,
+    );
+    let explicit = dir.path().join("config.json");
+    check_report(
+        &lazylayer(
+            &[
+                "inspect",
+                "--json",
+                "--docker-config",
+                explicit.to_str().unwrap(),
+                &image,
+            ],
+            &[],
+        )
+        .json(),
+        &digest,
+    );
+}
+
+fn token_registry(anon: &Registry, policy: TokenPolicy) -> (TokenServer, Registry) {
+    let tokens = TokenServer::start(policy);
+    let reg = Registry::start_sharing(
+        anon,
+        RegistryAuth::Token {
+            realm: tokens.realm(),
+            service: tokens.service.clone(),
+            issuer: tokens.issuer.clone(),
+            cert: tokens.cert.clone(),
+        },
+    );
+    (tokens, reg)
+}
+
+fn bob() -> TokenPolicy {
+    TokenPolicy {
+        user: "bob".into(),
+        password: "hunter2".into(),
+        valid_for: 300,
+        expires_in: 300,
+    }
+}
+
+#[test]
+fn token_auth_with_credentials_and_clear_errors_without() {
+    let anon = Registry::start(RegistryAuth::None);
+    anon.push_shared("python3", "test/py");
+    let (tokens, reg) = token_registry(&anon, bob());
+    let image = format!("{}/test/py", reg.host());
+    check_report(
+        &lazylayer(&["inspect", "--json", "--user", "bob:hunter2", &image], &[]).json(),
+        &digest_of("python3"),
+    );
+    assert!(tokens.requests() >= 1);
+    lazylayer(&["inspect", &image], &[]).assert_error(&[
+        "unauthorized",
+        "token server",
+        "anonymous",
+    ]);
+    lazylayer(&["inspect", "--user", "bob:nope", &image], &[]).assert_error(&[
+        "unauthorized",
+        "token server",
+        "refused the given credentials",
+    ]);
+}
+
+/// Reads ranges of a layer in a loop for `duration`; every read must return the right bytes.
+async fn read_for(repo: &Repository, layer: &Digest, blob: &[u8], duration: Duration) -> usize {
+    let start = Instant::now();
+    let mut reads = 0;
+    let mut offset = 0usize;
+    while start.elapsed() < duration {
+        let end = (offset + 65_536).min(blob.len());
+        let got = repo
+            .read_range(layer, offset as u64..end as u64)
+            .await
+            .unwrap_or_else(|e| panic!("read {reads} at {offset} failed: {e}"));
+        assert_eq!(&got[..], &blob[offset..end]);
+        reads += 1;
+        offset = (offset + 1_000_003) % (blob.len() - 1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    reads
+}
+
+/// Range reads through a token-auth registry whose tokens are refused `valid_for` seconds after
+/// issue while the client is told `expires_in`. Returns the number of times the registry
+/// refused an expired token (distribution logs "token not to be used after" for each).
+async fn token_renewal_case(valid_for: i64, expires_in: u64) -> usize {
+    let anon = Registry::start(RegistryAuth::None);
+    anon.push_shared("python3", "test/py");
+    let policy = TokenPolicy {
+        valid_for,
+        expires_in,
+        ..bob()
+    };
+    let (tokens, reg) = token_registry(&anon, policy);
+    let config = RegistryConfig {
+        credentials: Some(Credentials::parse("bob:hunter2").unwrap()),
+        ..no_docker_config()
+    };
+    let repo = client(&reg.host(), "test/py", &config);
+    repo.registry().ping().await.unwrap();
+    let manifest = shared_json(&digest_of("python3"));
+    let layer: Digest = manifest["layers"][1]["digest"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let blob = shared_blob(&layer.to_string());
+    let reads = read_for(&repo, &layer, &blob, Duration::from_secs(6)).await;
+    assert!(reads > 10, "only {reads} reads");
+    assert!(
+        tokens.requests() >= 3,
+        "expected the token to be renewed at least twice, token server saw {} requests",
+        tokens.requests()
+    );
+    reg.log()
+        .lines()
+        .filter(|l| l.contains("token not to be used after"))
+        .count()
+}
+
+/// The token server says 2 s and the registry accepts the token for 4 s (JWT times are whole
+/// seconds): the client renews ahead of `expires_in`, so the registry never refuses a token.
+#[tokio::test(flavor = "multi_thread")]
+async fn token_is_renewed_before_it_expires_during_range_reads() {
+    assert_eq!(
+        token_renewal_case(4, 2).await,
+        0,
+        "an expired token was presented"
+    );
+}
+
+/// The token server says the token lives an hour but the registry refuses it after 2 s: the
+/// client must notice the 401 and fetch a new token without failing the read.
+#[tokio::test(flavor = "multi_thread")]
+async fn token_refused_mid_run_is_renewed_without_a_failed_read() {
+    assert!(
+        token_renewal_case(2, 3600).await >= 1,
+        "the registry never refused a token"
+    );
+}
+
+/// A server that answers with bytes that do not match what was asked for.
+#[test]
+fn content_that_does_not_match_its_digest_is_rejected() {
+    let app = digest_of("python-app");
+    let manifest_bytes = shared_blob(&app);
+    let manifest = shared_json(&app);
+    let config = manifest["config"]["digest"].as_str().unwrap().to_string();
+    let (app2, config2) = (app.clone(), config.clone());
+    let server = HttpServer::start(move |req| {
+        let path = req.path();
+        let oci = |body: Vec<u8>| {
+            Response::new(200)
+                .header("Content-Type", OCI_MANIFEST)
+                .body(body)
+        };
+        if path == "/v2/" {
+            Response::new(200)
+        } else if path == format!("/v2/bad/manifests/{app2}") {
+            let mut tampered = manifest_bytes.clone();
+            tampered.push(b' ');
+            oci(tampered)
+        } else if path == "/v2/bad/manifests/latest" {
+            let wrong = Digest::of(b"something else").to_string();
+            oci(manifest_bytes.clone()).header("Docker-Content-Digest", &wrong)
+        } else if path == "/v2/badconfig/manifests/latest" {
+            oci(manifest_bytes.clone())
+        } else if path == format!("/v2/badconfig/blobs/{config2}") {
+            let mut cfg = shared_blob(&config2);
+            cfg[10] ^= 1;
+            Response::new(200).body(cfg)
+        } else if path == "/v2/huge/manifests/latest" {
+            oci(vec![b' '; 5 << 20])
+        } else {
+            Response::new(404)
+        }
+    });
+    let host = format!("127.0.0.1:{}", server.port);
+    lazylayer(&["inspect", &format!("{host}/bad@{app}")], &[])
+        .assert_error(&["does not match", &app]);
+    lazylayer(&["inspect", &format!("{host}/bad:latest")], &[]).assert_error(&["does not match"]);
+    lazylayer(&["inspect", &format!("{host}/badconfig")], &[])
+        .assert_error(&["does not match", &config]);
+    lazylayer(&["inspect", &format!("{host}/huge")], &[]).assert_error(&["limit"]);
+}
+
+/// A registry front that redirects blob GETs to another host (as distribution does with S3 or
+/// a CDN): the registry's Authorization must not follow, and the target must be reused until
+/// it stops working.
+#[tokio::test(flavor = "multi_thread")]
+async fn blob_redirects_drop_authorization_and_are_remembered() {
+    let manifest = shared_json(&digest_of("python-app"));
+    let layer: Digest = manifest["layers"][2]["digest"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let blob = Arc::new(shared_blob(&layer.to_string()));
+    let signature = Arc::new(AtomicUsize::new(1));
+    let cdn_seen: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+
+    let (sig, seen, bytes) = (signature.clone(), cdn_seen.clone(), blob.clone());
+    let cdn = HttpServer::start(move |req| {
+        seen.lock()
+            .unwrap()
+            .push(req.header("authorization").map(str::to_string));
+        let current = sig.load(Ordering::SeqCst).to_string();
+        if req.query("sig").as_deref() != Some(current.as_str()) {
+            return Response::new(403).body("signature expired");
+        }
+        Response::ranged(req, &bytes)
+    });
+    let front_blob_gets = Arc::new(AtomicUsize::new(0));
+    let (sig, gets, cdn_port) = (signature.clone(), front_blob_gets.clone(), cdn.port);
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("alice:pw")
+    );
+    let front = HttpServer::start(move |req| {
+        if req.header("authorization") != Some(basic.as_str()) {
+            return Response::new(401).header("WWW-Authenticate", "Basic realm=\"front\"");
+        }
+        if req.path() == "/v2/" {
+            return Response::new(200);
+        }
+        if let Some(hex) = req.path().strip_prefix("/v2/test/app/blobs/sha256:") {
+            gets.fetch_add(1, Ordering::SeqCst);
+            let location = format!(
+                "http://localhost:{cdn_port}/blobs/{hex}?sig={}",
+                sig.load(Ordering::SeqCst)
+            );
+            return Response::new(307).header("Location", &location);
+        }
+        Response::new(404)
+    });
+
+    let config = RegistryConfig {
+        credentials: Some(Credentials::parse("alice:pw").unwrap()),
+        ..no_docker_config()
+    };
+    let repo = client(&format!("127.0.0.1:{}", front.port), "test/app", &config);
+    repo.registry().ping().await.unwrap();
+    let read = |r: std::ops::Range<u64>| {
+        let (repo, layer, blob) = (&repo, &layer, &blob);
+        async move {
+            let got = repo.read_range(layer, r.clone()).await.unwrap();
+            assert_eq!(&got[..], &blob[r.start as usize..r.end as usize]);
+        }
+    };
+    read(0..100).await;
+    read(5000..90_000).await;
+    assert_eq!(
+        front_blob_gets.load(Ordering::SeqCst),
+        1,
+        "second range should skip the registry"
+    );
+    assert_eq!(cdn_seen.lock().unwrap().len(), 2);
+
+    // The signed URL expires: the client drops it and asks the registry for a fresh one.
+    signature.store(2, Ordering::SeqCst);
+    read(100..200).await;
+    assert_eq!(front_blob_gets.load(Ordering::SeqCst), 2);
+    let seen = cdn_seen.lock().unwrap();
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert!(
+        seen.iter().all(Option::is_none),
+        "Authorization leaked to the redirect target: {seen:?}"
+    );
+}
+
+#[test]
+fn dead_and_stalled_registries_fail_with_a_clear_error() {
+    let port = support::free_port();
+    lazylayer(&["inspect", &format!("127.0.0.1:{port}/x")], &[])
+        .assert_error(&["cannot reach registry", &format!("127.0.0.1:{port}")]);
+
+    let stalled = HttpServer::start(|req| {
+        if req.path() == "/v2/" {
+            return Response::new(200);
+        }
+        std::thread::sleep(Duration::from_secs(30));
+        Response::new(500)
+    });
+    let started = Instant::now();
+    lazylayer(
+        &[
+            "inspect",
+            "--stall-timeout",
+            "1",
+            &format!("127.0.0.1:{}/x", stalled.port),
+        ],
+        &[],
+    )
+    .assert_error(&["timed out"]);
+    // Not a timing assertion on speed: only that the stall timeout, not the server, ended it.
+    assert!(started.elapsed() < Duration::from_secs(25));
+
+    lazylayer(&["inspect", "--stall-timeout", "0", "x"], &[]).assert_error(&["--stall-timeout"]);
+}

@@ -1,0 +1,368 @@
+//! Test support: real components on loopback (Debian's docker-registry, skopeo), a token server
+//! for the registry's bearer-token auth, and a tiny HTTP server for the few cases no real
+//! component can produce (wrong bytes, redirects to another host, a stalled connection).
+//!
+//! Every process and directory is owned by a value whose `Drop` stops or removes it, so a
+//! failing test leaves nothing behind. Ports are picked free per test so tests run in parallel.
+
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+pub mod http;
+pub mod token;
+
+use std::io::Read;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The shared OCI image layout with `debian-bookworm`, `python3` and `python-app`.
+pub fn shared_images() -> PathBuf {
+    let dir = std::env::var_os("LAZYLAYER_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/images"));
+    assert!(
+        dir.join("index.json").exists(),
+        "test images not found at {} (set LAZYLAYER_IMAGES to the OCI layout of ../shared/images)",
+        dir.display()
+    );
+    dir
+}
+
+/// Tags in the shared layout, with their manifest digests, from its `index.json`.
+pub fn shared_tags() -> Vec<(String, String)> {
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(shared_images().join("index.json")).unwrap())
+            .unwrap();
+    index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["annotations"]["org.opencontainers.image.ref.name"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                m["digest"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Reads a blob of the shared layout by digest (`sha256:...`).
+pub fn shared_blob(digest: &str) -> Vec<u8> {
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    std::fs::read(shared_images().join("blobs/sha256").join(hex)).unwrap()
+}
+
+/// Parses a blob of the shared layout as JSON.
+pub fn shared_json(digest: &str) -> Value {
+    serde_json::from_slice(&shared_blob(digest)).unwrap()
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Fails the test with a clear message when a required system tool is missing.
+pub fn require_tool(name: &str) {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "`{name}` is not installed: run `bash tools/setup` first"
+    );
+}
+
+/// How a test registry authenticates clients.
+pub enum RegistryAuth {
+    None,
+    /// htpasswd file with one bcrypt user.
+    Htpasswd {
+        user: String,
+        password: String,
+    },
+    /// Bearer tokens from a token server, verified with `cert` (PEM).
+    Token {
+        realm: String,
+        service: String,
+        issuer: String,
+        cert: PathBuf,
+    },
+}
+
+/// A running Debian `docker-registry` (distribution 2.8) with filesystem storage.
+pub struct Registry {
+    child: Child,
+    pub port: u16,
+    /// Config, logs and (unless shared) storage live here.
+    pub dir: tempfile::TempDir,
+    pub storage: PathBuf,
+}
+
+impl Registry {
+    /// Starts a registry with its own empty storage.
+    pub fn start(auth: RegistryAuth) -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = dir.path().join("data");
+        Registry::start_on(storage, auth, dir)
+    }
+
+    /// Starts a second registry process over the storage of `other` (read-only use), so that
+    /// auth variants can serve already-pushed images without pushing again.
+    pub fn start_sharing(other: &Registry, auth: RegistryAuth) -> Registry {
+        Registry::start_on(other.storage.clone(), auth, tempfile::tempdir().unwrap())
+    }
+
+    fn start_on(storage: PathBuf, auth: RegistryAuth, dir: tempfile::TempDir) -> Registry {
+        require_tool("docker-registry");
+        std::fs::create_dir_all(&storage).unwrap();
+        let port = free_port();
+        let auth_yaml = match auth {
+            RegistryAuth::None => String::new(),
+            RegistryAuth::Htpasswd { user, password } => {
+                require_tool("htpasswd");
+                let out = Command::new("htpasswd")
+                    .args(["-Bbn", &user, &password])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success());
+                let path = dir.path().join("htpasswd");
+                std::fs::write(&path, out.stdout).unwrap();
+                format!(
+                    "auth: {{htpasswd: {{realm: basic-realm, path: {}}}}}\n",
+                    path.display()
+                )
+            }
+            RegistryAuth::Token {
+                realm,
+                service,
+                issuer,
+                cert,
+            } => format!(
+                "auth: {{token: {{realm: \"{realm}\", service: {service}, issuer: {issuer}, rootcertbundle: {}}}}}\n",
+                cert.display()
+            ),
+        };
+        let config = format!(
+            "version: 0.1\nlog: {{level: info}}\nstorage: {{filesystem: {{rootdirectory: {}}}, delete: {{enabled: true}}}}\nhttp: {{addr: 127.0.0.1:{port}}}\n{auth_yaml}",
+            storage.display()
+        );
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config_path)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start docker-registry");
+        let registry = Registry {
+            child,
+            port,
+            dir,
+            storage,
+        };
+        registry.wait_ready();
+        registry
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if http_get_status(self.port, "/v2/").is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "registry on port {} did not start; log:\n{}",
+            self.port,
+            self.log()
+        );
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Pushes `tag` of the shared layout to `REPO:latest` with skopeo.
+    pub fn push_shared(&self, tag: &str, repo: &str) {
+        self.push_shared_as(tag, repo, "latest");
+    }
+
+    pub fn push_shared_as(&self, tag: &str, repo: &str, dest_tag: &str) {
+        require_tool("skopeo");
+        let out = Command::new("skopeo")
+            .args(["copy", "-q", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:{tag}", shared_images().display()))
+            .arg(format!("docker://{}/{repo}:{dest_tag}", self.host()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "skopeo push of {tag} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Uploads a manifest or index with the registry's own API (PUT), returning its digest.
+    pub fn put_manifest(&self, repo: &str, tag: &str, media_type: &str, body: &[u8]) -> String {
+        let file = self.dir.path().join(format!("manifest-{tag}.json"));
+        std::fs::write(&file, body).unwrap();
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "-o",
+                "/dev/stderr",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "PUT",
+            ])
+            .args(["-H", &format!("Content-Type: {media_type}")])
+            .arg("--data-binary")
+            .arg(format!("@{}", file.display()))
+            .arg(format!("http://{}/v2/{repo}/manifests/{tag}", self.host()))
+            .output()
+            .unwrap();
+        let code = String::from_utf8_lossy(&out.stdout).to_string();
+        assert_eq!(
+            code,
+            "201",
+            "PUT manifest failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        format!("sha256:{}", sha256_hex(body))
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// The status code of a plain `GET path` on 127.0.0.1:port, or `None` if nothing answers.
+pub fn http_get_status(port: u16, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    use std::io::Write;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = [0u8; 12];
+    s.read_exact(&mut buf).ok()?;
+    std::str::from_utf8(&buf[9..12]).ok()?.parse().ok()
+}
+
+/// The result of running the `lazylayer` binary.
+pub struct Run {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn json(&self) -> Value {
+        assert!(
+            self.status.success(),
+            "lazylayer failed: {}\n{}",
+            self.stderr,
+            self.stdout
+        );
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
+    }
+
+    /// Asserts a clean failure: exit code 1, an `error:` line mentioning every `needle`, and no
+    /// panic or `Debug` dump.
+    pub fn assert_error(&self, needles: &[&str]) {
+        assert_eq!(
+            self.status.code(),
+            Some(1),
+            "expected failure, got {:?}\nstdout: {}\nstderr: {}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+        assert!(self.stderr.contains("error:"), "{}", self.stderr);
+        for n in needles {
+            assert!(
+                self.stderr.contains(n),
+                "stderr lacks {n:?}:\n{}",
+                self.stderr
+            );
+        }
+        for bad in ["panicked", "RUST_BACKTRACE", "Error {", "Some("] {
+            assert!(
+                !self.stderr.contains(bad),
+                "stderr has {bad:?}:\n{}",
+                self.stderr
+            );
+        }
+    }
+}
+
+/// Runs `lazylayer ARGS` with an empty Docker config directory (so the host's credentials never
+/// leak into a test) plus `envs`, killing it if it runs longer than a minute.
+pub fn lazylayer(args: &[&str], envs: &[(&str, &str)]) -> Run {
+    let docker_config = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lazylayer"));
+    cmd.args(args)
+        .env("DOCKER_CONFIG", docker_config.path())
+        .env_remove("LAZYLAYER_USER")
+        .env_remove("LAZYLAYER_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("run lazylayer");
+    let output = wait_with_deadline(child, Duration::from_secs(60));
+    Run {
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Waits for a child, killing it (and failing the test) if it hangs past `deadline`.
+pub fn wait_with_deadline(child: Child, deadline: Duration) -> Output {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(deadline) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            panic!("lazylayer hung for more than {deadline:?}");
+        }
+    }
+}
