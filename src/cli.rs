@@ -9,13 +9,17 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::chunk::{ContentError, FetchStats};
 use crate::image::{self, ImageError};
-use crate::inspect::InspectReport;
+use crate::imagefs::{ImageFs, ImageFsError, ImageFsOptions};
+use crate::inspect::{InspectReport, human_bytes};
+use crate::listing::{self, ListOptions};
 use crate::oci::Platform;
 use crate::reference::{ImageRef, ReferenceError};
 use crate::registry::RegistryConfig;
 use crate::registry::auth::Credentials;
 use crate::source::{self, SourceError};
+use crate::tree::{NodeKind, ResolveError};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -31,7 +35,9 @@ image layout directory.",
 lazylayer inspect python:3.12\n  \
 lazylayer inspect --json 127.0.0.1:5000/test/python-app:latest\n  \
 lazylayer inspect --platform linux/arm64 ghcr.io/OWNER/IMAGE:TAG\n  \
-lazylayer inspect oci:./images:python-app\n\n\
+lazylayer inspect oci:./images:python-app\n  \
+lazylayer ls -l 127.0.0.1:5000/test/python-app:latest /app\n  \
+lazylayer cat 127.0.0.1:5000/test/python-app:latest /etc/os-release\n\n\
 Set LAZYLAYER_LOG=debug (or -v) to see each request."
 )]
 pub struct Cli {
@@ -53,6 +59,68 @@ carries a lazy index (an eStargz TOC or zstd:chunked annotations) that lets lazy
 without downloading it whole. No layer bytes are fetched."
     )]
     Inspect(InspectArgs),
+
+    /// List a directory of an image's merged filesystem without mounting or pulling it.
+    #[command(
+        long_about = "List PATH (default /) in the merged filesystem of image REF: all layers \
+applied, deletions (whiteouts) honoured. Layers with a lazy index (eStargz, zstd:chunked) cost \
+one request each for their table of contents; layers without one are streamed once to index \
+them. File contents are not fetched.\n\nOwners are printed as numbers and times in UTC."
+    )]
+    Ls(LsArgs),
+
+    /// Print a file of an image, fetching only the chunks it needs.
+    #[command(
+        long_about = "Write the file at PATH in image REF to standard output. Symlinks are \
+followed inside the image. With a lazy index only the file's chunks are fetched, each verified \
+against its digest before it is printed."
+    )]
+    Cat(CatArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct LsArgs {
+    /// Image reference: NAME[:TAG], HOST[:PORT]/NAME[:TAG][@DIGEST], or oci:PATH[:TAG].
+    pub reference: String,
+
+    /// Path inside the image.
+    #[arg(default_value = "/")]
+    pub path: String,
+
+    /// Long format: mode, links, owner, group, size, mtime, symlink targets.
+    #[arg(short = 'l')]
+    pub long: bool,
+
+    /// List subdirectories recursively.
+    #[arg(short = 'R')]
+    pub recursive: bool,
+
+    /// Include names that start with a dot.
+    #[arg(short = 'a')]
+    pub all: bool,
+
+    /// Print bytes and requests fetched (to standard error).
+    #[arg(long)]
+    pub stats: bool,
+
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct CatArgs {
+    /// Image reference: NAME[:TAG], HOST[:PORT]/NAME[:TAG][@DIGEST], or oci:PATH[:TAG].
+    pub reference: String,
+
+    /// Path of the file inside the image.
+    pub path: String,
+
+    /// Print bytes and requests fetched (to standard error).
+    #[arg(long)]
+    pub stats: bool,
+
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 #[derive(Args, Debug)]
@@ -117,6 +185,22 @@ pub enum CliError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Image(#[from] ImageError),
+    #[error("image {image}: {source}")]
+    Open { image: String, source: ImageFsError },
+    #[error("image {image}: {path}: {reason}")]
+    Path {
+        image: String,
+        path: String,
+        reason: String,
+    },
+    #[error("image {image}: {path}: {source}")]
+    Read {
+        image: String,
+        path: String,
+        source: std::sync::Arc<ContentError>,
+    },
+    #[error("writing to standard output: {0}")]
+    Output(std::io::Error),
 }
 
 fn seconds(name: &'static str, value: f64) -> Result<Duration, CliError> {
@@ -156,7 +240,117 @@ impl RemoteArgs {
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Inspect(args) => inspect(args).await,
+        Command::Ls(args) => ls(args).await,
+        Command::Cat(args) => cat(args).await,
     }
+}
+
+/// Resolves and opens an image for `ls` and `cat`.
+async fn open_image(reference: &str, remote: &RemoteArgs) -> Result<(String, ImageFs), CliError> {
+    let reference = ImageRef::parse(reference)?;
+    let platform = remote.platform()?;
+    let config = remote.registry_config()?;
+    let (source, selector) = source::open(&reference, &config).await?;
+    let image = image::resolve(source.as_ref(), &selector, &platform).await?;
+    let name = reference.to_string();
+    let fs = ImageFs::open(source, image, &ImageFsOptions::default())
+        .await
+        .map_err(|source| CliError::Open {
+            image: name.clone(),
+            source,
+        })?;
+    Ok((name, fs))
+}
+
+fn print_stats(stats: &FetchStats) {
+    eprintln!(
+        "fetched {} in {} requests (chunk cache: {} hits, {} misses)",
+        human_bytes(FetchStats::get(&stats.bytes)),
+        FetchStats::get(&stats.requests),
+        FetchStats::get(&stats.cache_hits),
+        FetchStats::get(&stats.cache_misses),
+    );
+}
+
+fn path_error(image: &str, path: &str, e: ResolveError) -> CliError {
+    CliError::Path {
+        image: image.to_string(),
+        path: path.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+async fn ls(args: LsArgs) -> Result<(), CliError> {
+    let (name, fs) = open_image(&args.reference, &args.remote).await?;
+    // Like ls: a symlink to a directory is listed as the directory unless -l asks for the link.
+    let ino = fs
+        .tree
+        .resolve(args.path.as_bytes(), !args.long)
+        .map_err(|e| path_error(&name, &args.path, e))?;
+    let options = ListOptions {
+        long: args.long,
+        recursive: args.recursive,
+        all: args.all,
+    };
+    let out = listing::list(&fs.tree, ino, &args.path, options);
+    write_stdout(out.as_bytes())?;
+    if args.stats {
+        print_stats(fs.stats());
+    }
+    Ok(())
+}
+
+/// Writes to stdout; a closed pipe (`| head`) ends output quietly, as it does for `cat`.
+fn write_stdout(bytes: &[u8]) -> Result<bool, CliError> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(CliError::Output(e)),
+    }
+}
+
+async fn cat(args: CatArgs) -> Result<(), CliError> {
+    /// How much to ask for at a time: several chunks, so their fetches run concurrently.
+    const PIECE: u64 = 8 << 20;
+    let (name, fs) = open_image(&args.reference, &args.remote).await?;
+    let ino = fs
+        .tree
+        .resolve(args.path.as_bytes(), true)
+        .map_err(|e| path_error(&name, &args.path, e))?;
+    let size = match &fs.tree.node(ino).map(|n| &n.kind) {
+        Some(NodeKind::File { size, .. }) => *size,
+        Some(NodeKind::Dir { .. }) => {
+            return Err(path_error(&name, &args.path, ResolveError::IsADirectory));
+        }
+        _ => {
+            return Err(CliError::Path {
+                image: name,
+                path: args.path,
+                reason: "not a regular file".into(),
+            });
+        }
+    };
+    let mut offset = 0;
+    while offset < size {
+        let data = fs
+            .read(ino, offset, PIECE)
+            .await
+            .map_err(|source| CliError::Read {
+                image: name.clone(),
+                path: args.path.clone(),
+                source,
+            })?;
+        if data.is_empty() || !write_stdout(&data)? {
+            break;
+        }
+        offset += data.len() as u64;
+    }
+    if args.stats {
+        print_stats(fs.stats());
+    }
+    Ok(())
 }
 
 async fn inspect(args: InspectArgs) -> Result<(), CliError> {

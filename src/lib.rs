@@ -16,12 +16,17 @@
 //! - [`image`]: resolving a reference to one platform's image;
 //! - [`inspect`] and [`cli`]: the `lazylayer` command.
 
+pub mod chunk;
 pub mod cli;
 pub mod digest;
 pub mod image;
+pub mod imagefs;
 pub mod inspect;
+pub mod layer;
 pub mod layout;
+pub mod listing;
 pub mod oci;
 pub mod reference;
 pub mod registry;
 pub mod source;
+pub mod tree;

@@ -360,23 +360,25 @@ impl LazyIndex {
                 reason: format!("{key} on layer {}: {e}", layer.digest),
             })
         };
-        if let Some(v) = a.get(ANNOTATION_ESTARGZ_TOC) {
-            return Ok(Some(LazyIndex::Estargz {
-                toc_digest: digest(ANNOTATION_ESTARGZ_TOC, v)?,
-            }));
-        }
         let checksum = a
             .get_key_value(ANNOTATION_ZSTD_CHUNKED_CHECKSUM)
             .or_else(|| a.get_key_value(ANNOTATION_ZSTD_CHUNKED_CHECKSUM_ALT));
         let position = a
             .get(ANNOTATION_ZSTD_CHUNKED_POSITION)
             .or_else(|| a.get(ANNOTATION_ZSTD_CHUNKED_POSITION_ALT));
-        match (checksum, position) {
-            (Some((key, sum)), Some(pos)) => Ok(Some(LazyIndex::ZstdChunked {
+        // stargz-snapshotter's zstd:chunked writer also sets the eStargz TOC annotation; the
+        // zstd:chunked pair is the one that locates the TOC in a zstd layer.
+        if let (Some((key, sum)), Some(pos)) = (checksum, position) {
+            return Ok(Some(LazyIndex::ZstdChunked {
                 manifest_checksum: digest(key, sum)?,
                 manifest_position: pos.clone(),
+            }));
+        }
+        match a.get(ANNOTATION_ESTARGZ_TOC) {
+            Some(v) => Ok(Some(LazyIndex::Estargz {
+                toc_digest: digest(ANNOTATION_ESTARGZ_TOC, v)?,
             })),
-            _ => Ok(None),
+            None => Ok(None),
         }
     }
 
@@ -513,6 +515,14 @@ mod tests {
         ]))
         .unwrap();
         assert!(alt.is_some());
+        let both = LazyIndex::of(&layer(&[
+            (ANNOTATION_ESTARGZ_TOC, D),
+            (ANNOTATION_ZSTD_CHUNKED_CHECKSUM_ALT, D),
+            (ANNOTATION_ZSTD_CHUNKED_POSITION_ALT, "1:2:3:1"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(both.kind(), "zstd:chunked");
         assert!(LazyIndex::of(&layer(&[(ANNOTATION_ESTARGZ_TOC, "sha256:nothex")])).is_err());
     }
 }

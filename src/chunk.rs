@@ -1,0 +1,423 @@
+//! File content: the chunk cache and the reader that fills it.
+//!
+//! A read of `len` bytes at `offset` of a file maps to the chunks that cover that range
+//! ([`ChunkRef`]s from the layer's index). Each chunk is taken from the [`ChunkCache`] or
+//! fetched: a ranged GET of its compressed span, inflated, and checked against its digest before
+//! it enters the cache or reaches the reader, so a corrupted blob, a lying registry or a broken
+//! proxy can make a read fail but never return wrong bytes.
+//!
+//! Concurrent reads of the same chunk share one fetch (in-flight deduplication): the first
+//! reader starts it, the others wait on the same shared future. The cache holds `Bytes`, which
+//! are reference counted, so evicting a chunk never invalidates a read that is still copying it.
+//!
+//! The cache is an LRU with a byte budget (`lru` crate) shared by every file of an image. It is
+//! memory only for now; the disk tier and prefetching build on this interface.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
+use lru::LruCache;
+
+use crate::digest::Digest;
+use crate::layer::{ChunkRef, ChunkSource, Codec, LayerError, LayerFormat, tar_stream};
+use crate::oci::{Descriptor, LayerCompression};
+use crate::source::{ImageSource, SourceError};
+
+/// Identifies a chunk: the blob it comes from and where in the blob (compressed offset plus
+/// offset inside the decompressed member, or the offset in an index-less layer's tar stream).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ChunkKey {
+    pub layer: Digest,
+    pub offset: u64,
+    pub inner: u64,
+}
+
+impl ChunkKey {
+    /// The cache key of a chunk, or `None` for chunks that are never stored (runs of zeros).
+    pub fn of(layer: &Digest, chunk: &ChunkRef) -> Option<ChunkKey> {
+        let (offset, inner) = match chunk.source {
+            ChunkSource::Compressed {
+                start,
+                inner_offset,
+                ..
+            } => (start, inner_offset),
+            ChunkSource::TarStream { offset } => (offset, 0),
+            ChunkSource::Zeros => return None,
+        };
+        Some(ChunkKey {
+            layer: layer.clone(),
+            offset,
+            inner,
+        })
+    }
+}
+
+/// Counters for what reading an image cost; shared by everything that fetches for one image.
+#[derive(Debug, Default)]
+pub struct FetchStats {
+    /// Ranged GETs (and whole-blob streams) sent to the source.
+    pub requests: AtomicU64,
+    /// Bytes received from the source.
+    pub bytes: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+}
+
+impl FetchStats {
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// An LRU of verified, uncompressed chunks with a byte budget.
+pub struct ChunkCache {
+    inner: Mutex<CacheInner>,
+    budget: u64,
+}
+
+struct CacheInner {
+    lru: LruCache<ChunkKey, Bytes>,
+    bytes: u64,
+}
+
+impl ChunkCache {
+    /// A cache holding at most `budget` bytes of chunk data.
+    pub fn new(budget: u64) -> ChunkCache {
+        ChunkCache {
+            inner: Mutex::new(CacheInner {
+                lru: LruCache::unbounded(),
+                bytes: 0,
+            }),
+            budget,
+        }
+    }
+
+    pub fn get(&self, key: &ChunkKey) -> Option<Bytes> {
+        self.inner.lock().unwrap().lru.get(key).cloned()
+    }
+
+    /// Stores a chunk, evicting the least recently used ones to stay within the budget. A chunk
+    /// larger than the whole budget is not stored.
+    pub fn insert(&self, key: ChunkKey, data: Bytes) {
+        let len = data.len() as u64;
+        if len > self.budget {
+            return;
+        }
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(old) = inner.lru.put(key, data) {
+            inner.bytes -= old.len() as u64;
+        }
+        inner.bytes += len;
+        while inner.bytes > self.budget {
+            match inner.lru.pop_lru() {
+                Some((_, evicted)) => inner.bytes -= evicted.len() as u64,
+                None => break,
+            }
+        }
+    }
+
+    /// Drops every chunk of a layer (used when a streamed layer fails verification).
+    pub fn remove_layer(&self, layer: &Digest) {
+        let mut inner = self.inner.lock().unwrap();
+        let keys: Vec<ChunkKey> = inner
+            .lru
+            .iter()
+            .filter(|(k, _)| k.layer == *layer)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in keys {
+            if let Some(v) = inner.lru.pop(&k) {
+                inner.bytes -= v.len() as u64;
+            }
+        }
+    }
+
+    /// Bytes currently held.
+    pub fn bytes(&self) -> u64 {
+        self.inner.lock().unwrap().bytes
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContentError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Layer(#[from] LayerError),
+    #[error(
+        "layer {layer}: chunk at blob offset {offset} does not match its digest \
+         (expected {expected}, got {actual}); the blob is corrupt or was changed"
+    )]
+    ChunkDigest {
+        layer: Digest,
+        offset: u64,
+        expected: Digest,
+        actual: Digest,
+    },
+    #[error("layer {layer}: chunk at blob offset {offset} does not decompress: {reason}")]
+    Decompress {
+        layer: Digest,
+        offset: u64,
+        reason: String,
+    },
+    #[error("read of {len} bytes at offset {offset} is outside the file ({size} bytes)")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+}
+
+type SharedFetch = Shared<BoxFuture<'static, Result<Bytes, Arc<ContentError>>>>;
+
+/// The layer facts a chunk fetch needs.
+#[derive(Clone, Debug)]
+pub struct LayerInfo {
+    pub descriptor: Descriptor,
+    pub format: LayerFormat,
+}
+
+/// Reads file content of one image through the cache.
+pub struct ContentReader {
+    source: Arc<dyn ImageSource>,
+    cache: Arc<ChunkCache>,
+    layers: Vec<LayerInfo>,
+    inflight: Mutex<HashMap<ChunkKey, SharedFetch>>,
+    stats: Arc<FetchStats>,
+}
+
+impl ContentReader {
+    pub fn new(
+        source: Arc<dyn ImageSource>,
+        cache: Arc<ChunkCache>,
+        layers: Vec<LayerInfo>,
+        stats: Arc<FetchStats>,
+    ) -> ContentReader {
+        ContentReader {
+            source,
+            cache,
+            layers,
+            inflight: Mutex::new(HashMap::new()),
+            stats,
+        }
+    }
+
+    /// Reads `len` bytes at `offset` of a file of `size` bytes stored in `layer` as `chunks`;
+    /// a read past the end is cut short, as `read(2)` is.
+    pub async fn read(
+        &self,
+        layer: usize,
+        chunks: &[ChunkRef],
+        size: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, Arc<ContentError>> {
+        if offset >= size || len == 0 {
+            return Ok(Bytes::new());
+        }
+        let end = size.min(offset.saturating_add(len));
+        // Chunks are sorted by file offset and tile the file (checked when the index was read).
+        let first = chunks.partition_point(|c| c.file_offset + c.size <= offset);
+        let wanted: Vec<&ChunkRef> = chunks[first..]
+            .iter()
+            .take_while(|c| c.file_offset < end)
+            .collect();
+        let pieces =
+            futures_util::future::try_join_all(wanted.iter().map(|c| self.chunk(layer, c))).await?;
+        if let [only] = &pieces[..] {
+            let c = wanted[0];
+            return Ok(
+                only.slice((offset - c.file_offset) as usize..(end - c.file_offset) as usize)
+            );
+        }
+        let mut out = BytesMut::with_capacity((end - offset) as usize);
+        for (c, data) in wanted.iter().zip(&pieces) {
+            let from = offset.saturating_sub(c.file_offset) as usize;
+            let to = ((end - c.file_offset) as usize).min(data.len());
+            out.extend_from_slice(&data[from..to]);
+        }
+        Ok(out.freeze())
+    }
+
+    /// One verified chunk, from the cache or fetched (once, however many readers want it).
+    pub async fn chunk(&self, layer: usize, chunk: &ChunkRef) -> Result<Bytes, Arc<ContentError>> {
+        let info = &self.layers[layer];
+        let Some(key) = ChunkKey::of(&info.descriptor.digest, chunk) else {
+            return Ok(Bytes::from(vec![0u8; chunk.size as usize]));
+        };
+        if let Some(data) = self.cache.get(&key) {
+            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(data);
+        }
+        self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
+        let fetch = {
+            let mut inflight = self.inflight.lock().unwrap();
+            inflight
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    let source = self.source.clone();
+                    let cache = self.cache.clone();
+                    let info = info.clone();
+                    let chunk = chunk.clone();
+                    let key = key.clone();
+                    async move {
+                        let data = fetch_chunk(source.as_ref(), &info, &chunk)
+                            .await
+                            .map_err(Arc::new)?;
+                        cache.insert(key, data.clone());
+                        Ok(data)
+                    }
+                    .boxed()
+                    .shared()
+                })
+                .clone()
+        };
+        let result = fetch.await;
+        self.inflight.lock().unwrap().remove(&key);
+        result
+    }
+}
+
+/// Fetches, inflates and verifies one chunk.
+async fn fetch_chunk(
+    source: &dyn ImageSource,
+    info: &LayerInfo,
+    chunk: &ChunkRef,
+) -> Result<Bytes, ContentError> {
+    let layer = &info.descriptor.digest;
+    let (data, offset) = match chunk.source {
+        ChunkSource::Zeros => return Ok(Bytes::from(vec![0u8; chunk.size as usize])),
+        ChunkSource::Compressed {
+            start,
+            end,
+            inner_offset,
+            codec,
+        } => {
+            let compressed = source.read_range(layer, start..end).await?;
+            (
+                inflate(layer, start, &compressed, codec, inner_offset, chunk.size)?,
+                start,
+            )
+        }
+        ChunkSource::TarStream { offset } => {
+            let compression = match info.format {
+                LayerFormat::TarStream(c) => c,
+                _ => LayerCompression::Gzip,
+            };
+            let data = tar_stream::restream(
+                source,
+                &info.descriptor,
+                compression,
+                offset..offset + chunk.size,
+            )
+            .await?;
+            (data, offset)
+        }
+    };
+    if let Some(expected) = &chunk.digest {
+        let actual = Digest::of(&data);
+        if actual != *expected {
+            return Err(ContentError::ChunkDigest {
+                layer: layer.clone(),
+                offset,
+                expected: expected.clone(),
+                actual,
+            });
+        }
+    }
+    Ok(data)
+}
+
+fn inflate(
+    layer: &Digest,
+    offset: u64,
+    compressed: &Bytes,
+    codec: Codec,
+    skip: u64,
+    size: u64,
+) -> Result<Bytes, ContentError> {
+    let err = |reason: String| ContentError::Decompress {
+        layer: layer.clone(),
+        offset,
+        reason,
+    };
+    let mut reader: Box<dyn Read + '_> = match codec {
+        Codec::Identity => {
+            let (from, to) = (skip as usize, (skip + size) as usize);
+            if to > compressed.len() {
+                return Err(err(format!(
+                    "span holds {} bytes, the chunk needs {to}",
+                    compressed.len()
+                )));
+            }
+            return Ok(compressed.slice(from..to));
+        }
+        // One member holds the chunk; anything after it (the next entries' headers) is unused.
+        Codec::Gzip => Box::new(flate2::read::GzDecoder::new(&compressed[..])),
+        Codec::Zstd => Box::new(
+            zstd::stream::read::Decoder::new(&compressed[..]).map_err(|e| err(e.to_string()))?,
+        ),
+    };
+    std::io::copy(&mut reader.by_ref().take(skip), &mut std::io::sink())
+        .map_err(|e| err(e.to_string()))?;
+    let mut out = vec![0u8; size as usize];
+    reader
+        .read_exact(&mut out)
+        .map_err(|e| err(format!("{e} (wanted {size} bytes after skipping {skip})")))?;
+    Ok(Bytes::from(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u64) -> ChunkKey {
+        ChunkKey {
+            layer: Digest::of(b"layer"),
+            offset: n,
+            inner: 0,
+        }
+    }
+
+    #[test]
+    fn cache_stays_within_budget_and_evicts_lru() {
+        let cache = ChunkCache::new(10);
+        cache.insert(key(1), Bytes::from_static(b"aaaa"));
+        cache.insert(key(2), Bytes::from_static(b"bbbb"));
+        let held = cache.get(&key(1)).unwrap(); // 1 is now most recent
+        cache.insert(key(3), Bytes::from_static(b"cccc"));
+        assert!(
+            cache.get(&key(2)).is_none(),
+            "least recently used is evicted"
+        );
+        assert!(cache.get(&key(1)).is_some());
+        assert!(cache.get(&key(3)).is_some());
+        assert_eq!(cache.bytes(), 8);
+        // A chunk bigger than the budget is not stored, and what a reader holds stays valid.
+        cache.insert(key(4), Bytes::from(vec![0u8; 11]));
+        assert!(cache.get(&key(4)).is_none());
+        cache.remove_layer(&Digest::of(b"layer"));
+        assert_eq!(cache.bytes(), 0);
+        assert_eq!(&held[..], b"aaaa");
+    }
+
+    #[test]
+    fn inflate_checks_lengths() {
+        let layer = Digest::of(b"x");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut gz, b"hello world").unwrap();
+        let gz = Bytes::from(gz.finish().unwrap());
+        assert_eq!(
+            &inflate(&layer, 0, &gz, Codec::Gzip, 6, 5).unwrap()[..],
+            b"world"
+        );
+        assert!(inflate(&layer, 0, &gz, Codec::Gzip, 6, 6).is_err());
+        let zs = Bytes::from(zstd::encode_all(&b"hello world"[..], 3).unwrap());
+        assert_eq!(
+            &inflate(&layer, 0, &zs, Codec::Zstd, 0, 5).unwrap()[..],
+            b"hello"
+        );
+        assert!(inflate(&layer, 0, &Bytes::from_static(b"junk"), Codec::Zstd, 0, 1).is_err());
+    }
+}

@@ -1,0 +1,214 @@
+//! An opened image: its merged tree plus the reader for file contents.
+//!
+//! Opening resolves nothing by itself: the caller passes a resolved image. Opening then reads
+//! every layer's index concurrently (a TOC for eStargz and zstd:chunked, a full stream for
+//! index-less layers, whose file data lands in the chunk cache on the way) and builds the merged
+//! tree. After that, metadata operations touch memory only and reads go through the
+//! [`ContentReader`]. This is the object `ls`, `cat` and the FUSE mount share.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use crate::chunk::{ChunkCache, ChunkKey, ContentError, ContentReader, FetchStats, LayerInfo};
+use crate::digest::Digest;
+use crate::image::ResolvedImage;
+use crate::layer::tar_stream::StreamObserver;
+use crate::layer::{self, LayerError, LayerFormat};
+use crate::oci::Descriptor;
+use crate::reference::ManifestSelector;
+use crate::source::{ByteStream, FetchedManifest, ImageSource, SourceError};
+use crate::tree::{Ino, MergedTree, NodeKind};
+
+/// Settings for an opened image.
+#[derive(Clone, Debug)]
+pub struct ImageFsOptions {
+    /// Bytes of uncompressed chunks kept in memory. 512 MiB holds the working set of a typical
+    /// application start (a Python or JVM runtime touches 50–200 MiB) with room for a second
+    /// image, and is small next to the memory of a machine that runs containers.
+    pub cache_bytes: u64,
+}
+
+impl Default for ImageFsOptions {
+    fn default() -> Self {
+        ImageFsOptions {
+            cache_bytes: 512 << 20,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageFsError {
+    #[error(transparent)]
+    Layer(#[from] LayerError),
+    #[error("{path}: {source}")]
+    Read {
+        path: String,
+        source: Arc<ContentError>,
+    },
+}
+
+/// What one layer turned out to be when it was opened.
+#[derive(Clone, Debug)]
+pub struct OpenedLayer {
+    pub digest: Digest,
+    pub format: LayerFormat,
+    pub size: u64,
+    pub prefetch_end: Option<u64>,
+}
+
+pub struct ImageFs {
+    pub image: ResolvedImage,
+    pub tree: MergedTree,
+    pub layers: Vec<OpenedLayer>,
+    content: ContentReader,
+    cache: Arc<ChunkCache>,
+    stats: Arc<FetchStats>,
+}
+
+/// Counts requests and bytes of everything fetched through it.
+struct CountingSource {
+    inner: Arc<dyn ImageSource>,
+    stats: Arc<FetchStats>,
+}
+
+#[async_trait]
+impl ImageSource for CountingSource {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+
+    async fn manifest(&self, selector: &ManifestSelector) -> Result<FetchedManifest, SourceError> {
+        self.inner.manifest(selector).await
+    }
+
+    async fn blob(&self, descriptor: &Descriptor, limit: u64) -> Result<Bytes, SourceError> {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let data = self.inner.blob(descriptor, limit).await?;
+        self.stats
+            .bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(data)
+    }
+
+    async fn blob_range(
+        &self,
+        digest: &Digest,
+        range: std::ops::Range<u64>,
+    ) -> Result<ByteStream, SourceError> {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let stream = self.inner.blob_range(digest, range).await?;
+        let stats = self.stats.clone();
+        Ok(Box::pin(stream.inspect(move |piece| {
+            if let Ok(bytes) = piece {
+                stats.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            }
+        })))
+    }
+}
+
+/// Puts the file data of a streamed layer into the cache as it goes past.
+struct CacheFiller {
+    cache: Arc<ChunkCache>,
+    layer: Digest,
+}
+
+impl StreamObserver for CacheFiller {
+    fn chunk(&self, offset: u64, data: &Bytes) {
+        self.cache.insert(
+            ChunkKey {
+                layer: self.layer.clone(),
+                offset,
+                inner: 0,
+            },
+            data.clone(),
+        );
+    }
+}
+
+impl ImageFs {
+    /// Reads every layer's index and builds the merged tree.
+    pub async fn open(
+        source: Arc<dyn ImageSource>,
+        image: ResolvedImage,
+        options: &ImageFsOptions,
+    ) -> Result<ImageFs, ImageFsError> {
+        let stats = Arc::new(FetchStats::default());
+        let source: Arc<dyn ImageSource> = Arc::new(CountingSource {
+            inner: source,
+            stats: stats.clone(),
+        });
+        let cache = Arc::new(ChunkCache::new(options.cache_bytes));
+        let loads = image.layers.iter().map(|layer| {
+            let source = source.clone();
+            let digest = layer.descriptor.digest.clone();
+            let filler = Arc::new(CacheFiller {
+                cache: cache.clone(),
+                layer: digest.clone(),
+            });
+            let cache = cache.clone();
+            async move {
+                let result = layer::load(source, layer, filler).await;
+                if result.is_err() {
+                    // Data streamed before a failed verification must not be served.
+                    cache.remove_layer(&digest);
+                }
+                result
+            }
+        });
+        let indexes = futures_util::future::try_join_all(loads).await?;
+        let layers: Vec<OpenedLayer> = indexes
+            .iter()
+            .zip(&image.layers)
+            .map(|(index, layer)| OpenedLayer {
+                digest: index.digest.clone(),
+                format: index.format,
+                size: layer.descriptor.size,
+                prefetch_end: index.prefetch_end,
+            })
+            .collect();
+        let tree = MergedTree::build(indexes.into_iter().map(|i| (i.digest, i.entries)))?;
+        let infos = image
+            .layers
+            .iter()
+            .zip(&layers)
+            .map(|(layer, opened)| LayerInfo {
+                descriptor: layer.descriptor.clone(),
+                format: opened.format,
+            })
+            .collect();
+        let content = ContentReader::new(source, cache.clone(), infos, stats.clone());
+        Ok(ImageFs {
+            image,
+            tree,
+            layers,
+            content,
+            cache,
+            stats,
+        })
+    }
+
+    /// Reads up to `len` bytes at `offset` of a regular file; empty past the end or for
+    /// anything that is not a regular file.
+    pub async fn read(&self, ino: Ino, offset: u64, len: u64) -> Result<Bytes, Arc<ContentError>> {
+        match self.tree.node(ino).map(|n| &n.kind) {
+            Some(NodeKind::File {
+                size,
+                layer,
+                chunks,
+            }) => self.content.read(*layer, chunks, *size, offset, len).await,
+            _ => Ok(Bytes::new()),
+        }
+    }
+
+    pub fn stats(&self) -> &FetchStats {
+        &self.stats
+    }
+
+    pub fn cache(&self) -> &ChunkCache {
+        &self.cache
+    }
+}

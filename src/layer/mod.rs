@@ -1,0 +1,329 @@
+//! Layer formats: turning one layer blob into a list of entries and chunk locations.
+//!
+//! Every format ends up in the same shape, a [`LayerIndex`]: the layer's entries in tar order,
+//! with each regular file's content described as [`ChunkRef`]s that say where its bytes live and
+//! what they must hash to. The merged tree and the content reader never look at the format again.
+//!
+//! - [`estargz`]: gzip layers with a TOC at the end (`stargz.index.json`), found through a footer;
+//!   each chunk is its own gzip member, so it can be fetched and inflated alone.
+//! - [`zstd_chunked`]: zstd layers whose TOC sits in a skippable frame that the layer's annotations
+//!   point at; each chunk is its own zstd frame.
+//! - [`tar_stream`]: layers without an index (plain gzip, zstd or uncompressed tar). They are
+//!   streamed once, in order, and cut into chunks as they go; each chunk's digest is computed on
+//!   the way and trusted once the whole blob has matched its digest, so that a chunk evicted from
+//!   the cache and fetched again (by streaming the layer again) is still verified.
+//!
+//! Entry paths are normalised here, once, and hostile names (`..` components, NUL bytes) are
+//! refused here, so no later stage sees them.
+
+pub mod estargz;
+pub mod tar_stream;
+pub mod toc;
+pub mod zstd_chunked;
+
+use std::sync::Arc;
+
+use crate::digest::Digest;
+use crate::image::Layer;
+use crate::oci::{LayerCompression, LazyIndex};
+use crate::source::{ImageSource, SourceError};
+
+/// Largest uncompressed chunk accepted from a TOC. eStargz and zstd:chunked writers use chunks of
+/// a few MiB at most; a larger claim is a hostile or broken TOC trying to make us allocate.
+pub const MAX_CHUNK_BYTES: u64 = 64 << 20;
+
+/// Size of the chunks a streamed (index-less) layer is cut into. 1 MiB keeps the per-chunk
+/// bookkeeping small (a digest per MiB) while a re-fetch after eviction wastes little.
+pub const STREAM_CHUNK_BYTES: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("layer {layer}: {reason}")]
+    Malformed { layer: Digest, reason: String },
+    #[error("layer {layer}: entry {path:?}: {reason}")]
+    BadEntry {
+        layer: Digest,
+        path: String,
+        reason: String,
+    },
+    #[error("layer {layer}: {what} does not match its digest (expected {expected}, got {actual})")]
+    DigestMismatch {
+        layer: Digest,
+        what: String,
+        expected: Digest,
+        actual: Digest,
+    },
+    #[error("layer {layer}: unsupported media type {media_type}")]
+    UnsupportedMediaType { layer: Digest, media_type: String },
+}
+
+impl LayerError {
+    pub(crate) fn malformed(layer: &Digest, reason: impl Into<String>) -> LayerError {
+        LayerError::Malformed {
+            layer: layer.clone(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// How a layer's content is laid out, which decides how a chunk is fetched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerFormat {
+    Estargz,
+    ZstdChunked,
+    /// No index: the tar is streamed, compressed this way.
+    TarStream(LayerCompression),
+}
+
+impl LayerFormat {
+    pub fn name(&self) -> &'static str {
+        match self {
+            LayerFormat::Estargz => "estargz",
+            LayerFormat::ZstdChunked => "zstd:chunked",
+            LayerFormat::TarStream(LayerCompression::Gzip) => "gzip",
+            LayerFormat::TarStream(LayerCompression::Zstd) => "zstd",
+            LayerFormat::TarStream(LayerCompression::None) => "tar",
+        }
+    }
+}
+
+/// How a compressed chunk is inflated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Codec {
+    Gzip,
+    Zstd,
+    /// Stored as is (uncompressed tar layers).
+    Identity,
+}
+
+/// Where one chunk of a file's content lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChunkSource {
+    /// An independently compressed span of the blob: inflate `start..end`, skip `inner_offset`
+    /// bytes, take the chunk's size.
+    Compressed {
+        start: u64,
+        end: u64,
+        inner_offset: u64,
+        codec: Codec,
+    },
+    /// Bytes at this offset of the uncompressed tar stream (index-less layers).
+    TarStream { offset: u64 },
+    /// A run of zero bytes that the writer did not store (zstd:chunked `chunkType: zeros`).
+    Zeros,
+}
+
+/// One chunk of a regular file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkRef {
+    /// Where the chunk starts within the file.
+    pub file_offset: u64,
+    /// Uncompressed length.
+    pub size: u64,
+    pub source: ChunkSource,
+    /// What the uncompressed bytes must hash to; `None` only for [`ChunkSource::Zeros`].
+    pub digest: Option<Digest>,
+}
+
+/// The type-specific part of an entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EntryKind {
+    Dir,
+    File {
+        size: u64,
+        chunks: Arc<[ChunkRef]>,
+    },
+    Symlink {
+        target: Vec<u8>,
+    },
+    /// A hard link to another path (normalised like entry paths).
+    Hardlink {
+        target: Vec<u8>,
+    },
+    Char {
+        major: u32,
+        minor: u32,
+    },
+    Block {
+        major: u32,
+        minor: u32,
+    },
+    Fifo,
+}
+
+/// Ownership, permissions, times and xattrs: what `stat` and `getxattr` report.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Meta {
+    /// Permission bits including setuid, setgid and sticky (`0o7777` at most).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Seconds since the epoch.
+    pub mtime: i64,
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// One tar entry, normalised.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerEntry {
+    /// Path relative to the root, components joined by `/`, no leading `./` or `/`, no trailing
+    /// `/`; empty for the root itself.
+    pub path: Vec<u8>,
+    pub kind: EntryKind,
+    pub meta: Meta,
+}
+
+/// Everything the merged tree needs from one layer.
+#[derive(Clone, Debug)]
+pub struct LayerIndex {
+    /// The layer blob's digest (what chunks are fetched from).
+    pub digest: Digest,
+    pub format: LayerFormat,
+    pub entries: Vec<LayerEntry>,
+    /// eStargz prefetch landmark: the compressed bytes `0..end` hold the files the image's author
+    /// marked as needed at start-up (`None` when the layer has no landmark).
+    pub prefetch_end: Option<u64>,
+}
+
+/// Normalises a tar or TOC path: strips `./` and `/` prefixes and trailing `/`, drops `.`
+/// components and empty ones. `..` components and NUL bytes are refused: no layer needs them and
+/// they are how hostile layers try to write outside the tree.
+pub fn normalize_path(raw: &[u8]) -> Result<Vec<u8>, String> {
+    if raw.contains(&0) {
+        return Err("name contains a NUL byte".into());
+    }
+    let mut out = Vec::with_capacity(raw.len());
+    for component in raw.split(|&b| b == b'/') {
+        match component {
+            b"" | b"." => continue,
+            b".." => return Err("name contains a `..` component".into()),
+            c => {
+                if !out.is_empty() {
+                    out.push(b'/');
+                }
+                out.extend_from_slice(c);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Checks that `chunks` tile `0..size` exactly, in order, each within the size bound.
+pub(crate) fn check_chunks(chunks: &[ChunkRef], size: u64) -> Result<(), String> {
+    let mut next = 0u64;
+    for c in chunks {
+        if c.file_offset != next {
+            return Err(if c.file_offset < next {
+                format!("chunks overlap at offset {}", c.file_offset)
+            } else {
+                format!("chunks leave a gap at offset {next}")
+            });
+        }
+        if c.size == 0 || c.size > MAX_CHUNK_BYTES {
+            return Err(format!(
+                "chunk at offset {} has size {} (allowed: 1..={MAX_CHUNK_BYTES})",
+                c.file_offset, c.size
+            ));
+        }
+        next = c
+            .file_offset
+            .checked_add(c.size)
+            .ok_or("chunk offsets overflow")?;
+    }
+    if next != size {
+        return Err(format!("chunks cover {next} bytes of a {size}-byte file"));
+    }
+    Ok(())
+}
+
+/// Reads a layer's index: from its TOC when it has one, else by streaming it. `observer` sees
+/// every entry and chunk of file data that streaming a layer produces (so the caller can cache
+/// the data); it is not called for TOC formats, whose data is fetched on demand.
+pub async fn load(
+    source: Arc<dyn ImageSource>,
+    layer: &Layer,
+    observer: tar_stream::ChunkSink,
+) -> Result<LayerIndex, LayerError> {
+    let digest = &layer.descriptor.digest;
+    let compression = layer
+        .compression()
+        .map_err(|_| LayerError::UnsupportedMediaType {
+            layer: digest.clone(),
+            media_type: layer.descriptor.media_type.clone(),
+        })?;
+    match (&layer.lazy_index, compression) {
+        (Some(LazyIndex::Estargz { toc_digest }), LayerCompression::Gzip) => {
+            estargz::load(source.as_ref(), &layer.descriptor, toc_digest).await
+        }
+        (
+            Some(LazyIndex::ZstdChunked {
+                manifest_checksum,
+                manifest_position,
+            }),
+            LayerCompression::Zstd,
+        ) => {
+            zstd_chunked::load(
+                source.as_ref(),
+                &layer.descriptor,
+                manifest_checksum,
+                manifest_position,
+            )
+            .await
+        }
+        // An index annotation on a layer of another compression cannot be honoured: the
+        // chunks would not inflate. Reading the layer as a plain stream is always correct.
+        (_, compression) => {
+            tar_stream::index(source, &layer.descriptor, compression, observer).await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_normalised() {
+        assert_eq!(normalize_path(b"./usr/bin/").unwrap(), b"usr/bin");
+        assert_eq!(normalize_path(b"/etc//passwd").unwrap(), b"etc/passwd");
+        assert_eq!(normalize_path(b".").unwrap(), b"");
+        assert_eq!(normalize_path(b"./").unwrap(), b"");
+        assert_eq!(normalize_path(b"a/./b").unwrap(), b"a/b");
+        assert!(normalize_path(b"../etc/passwd").is_err());
+        assert!(normalize_path(b"a/../../b").is_err());
+        assert!(normalize_path(b"a\0b").is_err());
+    }
+
+    fn chunk(file_offset: u64, size: u64) -> ChunkRef {
+        ChunkRef {
+            file_offset,
+            size,
+            source: ChunkSource::Zeros,
+            digest: None,
+        }
+    }
+
+    #[test]
+    fn chunk_tables_must_tile_the_file() {
+        assert!(check_chunks(&[chunk(0, 4), chunk(4, 6)], 10).is_ok());
+        assert!(check_chunks(&[], 0).is_ok());
+        assert!(
+            check_chunks(&[chunk(0, 4), chunk(3, 7)], 10)
+                .unwrap_err()
+                .contains("overlap")
+        );
+        assert!(
+            check_chunks(&[chunk(0, 4), chunk(5, 5)], 10)
+                .unwrap_err()
+                .contains("gap")
+        );
+        assert!(
+            check_chunks(&[chunk(0, 4)], 10)
+                .unwrap_err()
+                .contains("cover")
+        );
+        assert!(check_chunks(&[chunk(0, MAX_CHUNK_BYTES + 1)], MAX_CHUNK_BYTES + 1).is_err());
+    }
+}

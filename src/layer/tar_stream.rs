@@ -1,0 +1,328 @@
+//! Layers without an index: stream the blob once, in order, and index it on the way.
+//!
+//! A plain `tar+gzip` layer cannot be read at an offset: inflating byte N needs every byte before
+//! it. So the layer is fetched with one request and inflated as the bytes arrive; each tar entry
+//! is reported to a [`StreamObserver`] the moment its header has been parsed, and each file's
+//! content is cut into [`STREAM_CHUNK_BYTES`] chunks that are reported as soon as they have
+//! streamed past. A reader therefore gets a file's first byte when that byte arrives, not when
+//! the whole layer has (the lesson of docker-registry #956).
+//!
+//! Verification: a plain tar has no per-file digests, so the only thing to check against is the
+//! blob digest, known only at the end. Each chunk's SHA-256 is computed as it streams and kept in
+//! the index; the index is returned only after the whole blob has matched its digest. From then
+//! on those chunk digests are trusted, so when a chunk has been evicted from the cache and is
+//! fetched again (by streaming the layer again up to it, see [`restream`]), it is verified like
+//! any eStargz chunk. Observers that use data before the end (`cat` printing as it streams) must
+//! treat the stream's final result as the verdict.
+//!
+//! The work runs on a blocking thread (`tar` and `flate2` are synchronous readers) fed by the
+//! async HTTP body through `SyncIoBridge`, so inflating never stalls the async runtime.
+
+use std::io::{self, Read};
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use tokio_util::io::{StreamReader, SyncIoBridge};
+
+use super::{
+    ChunkRef, ChunkSource, Codec, EntryKind, LayerEntry, LayerError, LayerFormat, LayerIndex, Meta,
+    STREAM_CHUNK_BYTES, normalize_path,
+};
+use crate::digest::{Digest, DigestHasher};
+use crate::oci::{Descriptor, LayerCompression};
+use crate::source::ImageSource;
+
+/// Sees a streamed layer's entries and data as they go past.
+pub trait StreamObserver: Send + Sync {
+    /// An entry's header has been parsed (its content, if any, follows as chunks).
+    fn entry(&self, _entry: &LayerEntry) {}
+    /// A chunk of file data at `offset` of the uncompressed tar stream. Its digest is the one
+    /// recorded in the entry's [`ChunkRef`], but the blob as a whole is not yet verified.
+    fn chunk(&self, _offset: u64, _data: &Bytes) {}
+}
+
+/// An observer that ignores everything.
+pub struct Ignore;
+impl StreamObserver for Ignore {}
+
+pub type ChunkSink = Arc<dyn StreamObserver>;
+
+/// Wraps the compressed reader: hashes and counts every byte the decompressor takes.
+struct Hashing<R> {
+    inner: R,
+    hasher: DigestHasher,
+    count: u64,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+fn decompressor<'a, R: Read + 'a>(
+    reader: R,
+    compression: LayerCompression,
+) -> io::Result<Box<dyn Read + 'a>> {
+    Ok(match compression {
+        // Layers may be several concatenated gzip members (pigz, some writers): read them all.
+        LayerCompression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(reader)),
+        LayerCompression::Zstd => Box::new(zstd::stream::read::Decoder::new(reader)?),
+        LayerCompression::None => Box::new(reader),
+    })
+}
+
+fn bad_entry(layer: &Digest, path: &[u8], reason: impl Into<String>) -> LayerError {
+    LayerError::BadEntry {
+        layer: layer.clone(),
+        path: String::from_utf8_lossy(path).into_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn io_error(layer: &Digest, e: io::Error) -> LayerError {
+    // Source errors travel through the blocking bridge as io::Error; unwrap them so the user
+    // sees the registry's message, not "other error".
+    match e.downcast::<crate::source::SourceError>() {
+        Ok(source) => LayerError::Source(source),
+        Err(e) => LayerError::malformed(layer, format!("reading the layer as tar: {e}")),
+    }
+}
+
+/// Indexes an index-less layer by streaming all of it from `source`.
+pub async fn index(
+    source: Arc<dyn ImageSource>,
+    descriptor: &Descriptor,
+    compression: LayerCompression,
+    observer: ChunkSink,
+) -> Result<LayerIndex, LayerError> {
+    let digest = descriptor.digest.clone();
+    let stream = source.blob_range(&digest, 0..descriptor.size).await?;
+    let reader = StreamReader::new(stream.map_err(io::Error::other));
+    let size = descriptor.size;
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        let _guard = handle.enter();
+        let reader = SyncIoBridge::new(reader);
+        index_reader(reader, &digest, size, compression, observer.as_ref())
+    })
+    .await
+    .map_err(|e| LayerError::malformed(&descriptor.digest, format!("indexing task failed: {e}")))?
+}
+
+/// Indexes a layer from any reader of its compressed bytes; the blob must hash to `digest` and
+/// be `size` bytes long.
+pub fn index_reader<R: Read>(
+    reader: R,
+    digest: &Digest,
+    size: u64,
+    compression: LayerCompression,
+    observer: &dyn StreamObserver,
+) -> Result<LayerIndex, LayerError> {
+    let mut hashing = Hashing {
+        inner: reader,
+        hasher: DigestHasher::default(),
+        count: 0,
+    };
+    let entries = {
+        let decompressed =
+            decompressor(&mut hashing, compression).map_err(|e| io_error(digest, e))?;
+        let mut archive = tar::Archive::new(decompressed);
+        let entries = read_entries(&mut archive, digest, compression, observer)?;
+        // Whatever follows the end-of-archive marker still belongs to the blob and its digest.
+        io::copy(archive.into_inner().by_ref(), &mut io::sink())
+            .map_err(|e| io_error(digest, e))?;
+        entries
+    };
+    io::copy(&mut hashing, &mut io::sink()).map_err(|e| io_error(digest, e))?;
+    if hashing.count != size {
+        return Err(LayerError::malformed(
+            digest,
+            format!("blob is {} bytes, the manifest says {size}", hashing.count),
+        ));
+    }
+    let actual = hashing.hasher.finish();
+    if actual != *digest {
+        return Err(LayerError::DigestMismatch {
+            layer: digest.clone(),
+            what: "blob".into(),
+            expected: digest.clone(),
+            actual,
+        });
+    }
+    Ok(LayerIndex {
+        digest: digest.clone(),
+        format: LayerFormat::TarStream(compression),
+        entries,
+        prefetch_end: None,
+    })
+}
+
+fn pax_number(value: &[u8]) -> Option<f64> {
+    std::str::from_utf8(value).ok()?.trim().parse().ok()
+}
+
+fn read_entries<R: Read>(
+    archive: &mut tar::Archive<R>,
+    layer: &Digest,
+    compression: LayerCompression,
+    observer: &dyn StreamObserver,
+) -> Result<Vec<LayerEntry>, LayerError> {
+    let mut out = Vec::new();
+    for entry in archive.entries().map_err(|e| io_error(layer, e))? {
+        let mut entry = entry.map_err(|e| io_error(layer, e))?;
+        let raw_path = entry.path_bytes().into_owned();
+        let path = normalize_path(&raw_path).map_err(|r| bad_entry(layer, &raw_path, r))?;
+        let header = entry.header().clone();
+        let bad = |reason: String| bad_entry(layer, &raw_path, reason);
+        let mut meta = Meta {
+            mode: header.mode().map_err(|e| bad(e.to_string()))? & 0o7777,
+            uid: header.uid().map_err(|e| bad(e.to_string()))? as u32,
+            gid: header.gid().map_err(|e| bad(e.to_string()))? as u32,
+            mtime: header.mtime().map_err(|e| bad(e.to_string()))? as i64,
+            xattrs: Vec::new(),
+        };
+        if let Some(pax) = entry.pax_extensions().map_err(|e| io_error(layer, e))? {
+            for ext in pax {
+                let ext = ext.map_err(|e| io_error(layer, e))?;
+                let key = ext.key_bytes();
+                if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                    meta.xattrs
+                        .push((name.to_vec(), ext.value_bytes().to_vec()));
+                } else if key == b"mtime" {
+                    if let Some(t) = pax_number(ext.value_bytes()) {
+                        meta.mtime = t.floor() as i64;
+                    }
+                } else if key == b"uid" {
+                    if let Some(v) = pax_number(ext.value_bytes()) {
+                        meta.uid = v as u32;
+                    }
+                } else if key == b"gid"
+                    && let Some(v) = pax_number(ext.value_bytes())
+                {
+                    meta.gid = v as u32;
+                }
+            }
+        }
+        let link_target = || -> Result<Vec<u8>, LayerError> {
+            Ok(entry
+                .link_name_bytes()
+                .ok_or_else(|| bad("link without a target".into()))?
+                .into_owned())
+        };
+        let device = || -> Result<(u32, u32), LayerError> {
+            let major = header.device_major().map_err(|e| bad(e.to_string()))?;
+            let minor = header.device_minor().map_err(|e| bad(e.to_string()))?;
+            Ok((major.unwrap_or(0), minor.unwrap_or(0)))
+        };
+        use tar::EntryType as T;
+        let kind = match header.entry_type() {
+            T::Directory => EntryKind::Dir,
+            T::Symlink => EntryKind::Symlink {
+                target: link_target()?,
+            },
+            T::Link => {
+                let target = link_target()?;
+                EntryKind::Hardlink {
+                    target: normalize_path(&target)
+                        .map_err(|r| bad(format!("hard link target: {r}")))?,
+                }
+            }
+            T::Char => {
+                let (major, minor) = device()?;
+                EntryKind::Char { major, minor }
+            }
+            T::Block => {
+                let (major, minor) = device()?;
+                EntryKind::Block { major, minor }
+            }
+            T::Fifo => EntryKind::Fifo,
+            T::Regular | T::Continuous => {
+                // Filled in below once the content has streamed past.
+                EntryKind::File {
+                    size: entry.size(),
+                    chunks: Arc::from(Vec::new()),
+                }
+            }
+            T::GNUSparse => return Err(bad("sparse files are not supported".into())),
+            other => return Err(bad(format!("unsupported tar entry type {other:?}"))),
+        };
+        let mut entry_out = LayerEntry { path, kind, meta };
+        observer.entry(&entry_out);
+        if let EntryKind::File { size, .. } = entry_out.kind {
+            let start = entry.raw_file_position();
+            let mut chunks = Vec::with_capacity(size.div_ceil(STREAM_CHUNK_BYTES) as usize);
+            let mut offset = 0;
+            while offset < size {
+                let len = (size - offset).min(STREAM_CHUNK_BYTES);
+                let mut buf = vec![0u8; len as usize];
+                entry.read_exact(&mut buf).map_err(|e| io_error(layer, e))?;
+                let data = Bytes::from(buf);
+                let source = match compression {
+                    // An uncompressed layer can be read at any offset: no need to stream again.
+                    LayerCompression::None => ChunkSource::Compressed {
+                        start: start + offset,
+                        end: start + offset + len,
+                        inner_offset: 0,
+                        codec: Codec::Identity,
+                    },
+                    _ => ChunkSource::TarStream {
+                        offset: start + offset,
+                    },
+                };
+                observer.chunk(start + offset, &data);
+                chunks.push(ChunkRef {
+                    file_offset: offset,
+                    size: len,
+                    source,
+                    digest: Some(Digest::of(&data)),
+                });
+                offset += len;
+            }
+            entry_out.kind = EntryKind::File {
+                size,
+                chunks: Arc::from(chunks),
+            };
+        }
+        out.push(entry_out);
+    }
+    Ok(out)
+}
+
+/// Streams a layer again from its start and returns the uncompressed bytes `wanted` (offsets
+/// of the tar stream). Used when a chunk of an index-less layer has been evicted; the caller
+/// verifies the result against the chunk digest recorded by [`index`].
+pub async fn restream(
+    source: &dyn ImageSource,
+    descriptor: &Descriptor,
+    compression: LayerCompression,
+    wanted: Range<u64>,
+) -> Result<Bytes, LayerError> {
+    let digest = descriptor.digest.clone();
+    let stream = source.blob_range(&digest, 0..descriptor.size).await?;
+    let reader = StreamReader::new(stream.map_err(io::Error::other));
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        let _guard = handle.enter();
+        let reader = SyncIoBridge::new(reader);
+        let mut decompressed =
+            decompressor(reader, compression).map_err(|e| io_error(&digest, e))?;
+        io::copy(
+            &mut decompressed.by_ref().take(wanted.start),
+            &mut io::sink(),
+        )
+        .map_err(|e| io_error(&digest, e))?;
+        let mut buf = vec![0u8; (wanted.end - wanted.start) as usize];
+        decompressed
+            .read_exact(&mut buf)
+            .map_err(|e| io_error(&digest, e))?;
+        Ok(Bytes::from(buf))
+    })
+    .await
+    .map_err(|e| LayerError::malformed(&descriptor.digest, format!("stream task failed: {e}")))?
+}
