@@ -260,7 +260,7 @@ fn chunk_ref(
         None => *offsets
             .iter()
             .find(|&&o| o > start)
-            .ok_or("chunk starts at or after the end of the layer's data")?,
+            .ok_or("chunk starts outside the layer's data")?,
     };
     if start >= end || end > data_end {
         return Err(format!(

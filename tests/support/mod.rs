@@ -7,6 +7,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod conformance;
+pub mod containerd;
 pub mod http;
 pub mod token;
 

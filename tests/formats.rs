@@ -1,0 +1,226 @@
+//! Layer formats against the reference tools: every shared image, as plain gzip and as eStargz
+//! and zstd:chunked written by `ctr-remote image convert` (stargz-snapshotter, through a real
+//! containerd), read by lazylayer from a real registry, must equal `umoci unpack` of the same
+//! image. Also: a chunk corrupted in the registry's storage is detected, never served.
+
+mod support;
+
+use std::sync::Arc;
+
+use lazylayer::chunk::FetchStats;
+use lazylayer::image;
+use lazylayer::imagefs::{ImageFs, ImageFsOptions};
+use lazylayer::layer::{ChunkSource, LayerFormat};
+use lazylayer::oci::Platform;
+use lazylayer::reference::ImageRef;
+use lazylayer::registry::RegistryConfig;
+use lazylayer::source;
+use lazylayer::tree::NodeKind;
+use support::conformance::{assert_same_tree, disk_tree, image_tree, umoci_unpack};
+use support::containerd::{Containerd, LazyFormat};
+use support::{Registry, RegistryAuth, lazylayer};
+
+async fn open(reference: &str) -> Arc<ImageFs> {
+    let reference = ImageRef::parse(reference).unwrap();
+    let (source, selector) = source::open(&reference, &RegistryConfig::default())
+        .await
+        .unwrap();
+    let image = image::resolve(source.as_ref(), &selector, &Platform::host())
+        .await
+        .unwrap();
+    Arc::new(
+        ImageFs::open(source, image, &ImageFsOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("open {reference}: {e}")),
+    )
+}
+
+/// Pushes `tag`, converts it to both lazy formats, and checks all three against umoci.
+/// Returns the registry and the eStargz reference for further checks.
+async fn conformance(tag: &str) -> (Registry, String) {
+    let registry = Registry::start(RegistryAuth::None);
+    let repo = format!("test/{tag}");
+    registry.push_shared(tag, &repo);
+    let containerd = Containerd::start();
+    let estargz = containerd.convert(&registry, &repo, LazyFormat::Estargz);
+    let zstd = containerd.convert(&registry, &repo, LazyFormat::ZstdChunked);
+    drop(containerd);
+
+    let work = tempfile::tempdir().unwrap();
+    let expected = disk_tree(&umoci_unpack(tag, work.path()));
+    assert!(
+        expected.len() > 1000,
+        "reference unpack of {tag} looks empty"
+    );
+
+    let gzip = format!("{}/{repo}:latest", registry.host());
+    for (reference, want) in [
+        (
+            &gzip,
+            LayerFormat::TarStream(lazylayer::oci::LayerCompression::Gzip),
+        ),
+        (&estargz, LayerFormat::Estargz),
+        (&zstd, LayerFormat::ZstdChunked),
+    ] {
+        let fs = open(reference).await;
+        let compressed: u64 = fs.layers.iter().map(|l| l.size).sum();
+        for layer in &fs.layers {
+            assert_eq!(layer.format, want, "{reference}: layer {}", layer.digest);
+        }
+        let opened_with = FetchStats::get(&fs.stats().bytes);
+        if want != LayerFormat::TarStream(lazylayer::oci::LayerCompression::Gzip) {
+            // Opening a lazy image fetches the TOCs only: a small share of the image.
+            assert!(
+                opened_with * 20 < compressed,
+                "{reference}: opening fetched {opened_with} of {compressed} bytes"
+            );
+            assert!(FetchStats::get(&fs.stats().requests) <= 2 * fs.layers.len() as u64);
+        }
+        let actual = image_tree(&fs).await;
+        assert_same_tree(&format!("{tag} as {}", want.name()), &expected, &actual);
+    }
+    (registry, estargz)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn python_app_in_all_formats_matches_umoci_and_corruption_is_caught() {
+    let (registry, estargz) = conformance("python-app").await;
+
+    // Corrupt one chunk of /usr/bin/python3.11 in the registry's own storage.
+    let fs = open(&estargz).await;
+    let ino = fs.tree.resolve(b"/usr/bin/python3.11", true).unwrap();
+    let node = fs.tree.node(ino).unwrap();
+    let NodeKind::File { layer, chunks, .. } = &node.kind else {
+        panic!("python3.11 is not a file")
+    };
+    let ChunkSource::Compressed { start, end, .. } = chunks[0].source else {
+        panic!("eStargz chunk is not compressed")
+    };
+    let digest = &fs.layers[*layer].digest;
+    let data = registry
+        .storage
+        .join("docker/registry/v2/blobs/sha256")
+        .join(&digest.hex()[..2])
+        .join(digest.hex())
+        .join("data");
+    let mut blob = std::fs::read(&data).unwrap();
+    let at = (start + (end - start) / 2) as usize;
+    blob[at] ^= 0x55;
+    std::fs::write(&data, &blob).unwrap();
+
+    let fresh = open(&estargz).await;
+    let err = fresh
+        .read(ino, 0, chunks[0].size)
+        .await
+        .expect_err("a corrupted chunk must not be served");
+    let msg = err.to_string();
+    assert!(msg.contains(&digest.to_string()), "{msg}");
+    assert!(
+        msg.contains("does not match its digest") || msg.contains("does not decompress"),
+        "{msg}"
+    );
+    // The command line reports it and prints nothing of the file.
+    let run = lazylayer(&["cat", &estargz, "/usr/bin/python3.11"], &[]);
+    run.assert_error(&["/usr/bin/python3.11", &digest.to_string()]);
+    assert!(run.stdout.is_empty(), "corrupted file content was printed");
+    // Other files of the same layer are still readable.
+    let ok = lazylayer(&["cat", &estargz, "/etc/os-release"], &[]);
+    assert!(ok.status.success(), "{}", ok.stderr);
+    assert!(ok.stdout.contains("bookworm"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn python3_in_all_formats_matches_umoci() {
+    conformance("python3").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn debian_in_all_formats_matches_umoci() {
+    conformance("debian-bookworm").await;
+}
+
+#[test]
+fn corrupted_stream_layer_is_refused() {
+    let registry = Registry::start(RegistryAuth::None);
+    registry.push_shared("python-app", "test/app");
+    let top = support::shared_json(
+        support::shared_tags()
+            .iter()
+            .find(|(t, _)| t == "python-app")
+            .map(|(_, d)| d.as_str())
+            .unwrap(),
+    )["layers"][2]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let hex = top.strip_prefix("sha256:").unwrap();
+    let data = registry
+        .storage
+        .join("docker/registry/v2/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .join("data");
+    let mut blob = std::fs::read(&data).unwrap();
+    let at = blob.len() / 2;
+    blob[at] ^= 0x55;
+    std::fs::write(&data, &blob).unwrap();
+    let reference = format!("{}/test/app:latest", registry.host());
+    let run = lazylayer(&["ls", &reference, "/app"], &[]);
+    run.assert_error(&[&top]);
+    assert!(run.stdout.is_empty(), "{}", run.stdout);
+}
+
+#[test]
+fn ls_and_cat_show_the_merged_tree() {
+    let registry = Registry::start(RegistryAuth::None);
+    registry.push_shared("python-app", "test/app");
+    let reference = format!("{}/test/app:latest", registry.host());
+
+    let run = lazylayer(&["ls", "-l", &reference, "/"], &[]);
+    assert!(run.status.success(), "{}", run.stderr);
+    let bin = run
+        .stdout
+        .lines()
+        .find(|l| l.ends_with(" bin -> usr/bin"))
+        .unwrap_or_else(|| panic!("no bin symlink in:\n{}", run.stdout));
+    assert!(bin.starts_with("lrwxrwxrwx"), "{bin}");
+
+    // Whiteouts of the top layer: /usr/share/doc is gone, /usr/share still there.
+    let run = lazylayer(&["ls", &reference, "/usr/share"], &[]);
+    assert!(run.status.success(), "{}", run.stderr);
+    assert!(
+        !run.stdout.lines().any(|l| l == "doc" || l == "man"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .lines()
+            .any(|l| l == "zoneinfo" || l == "common-licenses")
+    );
+    lazylayer(&["ls", &reference, "/usr/share/doc"], &[]).assert_error(&[
+        "/usr/share/doc",
+        "no such file or directory",
+        &reference,
+    ]);
+
+    // Symlinks are followed inside the image; the setuid bit shows.
+    let run = lazylayer(&["ls", "-l", &reference, "/bin/su"], &[]);
+    assert!(run.status.success(), "{}", run.stderr);
+    assert!(run.stdout.starts_with("-rwsr-xr-x"), "{}", run.stdout);
+
+    let run = lazylayer(&["ls", "-R", &reference, "/app"], &[]);
+    assert_eq!(run.stdout, "/app:\nmain.py\n");
+
+    let run = lazylayer(&["cat", "--stats", &reference, "/app/main.py"], &[]);
+    assert!(run.status.success(), "{}", run.stderr);
+    let main_py = std::fs::read(
+        support::conformance::umoci_unpack("python-app", registry.dir.path()).join("app/main.py"),
+    )
+    .unwrap();
+    assert_eq!(run.stdout.as_bytes(), &main_py[..]);
+    assert!(run.stderr.contains("requests"), "{}", run.stderr);
+
+    lazylayer(&["cat", &reference, "/usr"], &[]).assert_error(&["/usr", "is a directory"]);
+    lazylayer(&["cat", &reference, "/nope"], &[]).assert_error(&["/nope", "no such file"]);
+}
