@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::chunk::{ContentError, FetchStats};
 use crate::image::{self, ImageError};
-use crate::imagefs::{ImageFs, ImageFsError, ImageFsOptions};
+use crate::imagefs::{CountingSource, ImageFs, ImageFsError, ImageFsOptions};
 use crate::inspect::{InspectReport, human_bytes};
 use crate::listing::{self, ListOptions};
 use crate::oci::Platform;
@@ -19,6 +19,7 @@ use crate::reference::{ImageRef, ReferenceError};
 use crate::registry::RegistryConfig;
 use crate::registry::auth::Credentials;
 use crate::source::{self, SourceError};
+use crate::stream_read::{self, Outcome};
 use crate::tree::{NodeKind, ResolveError};
 
 #[derive(Parser, Debug)]
@@ -199,6 +200,15 @@ pub enum CliError {
         path: String,
         source: std::sync::Arc<ContentError>,
     },
+    #[error(
+        "image {image}: {path} was printed as it streamed, but its layer could not be verified \
+         afterwards, so the output must not be trusted: {source}"
+    )]
+    Unverified {
+        image: String,
+        path: String,
+        source: crate::layer::LayerError,
+    },
     #[error("writing to standard output: {0}")]
     Output(std::io::Error),
 }
@@ -245,21 +255,44 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     }
 }
 
-/// Resolves and opens an image for `ls` and `cat`.
-async fn open_image(reference: &str, remote: &RemoteArgs) -> Result<(String, ImageFs), CliError> {
+/// An image resolved to one platform, with a source that counts what it fetches.
+struct Resolved {
+    name: String,
+    source: std::sync::Arc<dyn source::ImageSource>,
+    stats: std::sync::Arc<FetchStats>,
+    image: image::ResolvedImage,
+}
+
+async fn resolve_image(reference: &str, remote: &RemoteArgs) -> Result<Resolved, CliError> {
     let reference = ImageRef::parse(reference)?;
     let platform = remote.platform()?;
     let config = remote.registry_config()?;
     let (source, selector) = source::open(&reference, &config).await?;
+    let (source, stats) = CountingSource::wrap(source);
     let image = image::resolve(source.as_ref(), &selector, &platform).await?;
-    let name = reference.to_string();
-    let fs = ImageFs::open(source, image, &ImageFsOptions::default())
+    Ok(Resolved {
+        name: reference.to_string(),
+        source,
+        stats,
+        image,
+    })
+}
+
+impl Resolved {
+    async fn open(self) -> Result<(String, ImageFs), CliError> {
+        let fs = ImageFs::open_counted(
+            self.source,
+            self.stats,
+            self.image,
+            &ImageFsOptions::default(),
+        )
         .await
         .map_err(|source| CliError::Open {
-            image: name.clone(),
+            image: self.name.clone(),
             source,
         })?;
-    Ok((name, fs))
+        Ok((self.name, fs))
+    }
 }
 
 fn print_stats(stats: &FetchStats) {
@@ -281,7 +314,10 @@ fn path_error(image: &str, path: &str, e: ResolveError) -> CliError {
 }
 
 async fn ls(args: LsArgs) -> Result<(), CliError> {
-    let (name, fs) = open_image(&args.reference, &args.remote).await?;
+    let (name, fs) = resolve_image(&args.reference, &args.remote)
+        .await?
+        .open()
+        .await?;
     // Like ls: a symlink to a directory is listed as the directory unless -l asks for the link.
     let ino = fs
         .tree
@@ -314,7 +350,61 @@ fn write_stdout(bytes: &[u8]) -> Result<bool, CliError> {
 async fn cat(args: CatArgs) -> Result<(), CliError> {
     /// How much to ask for at a time: several chunks, so their fetches run concurrently.
     const PIECE: u64 = 8 << 20;
-    let (name, fs) = open_image(&args.reference, &args.remote).await?;
+    let resolved = resolve_image(&args.reference, &args.remote).await?;
+    // Layers without an index would have to be downloaded whole before the tree exists; try to
+    // find the file while they stream and print it as it arrives.
+    if resolved.image.layers.iter().any(|l| l.lazy_index.is_none()) {
+        let mut output = Ok(());
+        let mut printed = false;
+        let outcome = stream_read::read_file(
+            resolved.source.clone(),
+            &resolved.image,
+            args.path.as_bytes(),
+            |data| match write_stdout(data) {
+                Ok(more) => {
+                    printed = true;
+                    more
+                }
+                Err(e) => {
+                    output = Err(e);
+                    false
+                }
+            },
+        )
+        .await
+        .map_err(|e| {
+            if printed {
+                CliError::Unverified {
+                    image: resolved.name.clone(),
+                    path: args.path.clone(),
+                    source: e,
+                }
+            } else {
+                CliError::Open {
+                    image: resolved.name.clone(),
+                    source: ImageFsError::Layer(e),
+                }
+            }
+        })?;
+        output?;
+        match outcome {
+            Outcome::Done => {
+                if args.stats {
+                    print_stats(&resolved.stats);
+                }
+                return Ok(());
+            }
+            Outcome::NotFound => {
+                return Err(path_error(
+                    &resolved.name,
+                    &args.path,
+                    ResolveError::NotFound,
+                ));
+            }
+            Outcome::Fallback => {}
+        }
+    }
+    let (name, fs) = resolved.open().await?;
     let ino = fs
         .tree
         .resolve(args.path.as_bytes(), true)

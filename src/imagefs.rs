@@ -70,9 +70,21 @@ pub struct ImageFs {
 }
 
 /// Counts requests and bytes of everything fetched through it.
-struct CountingSource {
+pub struct CountingSource {
     inner: Arc<dyn ImageSource>,
     stats: Arc<FetchStats>,
+}
+
+impl CountingSource {
+    /// Wraps `source`; the returned counters see every request made through the wrapper.
+    pub fn wrap(source: Arc<dyn ImageSource>) -> (Arc<dyn ImageSource>, Arc<FetchStats>) {
+        let stats = Arc::new(FetchStats::default());
+        let counted = Arc::new(CountingSource {
+            inner: source,
+            stats: stats.clone(),
+        });
+        (counted, stats)
+    }
 }
 
 #[async_trait]
@@ -136,11 +148,18 @@ impl ImageFs {
         image: ResolvedImage,
         options: &ImageFsOptions,
     ) -> Result<ImageFs, ImageFsError> {
-        let stats = Arc::new(FetchStats::default());
-        let source: Arc<dyn ImageSource> = Arc::new(CountingSource {
-            inner: source,
-            stats: stats.clone(),
-        });
+        let (source, stats) = CountingSource::wrap(source);
+        ImageFs::open_counted(source, stats, image, options).await
+    }
+
+    /// As [`ImageFs::open`], for a source already wrapped by [`CountingSource::wrap`] (so that
+    /// the counters also include what the caller fetched before).
+    pub async fn open_counted(
+        source: Arc<dyn ImageSource>,
+        stats: Arc<FetchStats>,
+        image: ResolvedImage,
+        options: &ImageFsOptions,
+    ) -> Result<ImageFs, ImageFsError> {
         let cache = Arc::new(ChunkCache::new(options.cache_bytes));
         let loads = image.layers.iter().map(|layer| {
             let source = source.clone();

@@ -29,4 +29,5 @@ pub mod oci;
 pub mod reference;
 pub mod registry;
 pub mod source;
+pub mod stream_read;
 pub mod tree;

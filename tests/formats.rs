@@ -224,3 +224,77 @@ fn ls_and_cat_show_the_merged_tree() {
     lazylayer(&["cat", &reference, "/usr"], &[]).assert_error(&["/usr", "is a directory"]);
     lazylayer(&["cat", &reference, "/nope"], &[]).assert_error(&["/nope", "no such file"]);
 }
+
+/// A file early in an index-less layer is printed as soon as its bytes have streamed past: here
+/// the layer's transfer stalls for good after 40% of it, and `cat` still prints the file (then
+/// reports that the layer could not be verified, since its end never came).
+#[test]
+fn cat_prints_a_file_before_its_layer_has_finished_streaming() {
+    use support::http::{HttpServer, Response};
+    let (_, manifest_digest) = support::shared_tags()
+        .into_iter()
+        .find(|(t, _)| t == "debian-bookworm")
+        .unwrap();
+    let manifest = support::shared_blob(&manifest_digest);
+    let manifest_json: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    let config_digest = manifest_json["config"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let layer_digest = manifest_json["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let config = support::shared_blob(&config_digest);
+    let blob = support::shared_blob(&layer_digest);
+    let cut = blob.len() * 2 / 5;
+
+    // The last text file of at least 1 KB that lies wholly inside the part that will arrive.
+    let mut candidate = None;
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&blob[..cut]));
+    for entry in archive.entries().unwrap() {
+        let Ok(mut entry) = entry else { break };
+        if entry.header().entry_type() != tar::EntryType::Regular || entry.size() < 1000 {
+            continue;
+        }
+        let path = entry.path().unwrap().to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        if std::io::Read::read_to_end(&mut entry, &mut data).is_err() {
+            break;
+        }
+        if let Ok(text) = String::from_utf8(data) {
+            candidate = Some((path, text));
+        }
+    }
+    let (path, text) = candidate.expect("a text file in the first 40% of the layer");
+
+    let server = HttpServer::start(move |req| match req.path() {
+        "/v2/" => Response::new(200),
+        "/v2/test/debian/manifests/latest" => Response::new(200)
+            .header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+            .body(manifest.clone()),
+        p if p == format!("/v2/test/debian/blobs/{config_digest}") => {
+            Response::new(200).body(config.clone())
+        }
+        p if p == format!("/v2/test/debian/blobs/{layer_digest}") => {
+            Response::new(200).body(blob.clone()).stall_after(cut)
+        }
+        _ => Response::new(404),
+    });
+    let reference = format!("127.0.0.1:{}/test/debian:latest", server.port);
+    let run = lazylayer(
+        &[
+            "cat",
+            "--stall-timeout",
+            "3",
+            &reference,
+            &format!("/{path}"),
+        ],
+        &[],
+    );
+    assert_eq!(
+        run.stdout, text,
+        "the file was not printed before the stall"
+    );
+    run.assert_error(&["timed out", "must not be trusted", &path]);
+}

@@ -41,6 +41,10 @@ pub trait StreamObserver: Send + Sync {
     /// A chunk of file data at `offset` of the uncompressed tar stream. Its digest is the one
     /// recorded in the entry's [`ChunkRef`], but the blob as a whole is not yet verified.
     fn chunk(&self, _offset: u64, _data: &Bytes) {}
+    /// Polled between entries: `true` stops the stream early (with an error).
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
 
 /// An observer that ignores everything.
@@ -175,6 +179,9 @@ fn read_entries<R: Read>(
 ) -> Result<Vec<LayerEntry>, LayerError> {
     let mut out = Vec::new();
     for entry in archive.entries().map_err(|e| io_error(layer, e))? {
+        if observer.cancelled() {
+            return Err(LayerError::malformed(layer, "streaming cancelled"));
+        }
         let mut entry = entry.map_err(|e| io_error(layer, e))?;
         let raw_path = entry.path_bytes().into_owned();
         let path = normalize_path(&raw_path).map_err(|r| bad_entry(layer, &raw_path, r))?;

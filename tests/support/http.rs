@@ -58,6 +58,9 @@ pub struct Response {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// Send only this many body bytes (after a header announcing all of them), then hold the
+    /// connection open without sending more: a transfer that stalls midway.
+    pub stall_after: Option<usize>,
 }
 
 impl Response {
@@ -66,7 +69,13 @@ impl Response {
             status,
             headers: Vec::new(),
             body: Vec::new(),
+            stall_after: None,
         }
+    }
+
+    pub fn stall_after(mut self, bytes: usize) -> Response {
+        self.stall_after = Some(bytes);
+        self
     }
 
     pub fn header(mut self, k: &str, v: &str) -> Response {
@@ -172,7 +181,14 @@ fn serve(conn: TcpStream, handler: &(dyn Fn(&Request) -> Response + Send + Sync)
     head.push_str("\r\n");
     let _ = out.write_all(head.as_bytes());
     if req.method != "HEAD" {
-        let _ = out.write_all(&resp.body);
+        let n = resp
+            .stall_after
+            .unwrap_or(resp.body.len())
+            .min(resp.body.len());
+        let _ = out.write_all(&resp.body[..n]);
     }
     let _ = out.flush();
+    if resp.stall_after.is_some() {
+        std::thread::sleep(std::time::Duration::from_secs(60));
+    }
 }
