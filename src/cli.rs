@@ -207,7 +207,7 @@ pub enum CliError {
     Unverified {
         image: String,
         path: String,
-        source: crate::layer::LayerError,
+        source: Box<crate::layer::LayerError>,
     },
     #[error("writing to standard output: {0}")]
     Output(std::io::Error),
@@ -377,7 +377,7 @@ async fn cat(args: CatArgs) -> Result<(), CliError> {
                 CliError::Unverified {
                     image: resolved.name.clone(),
                     path: args.path.clone(),
-                    source: e,
+                    source: Box::new(e),
                 }
             } else {
                 CliError::Open {

@@ -30,11 +30,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cli::run(cli)) {
+    let code = match runtime.block_on(cli::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("lazylayer: error: {e}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // Work still running on blocking threads (a layer stream after another layer failed) would
+    // panic when the runtime's drivers shut down under it; the process is ending anyway.
+    std::mem::forget(runtime);
+    code
 }

@@ -21,6 +21,7 @@
 use std::io::{self, Read};
 use std::ops::Range;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use futures_util::TryStreamExt;
@@ -98,6 +99,55 @@ fn io_error(layer: &Digest, e: io::Error) -> LayerError {
     }
 }
 
+/// Set when the async side stops waiting (its future was dropped); the blocking side then stops
+/// at its next read instead of streaming a layer nobody wants any more.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A reader that fails once `cancelled` is set.
+struct Cancellable<R> {
+    inner: R,
+    cancelled: Arc<AtomicBool>,
+}
+
+impl<R: Read> Read for Cancellable<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.cancelled.load(Ordering::Relaxed) {
+            return Err(io::Error::other("cancelled"));
+        }
+        self.inner.read(buf)
+    }
+}
+
+/// Runs `work` on a blocking thread over a synchronous reader of `stream`, stopping it if the
+/// returned future is dropped.
+async fn on_blocking_thread<T: Send + 'static>(
+    stream: crate::source::ByteStream,
+    digest: &Digest,
+    work: impl FnOnce(Box<dyn Read + Send>) -> Result<T, LayerError> + Send + 'static,
+) -> Result<T, LayerError> {
+    let reader = StreamReader::new(stream.map_err(io::Error::other));
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let guard = CancelOnDrop(cancelled.clone());
+    let handle = tokio::runtime::Handle::current();
+    let result = tokio::task::spawn_blocking(move || {
+        let _enter = handle.enter();
+        work(Box::new(Cancellable {
+            inner: SyncIoBridge::new(reader),
+            cancelled,
+        }))
+    })
+    .await
+    .map_err(|e| LayerError::malformed(digest, format!("streaming task failed: {e}")));
+    drop(guard);
+    result?
+}
+
 /// Indexes an index-less layer by streaming all of it from `source`.
 pub async fn index(
     source: Arc<dyn ImageSource>,
@@ -107,16 +157,11 @@ pub async fn index(
 ) -> Result<LayerIndex, LayerError> {
     let digest = descriptor.digest.clone();
     let stream = source.blob_range(&digest, 0..descriptor.size).await?;
-    let reader = StreamReader::new(stream.map_err(io::Error::other));
     let size = descriptor.size;
-    let handle = tokio::runtime::Handle::current();
-    tokio::task::spawn_blocking(move || {
-        let _guard = handle.enter();
-        let reader = SyncIoBridge::new(reader);
+    on_blocking_thread(stream, &descriptor.digest, move |reader| {
         index_reader(reader, &digest, size, compression, observer.as_ref())
     })
     .await
-    .map_err(|e| LayerError::malformed(&descriptor.digest, format!("indexing task failed: {e}")))?
 }
 
 /// Indexes a layer from any reader of its compressed bytes; the blob must hash to `digest` and
@@ -312,11 +357,7 @@ pub async fn restream(
 ) -> Result<Bytes, LayerError> {
     let digest = descriptor.digest.clone();
     let stream = source.blob_range(&digest, 0..descriptor.size).await?;
-    let reader = StreamReader::new(stream.map_err(io::Error::other));
-    let handle = tokio::runtime::Handle::current();
-    tokio::task::spawn_blocking(move || {
-        let _guard = handle.enter();
-        let reader = SyncIoBridge::new(reader);
+    on_blocking_thread(stream, &descriptor.digest, move |reader| {
         let mut decompressed =
             decompressor(reader, compression).map_err(|e| io_error(&digest, e))?;
         io::copy(
@@ -331,5 +372,4 @@ pub async fn restream(
         Ok(Bytes::from(buf))
     })
     .await
-    .map_err(|e| LayerError::malformed(&descriptor.digest, format!("stream task failed: {e}")))?
 }
