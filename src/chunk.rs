@@ -15,8 +15,8 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
@@ -27,6 +27,7 @@ use crate::digest::Digest;
 use crate::layer::{ChunkRef, ChunkSource, Codec, LayerError, LayerFormat, tar_stream};
 use crate::oci::{Descriptor, LayerCompression};
 use crate::source::{ImageSource, SourceError};
+use crate::stats::FetchStats;
 
 /// Identifies a chunk: the blob it comes from and where in the blob (compressed offset plus
 /// offset inside the decompressed member, or the offset in an index-less layer's tar stream).
@@ -54,23 +55,6 @@ impl ChunkKey {
             offset,
             inner,
         })
-    }
-}
-
-/// Counters for what reading an image cost; shared by everything that fetches for one image.
-#[derive(Debug, Default)]
-pub struct FetchStats {
-    /// Ranged GETs (and whole-blob streams) sent to the source.
-    pub requests: AtomicU64,
-    /// Bytes received from the source.
-    pub bytes: AtomicU64,
-    pub cache_hits: AtomicU64,
-    pub cache_misses: AtomicU64,
-}
-
-impl FetchStats {
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
     }
 }
 
@@ -247,10 +231,9 @@ impl ContentReader {
             return Ok(Bytes::from(vec![0u8; chunk.size as usize]));
         };
         if let Some(data) = self.cache.get(&key) {
-            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            self.stats.record_hit(&key.layer);
             return Ok(data);
         }
-        self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
         let fetch = {
             let mut inflight = self.inflight.lock().unwrap();
             inflight
@@ -261,10 +244,13 @@ impl ContentReader {
                     let info = info.clone();
                     let chunk = chunk.clone();
                     let key = key.clone();
+                    let stats = self.stats.clone();
                     async move {
+                        let started = Instant::now();
                         let data = fetch_chunk(source.as_ref(), &info, &chunk)
                             .await
                             .map_err(Arc::new)?;
+                        stats.record_miss(&key.layer, started.elapsed());
                         cache.insert(key, data.clone());
                         Ok(data)
                     }

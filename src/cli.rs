@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::chunk::{ContentError, FetchStats};
+use crate::chunk::ContentError;
 use crate::image::{self, ImageError};
 use crate::imagefs::{CountingSource, ImageFs, ImageFsError, ImageFsOptions};
 use crate::inspect::{InspectReport, human_bytes};
@@ -19,6 +19,7 @@ use crate::reference::{ImageRef, ReferenceError};
 use crate::registry::RegistryConfig;
 use crate::registry::auth::Credentials;
 use crate::source::{self, SourceError};
+use crate::stats::FetchStats;
 use crate::stream_read::{self, Outcome};
 use crate::tree::{NodeKind, ResolveError};
 
@@ -38,7 +39,8 @@ lazylayer inspect --json 127.0.0.1:5000/test/python-app:latest\n  \
 lazylayer inspect --platform linux/arm64 ghcr.io/OWNER/IMAGE:TAG\n  \
 lazylayer inspect oci:./images:python-app\n  \
 lazylayer ls -l 127.0.0.1:5000/test/python-app:latest /app\n  \
-lazylayer cat 127.0.0.1:5000/test/python-app:latest /etc/os-release\n\n\
+lazylayer cat 127.0.0.1:5000/test/python-app:latest /etc/os-release\n  \
+lazylayer mount --daemon 127.0.0.1:5000/test/python-app:latest /mnt/app\n\n\
 Set LAZYLAYER_LOG=debug (or -v) to see each request."
 )]
 pub struct Cli {
@@ -77,6 +79,73 @@ followed inside the image. With a lazy index only the file's chunks are fetched,
 against its digest before it is printed."
     )]
     Cat(CatArgs),
+
+    /// Mount an image read-only; files are fetched as they are read.
+    #[command(
+        long_about = "Mount the merged filesystem of image REF at DIR, read-only, and return \
+once the mount is serving: layer tables of contents are loaded, no file contents are fetched. \
+A read then fetches only the chunks it needs (each verified against its digest) and keeps them \
+in a memory cache shared by all files of the mount.\n\n\
+Runs in the foreground until Ctrl-C or SIGTERM, then unmounts. With --daemon it returns as soon \
+as the mount serves and keeps serving in the background; stop it with `lazylayer umount DIR`.\n\n\
+Layers without a lazy index (plain gzip) are streamed once while mounting, to index them.",
+        after_help = "Examples:\n  \
+mkdir -p /mnt/app && lazylayer mount --daemon 127.0.0.1:5000/test/app:latest /mnt/app\n  \
+chroot /mnt/app python3 /app/main.py\n  \
+lazylayer stats /mnt/app\n  \
+lazylayer umount /mnt/app"
+    )]
+    Mount(MountArgs),
+
+    /// Unmount a lazylayer mount (the daemon serving it then exits).
+    Umount(UmountArgs),
+
+    /// Show what a running mount has fetched: per layer bytes, requests, cache hits, latency.
+    Stats(StatsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// Image reference: NAME[:TAG], HOST[:PORT]/NAME[:TAG][@DIGEST], or oci:PATH[:TAG].
+    pub reference: String,
+
+    /// Existing directory to mount on.
+    pub dir: PathBuf,
+
+    /// Return once the mount serves, and keep serving in the background.
+    #[arg(long)]
+    pub daemon: bool,
+
+    /// Let other users access the mount (for containers running as non-root users).
+    #[arg(long)]
+    pub allow_other: bool,
+
+    /// Memory for cached chunks, e.g. 512M or 2G.
+    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    pub memory_cache_size: String,
+
+    /// With --daemon: where the daemon writes its log [default: RUN_DIR/mount-ID.log].
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct UmountArgs {
+    /// The mount point.
+    pub dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct StatsArgs {
+    /// The mount point.
+    pub dir: PathBuf,
+
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -209,6 +278,18 @@ pub enum CliError {
         path: String,
         source: Box<crate::layer::LayerError>,
     },
+    #[error("--memory-cache-size: {0}")]
+    Size(String),
+    #[error(transparent)]
+    Mount(#[from] crate::mount::MountError),
+    #[error("{dir}: no lazylayer mount answers there ({socket}: {source})")]
+    NoMount {
+        dir: String,
+        socket: String,
+        source: std::io::Error,
+    },
+    #[error("starting the background daemon: {0}")]
+    Daemon(String),
     #[error("writing to standard output: {0}")]
     Output(std::io::Error),
 }
@@ -252,7 +333,210 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Inspect(args) => inspect(args).await,
         Command::Ls(args) => ls(args).await,
         Command::Cat(args) => cat(args).await,
+        Command::Mount(args) => mount(args).await,
+        Command::Umount(args) => {
+            crate::mount::unmount(&args.dir)?;
+            Ok(())
+        }
+        Command::Stats(args) => stats(args).await,
     }
+}
+
+/// Parses sizes such as `512M`, `2G`, `65536` (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size such as 512M or 2G"))?;
+    let shift = match unit
+        .trim_end_matches(['B', 'b', 'i'])
+        .to_ascii_uppercase()
+        .as_str()
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("{s:?}: unknown unit (use K, M, G or T)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Environment variable that tells a daemon child to report readiness on stdout.
+const READY_ENV: &str = "LAZYLAYER_REPORT_READY";
+
+async fn mount(args: MountArgs) -> Result<(), CliError> {
+    let cache_bytes = parse_size(&args.memory_cache_size).map_err(CliError::Size)?;
+    if args.daemon {
+        return daemonize(&args);
+    }
+    let resolved = resolve_image(&args.reference, &args.remote).await?;
+    let name = resolved.name.clone();
+    let options = ImageFsOptions { cache_bytes };
+    let fs = ImageFs::open_counted(resolved.source, resolved.stats, resolved.image, &options)
+        .await
+        .map_err(|source| CliError::Open {
+            image: name.clone(),
+            source,
+        })?;
+    let fs = std::sync::Arc::new(fs);
+    let mount_options = crate::mount::MountOptions {
+        allow_other: args.allow_other,
+        ..Default::default()
+    };
+    let session = crate::mount::mount(
+        fs.clone(),
+        &args.dir,
+        &mount_options,
+        tokio::runtime::Handle::current(),
+    )?;
+    let socket = crate::mount::control_socket(&args.dir);
+    let control = tokio::spawn({
+        let (socket, fs, dir) = (socket.clone(), fs.clone(), args.dir.clone());
+        async move {
+            if let Err(e) = crate::mount::control::serve(&socket, fs, dir).await {
+                tracing::warn!("stats socket {}: {e}", socket.display());
+            }
+        }
+    });
+    if std::env::var_os(READY_ENV).is_some() {
+        println!("ready");
+    } else {
+        eprintln!(
+            "lazylayer: {name} mounted at {} (Ctrl-C to unmount; `lazylayer stats {}` for figures)",
+            args.dir.display(),
+            args.dir.display()
+        );
+    }
+    // The session ends when the file system is unmounted, by us on a signal or by anyone else.
+    let mut ended = tokio::task::spawn_blocking(move || session.join());
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| CliError::Daemon(e.to_string()))?;
+    let unmount_requested = tokio::select! {
+        _ = &mut ended => false,
+        _ = tokio::signal::ctrl_c() => true,
+        _ = terminate.recv() => true,
+    };
+    if unmount_requested {
+        crate::mount::unmount(&args.dir)?;
+        let _ = ended.await;
+    }
+    control.abort();
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+/// Starts this same command without `--daemon` in the background and waits until it reports that
+/// the mount serves (or fails, in which case its log explains why).
+fn daemonize(args: &MountArgs) -> Result<(), CliError> {
+    use std::io::BufRead;
+    let socket = crate::mount::control_socket(&args.dir);
+    let log = args
+        .log_file
+        .clone()
+        .unwrap_or_else(|| socket.with_extension("log"));
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| CliError::Daemon(format!("{}: {e}", dir.display())))?;
+    }
+    let log_file = std::fs::File::create(&log)
+        .map_err(|e| CliError::Daemon(format!("{}: {e}", log.display())))?;
+    let exe = std::env::current_exe().map_err(|e| CliError::Daemon(e.to_string()))?;
+    let child_args: Vec<std::ffi::OsString> = std::env::args_os()
+        .skip(1)
+        .filter(|a| a != "--daemon")
+        .collect();
+    let mut child = std::process::Command::new(exe)
+        .args(child_args)
+        .env(READY_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(log_file)
+        .spawn()
+        .map_err(|e| CliError::Daemon(e.to_string()))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut line = String::new();
+    let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+    if line.trim() == "ready" {
+        eprintln!(
+            "lazylayer: mounted at {} (daemon pid {}, log {})",
+            args.dir.display(),
+            child.id(),
+            log.display()
+        );
+        return Ok(());
+    }
+    let _ = child.wait();
+    let reason = std::fs::read_to_string(&log).unwrap_or_default();
+    let reason = reason
+        .lines()
+        .rfind(|l| l.contains("error"))
+        .unwrap_or("the daemon exited before the mount was ready")
+        .trim_start_matches("lazylayer: error: ")
+        .to_string();
+    Err(CliError::Daemon(format!(
+        "{reason} (log: {})",
+        log.display()
+    )))
+}
+
+async fn stats(args: StatsArgs) -> Result<(), CliError> {
+    let socket = crate::mount::control_socket(&args.dir);
+    let report = crate::mount::control::query(&socket)
+        .await
+        .map_err(|source| CliError::NoMount {
+            dir: args.dir.display().to_string(),
+            socket: socket.display().to_string(),
+            source,
+        })?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("stats serialise")
+        );
+        return Ok(());
+    }
+    let total: u64 = report.layers.iter().map(|l| l.size).sum();
+    println!("image      {}", report.image);
+    println!("mounted at {} (pid {})", report.mountpoint, report.pid);
+    println!(
+        "fetched    {} of {} compressed, {} requests; chunk cache {} hits, {} misses, {} held",
+        human_bytes(report.fetched_bytes),
+        human_bytes(total),
+        report.requests,
+        report.cache_hits,
+        report.cache_misses,
+        human_bytes(report.cache_bytes)
+    );
+    println!();
+    println!(
+        "{:<2} {:<20} {:<12} {:>10} {:>10} {:>8} {:>8} {:>8} {:>22}",
+        "#", "LAYER", "FORMAT", "SIZE", "FETCHED", "REQS", "HITS", "MISSES", "FETCH MS p50/p90/p99"
+    );
+    let ms = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
+    for (i, l) in report.layers.iter().enumerate() {
+        println!(
+            "{:<2} {:<20} {:<12} {:>10} {:>10} {:>8} {:>8} {:>8} {:>22}",
+            i + 1,
+            &l.digest[..l.digest.len().min(19)],
+            l.format,
+            human_bytes(l.size),
+            human_bytes(l.stats.fetched_bytes),
+            l.stats.requests,
+            l.stats.cache_hits,
+            l.stats.cache_misses,
+            format!(
+                "{}/{}/{}",
+                ms(l.stats.fetch_ms_p50),
+                ms(l.stats.fetch_ms_p90),
+                ms(l.stats.fetch_ms_p99)
+            )
+        );
+    }
+    Ok(())
 }
 
 /// An image resolved to one platform, with a source that counts what it fetches.

@@ -7,13 +7,12 @@
 //! [`ContentReader`]. This is the object `ls`, `cat` and the FUSE mount share.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use crate::chunk::{ChunkCache, ChunkKey, ContentError, ContentReader, FetchStats, LayerInfo};
+use crate::chunk::{ChunkCache, ChunkKey, ContentError, ContentReader, LayerInfo};
 use crate::digest::Digest;
 use crate::image::ResolvedImage;
 use crate::layer::tar_stream::StreamObserver;
@@ -21,6 +20,7 @@ use crate::layer::{self, LayerError, LayerFormat};
 use crate::oci::Descriptor;
 use crate::reference::ManifestSelector;
 use crate::source::{ByteStream, FetchedManifest, ImageSource, SourceError};
+use crate::stats::FetchStats;
 use crate::tree::{Ino, MergedTree, NodeKind};
 
 /// Settings for an opened image.
@@ -98,11 +98,10 @@ impl ImageSource for CountingSource {
     }
 
     async fn blob(&self, descriptor: &Descriptor, limit: u64) -> Result<Bytes, SourceError> {
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        self.stats.record_request(&descriptor.digest);
         let data = self.inner.blob(descriptor, limit).await?;
         self.stats
-            .bytes
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
+            .record_bytes(&descriptor.digest, data.len() as u64);
         Ok(data)
     }
 
@@ -111,12 +110,13 @@ impl ImageSource for CountingSource {
         digest: &Digest,
         range: std::ops::Range<u64>,
     ) -> Result<ByteStream, SourceError> {
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        self.stats.record_request(digest);
         let stream = self.inner.blob_range(digest, range).await?;
         let stats = self.stats.clone();
+        let digest = digest.clone();
         Ok(Box::pin(stream.inspect(move |piece| {
             if let Ok(bytes) = piece {
-                stats.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                stats.record_bytes(&digest, bytes.len() as u64);
             }
         })))
     }

@@ -8,9 +8,11 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // fuser warns about every operation a file system leaves to its defaults; those answers
+    // (ENOSYS) are deliberate here, so only its errors are shown.
     let default_level = match cli.verbose {
-        0 => "warn",
-        1 => "lazylayer=debug,info",
+        0 => "warn,fuser=error",
+        1 => "lazylayer=debug,info,fuser=error",
         _ => "lazylayer=trace,debug",
     };
     let filter =
@@ -18,6 +20,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -10,6 +10,7 @@
 pub mod conformance;
 pub mod containerd;
 pub mod http;
+pub mod mount;
 pub mod token;
 
 use std::io::Read;
@@ -196,6 +197,21 @@ impl Registry {
         );
     }
 
+    /// Freezes the registry process (SIGSTOP): connections stay open but nothing is answered.
+    pub fn pause(&self) {
+        let ok = Command::new("kill")
+            .args(["-STOP", &self.child.id().to_string()])
+            .status();
+        assert!(ok.unwrap().success());
+    }
+
+    pub fn resume(&self) {
+        let ok = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
+        assert!(ok.unwrap().success());
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
     }
@@ -257,6 +273,9 @@ impl Registry {
 
 impl Drop for Registry {
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -1,0 +1,101 @@
+//! The control socket of a running mount: connect, read one JSON [`StatsReport`], done.
+//!
+//! A Unix socket rather than a file in the mount: the mounted tree must stay exactly the image's
+//! (conformance tests compare it with a reference unpack), and a socket needs no periodic writes.
+//! Access is limited by the socket's mode (owner only), like the mount itself.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::warn;
+
+use crate::imagefs::ImageFs;
+use crate::stats::{FetchStats, LayerStats};
+
+/// What `lazylayer stats` shows.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StatsReport {
+    pub image: String,
+    pub mountpoint: String,
+    pub pid: u32,
+    pub requests: u64,
+    pub fetched_bytes: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    /// Bytes of chunks held in the memory cache now.
+    pub cache_bytes: u64,
+    pub layers: Vec<LayerReport>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LayerReport {
+    pub digest: String,
+    pub format: String,
+    /// Compressed size of the layer blob.
+    pub size: u64,
+    #[serde(flatten)]
+    pub stats: LayerStats,
+}
+
+impl StatsReport {
+    pub fn new(fs: &ImageFs, mountpoint: &Path) -> StatsReport {
+        let stats = fs.stats();
+        StatsReport {
+            image: fs.image.source.clone(),
+            mountpoint: mountpoint.display().to_string(),
+            pid: std::process::id(),
+            requests: FetchStats::get(&stats.requests),
+            fetched_bytes: FetchStats::get(&stats.bytes),
+            cache_hits: FetchStats::get(&stats.cache_hits),
+            cache_misses: FetchStats::get(&stats.cache_misses),
+            cache_bytes: fs.cache().bytes(),
+            layers: fs
+                .layers
+                .iter()
+                .map(|l| LayerReport {
+                    digest: l.digest.to_string(),
+                    format: l.format.name().to_string(),
+                    size: l.size,
+                    stats: stats.layer_report(&l.digest),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Serves stats on `socket` until the task is dropped.
+pub async fn serve(
+    socket: &Path,
+    fs: Arc<ImageFs>,
+    mountpoint: std::path::PathBuf,
+) -> std::io::Result<()> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // A socket left by a daemon that died is in the way; a live one would have answered.
+    let _ = std::fs::remove_file(socket);
+    let listener = UnixListener::bind(socket)?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    loop {
+        let (mut conn, _) = listener.accept().await?;
+        let report = StatsReport::new(&fs, &mountpoint);
+        tokio::spawn(async move {
+            let json = serde_json::to_vec(&report).expect("stats serialise");
+            if let Err(e) = conn.write_all(&json).await {
+                warn!("stats client went away: {e}");
+            }
+        });
+    }
+}
+
+/// Reads the stats of the mount whose control socket is `socket`.
+pub async fn query(socket: &Path) -> std::io::Result<StatsReport> {
+    let mut conn = UnixStream::connect(socket).await?;
+    let mut buf = Vec::new();
+    conn.read_to_end(&mut buf).await?;
+    serde_json::from_slice(&buf).map_err(std::io::Error::other)
+}

@@ -1,0 +1,125 @@
+//! Mounting an opened image with FUSE, and talking to a running mount.
+//!
+//! A mount is one [`ImageFs`] served by [`fuse::ImageFilesystem`] on a few FUSE worker threads
+//! (cloned `/dev/fuse` descriptors), with reads completed on the tokio runtime. Next to it the
+//! daemon listens on a small control socket ([`control`]) that `lazylayer stats` reads; the
+//! socket lives in a run directory and is named after the mount point, so a client needs only the
+//! directory the user typed.
+//!
+//! Mount options: read-only; `default_permissions` so the kernel checks modes against the image's
+//! owners (we never re-implement permission checks); `suid` and `dev`, because the mount is made
+//! by root to serve as a container's root filesystem, where setuid binaries such as `su` and
+//! device nodes must behave as they would in an unpacked copy.
+
+pub mod control;
+pub mod fuse;
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fuser::{BackgroundSession, Config, MountOption};
+
+use crate::imagefs::ImageFs;
+
+/// How a mount is made.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// Let users other than the one who mounted access the tree (needed when containers run as
+    /// other users). Off by default, as for every FUSE filesystem.
+    pub allow_other: bool,
+    /// FUSE worker threads. Reads do not occupy a worker while they wait for the network, so a
+    /// few threads suffice; 2 lets one `stat` proceed while another thread copies a large reply.
+    pub threads: usize,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            allow_other: false,
+            threads: 2,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("{dir}: not a directory (create it first: mkdir -p {dir})")]
+    NotADirectory { dir: String },
+    #[error("cannot mount at {dir}: {source} (is /dev/fuse available, and are you root?)")]
+    Mount { dir: String, source: io::Error },
+    #[error("cannot unmount {dir}: {source}")]
+    Unmount { dir: String, source: io::Error },
+}
+
+/// Mounts `fs` at `dir` and returns once the kernel has the mount. Dropping the session
+/// unmounts.
+pub fn mount(
+    fs: Arc<ImageFs>,
+    dir: &Path,
+    options: &MountOptions,
+    runtime: tokio::runtime::Handle,
+) -> Result<BackgroundSession, MountError> {
+    if !dir.is_dir() {
+        return Err(MountError::NotADirectory {
+            dir: dir.display().to_string(),
+        });
+    }
+    let mut mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName(format!("lazylayer:{}", fs.image.source)),
+        MountOption::Subtype("lazylayer".into()),
+        MountOption::DefaultPermissions,
+        MountOption::Suid,
+        MountOption::Dev,
+    ];
+    if options.allow_other {
+        mount_options.push(MountOption::CUSTOM("allow_other".into()));
+    }
+    let mut config = Config::default();
+    config.mount_options = mount_options;
+    config.n_threads = Some(options.threads.max(1));
+    config.clone_fd = options.threads > 1;
+    let filesystem = fuse::ImageFilesystem::new(fs, runtime);
+    fuser::spawn_mount(filesystem, dir, &config).map_err(|source| MountError::Mount {
+        dir: dir.display().to_string(),
+        source,
+    })
+}
+
+/// Unmounts whatever is mounted at `dir` (as `umount DIR` would).
+pub fn unmount(dir: &Path) -> Result<(), MountError> {
+    let err = |source| MountError::Unmount {
+        dir: dir.display().to_string(),
+        source,
+    };
+    let path = CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| err(io::Error::from(io::ErrorKind::InvalidInput)))?;
+    // SAFETY: `path` is a valid NUL-terminated string that outlives the call.
+    if unsafe { libc::umount2(path.as_ptr(), 0) } == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    Err(err(if e.raw_os_error() == Some(libc::EINVAL) {
+        io::Error::other("not a mount point")
+    } else {
+        e
+    }))
+}
+
+/// Where running mounts keep their control sockets (`LAZYLAYER_RUN_DIR` overrides, for tests
+/// and unprivileged experiments).
+pub fn run_dir() -> PathBuf {
+    std::env::var_os("LAZYLAYER_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/lazylayer"))
+}
+
+/// The control socket of the mount at `dir` (named after its absolute path).
+pub fn control_socket(dir: &Path) -> PathBuf {
+    let absolute = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let digest = crate::digest::Digest::of(absolute.as_os_str().as_bytes());
+    run_dir().join(format!("mount-{}.sock", &digest.hex()[..16]))
+}

@@ -1,0 +1,88 @@
+//! A `lazylayer mount --daemon` for tests, unmounted when dropped (even when the test fails), so
+//! no mount outlives its test.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+use super::lazylayer;
+
+pub struct Mounted {
+    pub dir: tempfile::TempDir,
+    /// Control sockets and daemon logs of this mount.
+    pub run_dir: tempfile::TempDir,
+}
+
+impl Mounted {
+    /// Mounts `reference` in the background and returns once it serves.
+    pub fn new(reference: &str) -> Mounted {
+        let dir = tempfile::tempdir().unwrap();
+        let run_dir = tempfile::tempdir().unwrap();
+        let run = lazylayer(
+            &["mount", "--daemon", reference, dir.path().to_str().unwrap()],
+            &[("LAZYLAYER_RUN_DIR", run_dir.path().to_str().unwrap())],
+        );
+        assert!(
+            run.status.success(),
+            "mount {reference} failed: {}",
+            run.stderr
+        );
+        Mounted { dir, run_dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p.trim_start_matches('/'))
+    }
+
+    /// `lazylayer stats --json` of this mount.
+    pub fn stats(&self) -> Value {
+        lazylayer(
+            &["stats", "--json", self.path().to_str().unwrap()],
+            &[("LAZYLAYER_RUN_DIR", self.run_dir.path().to_str().unwrap())],
+        )
+        .json()
+    }
+
+    /// Whether the kernel still lists the mount.
+    pub fn is_mounted(&self) -> bool {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let dir = self.path().to_str().unwrap();
+        mounts.lines().any(|l| l.split(' ').nth(4) == Some(dir))
+    }
+}
+
+impl Drop for Mounted {
+    /// Unmounts with `lazylayer umount`; if that fails or hangs (a test failed with reads
+    /// stuck), detaches the mount lazily so nothing is left behind either way.
+    fn drop(&mut self) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_lazylayer"))
+            .arg("umount")
+            .arg(self.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let unmounted = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status.success(),
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(50))
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break false;
+                }
+            }
+        };
+        if !unmounted {
+            let _ = Command::new("umount").arg("-l").arg(self.path()).status();
+        }
+    }
+}
