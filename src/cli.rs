@@ -423,6 +423,10 @@ async fn mount(args: MountArgs) -> Result<(), CliError> {
     if unmount_requested {
         crate::mount::unmount(&args.dir)?;
         let _ = ended.await;
+    } else {
+        // The connection ended without an unmount (aborted through fusectl): do not leave a
+        // dead mount point behind. An ordinary `umount` already removed it; that error is moot.
+        let _ = crate::mount::unmount(&args.dir);
     }
     control.abort();
     let _ = std::fs::remove_file(&socket);

@@ -1,8 +1,15 @@
 # Shell helpers shared by tools/ scripts. Source it; do not run it.
 
-# A free TCP port on 127.0.0.1.
+# A free TCP port on 127.0.0.1 (bash only: a fresh machine may have no python).
 free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+  local port
+  while true; do
+    port=$((20000 + RANDOM % 40000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      echo "$port"
+      return 0
+    fi
+  done
 }
 
 # start_registry DIR PORT: runs Debian's docker-registry with storage under DIR on 127.0.0.1:PORT
@@ -28,4 +35,42 @@ YAML
   echo "registry on port $port did not start; log:" >&2
   cat "$dir/registry.log" >&2
   return 1
+}
+
+# start_containerd DIR: runs containerd with root, state and socket under DIR in the background,
+# waits until it answers, and prints its PID. The socket is DIR/containerd.sock.
+start_containerd() {
+  local dir=$1
+  mkdir -p "$dir"
+  cat > "$dir/config.toml" <<TOML
+version = 2
+root = "$dir/root"
+state = "$dir/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$dir/containerd.sock"
+[ttrpc]
+  address = "$dir/containerd.sock.ttrpc"
+TOML
+  containerd --config "$dir/config.toml" > "$dir/containerd.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 100); do
+    if ctr -a "$dir/containerd.sock" version >/dev/null 2>&1; then
+      echo "$pid"
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "containerd did not start; log:" >&2
+  cat "$dir/containerd.log" >&2
+  return 1
+}
+
+# convert_image SOCK SRC DST FLAG: pulls SRC (plain HTTP), converts it with ctr-remote
+# (FLAG: --estargz or --zstdchunked) and pushes DST.
+convert_image() {
+  local sock=$1 src=$2 dst=$3 flag=$4
+  ctr -a "$sock" images pull --plain-http "$src" >/dev/null
+  ctr-remote -a "$sock" image convert "$flag" --oci "$src" "$dst" >/dev/null
+  ctr-remote -a "$sock" image push --plain-http "$dst" >/dev/null
 }

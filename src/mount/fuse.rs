@@ -36,6 +36,9 @@ const TTL: Duration = Duration::from_secs(24 * 3600);
 /// mean one request per MiB of a sequential read instead of eight at the default 128 KiB.
 pub const MAX_REQUEST_BYTES: u32 = 1 << 20;
 
+/// Background requests (readahead, async reads) the kernel may have in flight to us.
+const MAX_BACKGROUND: u16 = 64;
+
 /// Block size `stat` reports, and the unit `st_blocks` is rounded to: a 4 KiB-block filesystem,
 /// so that `du` over the mount agrees with `du` over an unpacked copy on ext4.
 const BLOCK: u64 = 4096;
@@ -142,6 +145,12 @@ impl Filesystem for ImageFilesystem {
         if let Err(max) = config.set_max_write(MAX_REQUEST_BYTES) {
             let _ = config.set_max_write(max);
         }
+        // Readahead and async reads are "background" requests, of which the kernel keeps at most
+        // max_background (default 16) in flight per mount; reads wait on the network, not on us,
+        // so allow more of them to overlap.
+        if let Err(max) = config.set_max_background(MAX_BACKGROUND) {
+            let _ = config.set_max_background(max);
+        }
         // Ask for what helps a read-only, immutable tree when the kernel offers it: readdirplus
         // (attributes with names, saving a lookup per entry), cached symlinks, parallel lookups.
         for flag in [
@@ -207,6 +216,7 @@ impl Filesystem for ImageFilesystem {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
+        tracing::trace!(ino = ino.0, offset, size, "read");
         let fs = self.fs.clone();
         self.runtime.spawn(async move {
             match fs.read(ino.0, offset, size as u64).await {
@@ -222,7 +232,10 @@ impl Filesystem for ImageFilesystem {
     fn opendir(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.node(ino) {
             Ok(_) if is_write(flags) => reply.error(Errno::EROFS),
-            Ok(node) if node.is_dir() => reply.opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR),
+            Ok(node) if node.is_dir() => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
             Ok(_) => reply.error(Errno::ENOTDIR),
             Err(e) => reply.error(e),
         }
