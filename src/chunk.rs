@@ -85,6 +85,11 @@ impl ChunkCache {
         self.inner.lock().unwrap().lru.get(key).cloned()
     }
 
+    /// Whether a chunk is held, without counting as a use.
+    pub fn contains(&self, key: &ChunkKey) -> bool {
+        self.inner.lock().unwrap().lru.contains(key)
+    }
+
     /// Stores a chunk, evicting the least recently used ones to stay within the budget. A chunk
     /// larger than the whole budget is not stored.
     pub fn insert(&self, key: ChunkKey, data: Bytes) {
@@ -207,6 +212,9 @@ impl ContentReader {
             .iter()
             .take_while(|c| c.file_offset < end)
             .collect();
+        if wanted.len() > 1 {
+            self.start_merged_fetches(layer, &wanted);
+        }
         let pieces =
             futures_util::future::try_join_all(wanted.iter().map(|c| self.chunk(layer, c))).await?;
         if let [only] = &pieces[..] {
@@ -222,6 +230,65 @@ impl ContentReader {
             out.extend_from_slice(&data[from..to]);
         }
         Ok(out.freeze())
+    }
+
+    /// Registers one fetch for each run of missing chunks that lie back to back in the blob, so
+    /// that a read spanning several chunks costs one request per run instead of one per chunk.
+    /// The chunks are then awaited through [`ContentReader::chunk`] like any other.
+    fn start_merged_fetches(&self, layer: usize, wanted: &[&ChunkRef]) {
+        let info = &self.layers[layer];
+        let mut inflight = self.inflight.lock().unwrap();
+        let mut groups: Vec<Vec<ChunkRef>> = Vec::new();
+        let mut run: Vec<ChunkRef> = Vec::new();
+        for &c in wanted {
+            let key = ChunkKey::of(&info.descriptor.digest, c);
+            let missing = key
+                .as_ref()
+                .is_some_and(|k| !inflight.contains_key(k) && !self.cache.contains(k));
+            let span = match c.source {
+                ChunkSource::Compressed { start, end, .. } if missing => Some((start, end)),
+                _ => None,
+            };
+            let Some((start, end)) = span else {
+                groups.push(std::mem::take(&mut run));
+                continue;
+            };
+            let extends = run.last().zip(run.first()).is_some_and(|(last, first)| {
+                matches!(
+                    (&last.source, &first.source),
+                    (ChunkSource::Compressed { end: prev_end, .. }, ChunkSource::Compressed { start: run_start, .. })
+                        if *prev_end == start && end - run_start <= MAX_MERGED_SPAN
+                )
+            });
+            if !extends {
+                groups.push(std::mem::take(&mut run));
+            }
+            run.push(c.clone());
+        }
+        groups.push(run);
+        for group in groups.into_iter().filter(|g| g.len() > 1) {
+            let keys: Vec<ChunkKey> = group
+                .iter()
+                .map(|c| ChunkKey::of(&info.descriptor.digest, c).expect("compressed chunk"))
+                .collect();
+            let fetch = fetch_run(
+                self.source.clone(),
+                info.clone(),
+                group,
+                self.cache.clone(),
+                self.stats.clone(),
+            )
+            .boxed()
+            .shared();
+            for (i, key) in keys.into_iter().enumerate() {
+                let one = fetch
+                    .clone()
+                    .map(move |r| r.map(|all| all[i].clone()))
+                    .boxed()
+                    .shared();
+                inflight.insert(key, one);
+            }
+        }
     }
 
     /// One verified chunk, from the cache or fetched (once, however many readers want it).
@@ -265,6 +332,69 @@ impl ContentReader {
     }
 }
 
+/// Compressed bytes one merged request may span: large enough to cover a few chunks of a big
+/// read, small enough that a failed request wastes little.
+const MAX_MERGED_SPAN: u64 = 8 << 20;
+
+/// Fetches back-to-back compressed chunks with one ranged request; inflates, verifies and caches
+/// each.
+async fn fetch_run(
+    source: Arc<dyn ImageSource>,
+    info: LayerInfo,
+    run: Vec<ChunkRef>,
+    cache: Arc<ChunkCache>,
+    stats: Arc<FetchStats>,
+) -> Result<Arc<Vec<Bytes>>, Arc<ContentError>> {
+    let layer = &info.descriptor.digest;
+    let span = |c: &ChunkRef| match c.source {
+        ChunkSource::Compressed {
+            start,
+            end,
+            inner_offset,
+            codec,
+        } => (start, end, inner_offset, codec),
+        _ => unreachable!("only compressed chunks are merged"),
+    };
+    let started = Instant::now();
+    let base = span(&run[0]).0;
+    let last = span(&run[run.len() - 1]).1;
+    let compressed = source
+        .read_range(layer, base..last)
+        .await
+        .map_err(|e| Arc::new(ContentError::from(e)))?;
+    let mut out = Vec::with_capacity(run.len());
+    for c in &run {
+        let (start, end, inner, codec) = span(c);
+        let piece = compressed.slice((start - base) as usize..(end - base) as usize);
+        let data = inflate(layer, start, &piece, codec, inner, c.size).map_err(Arc::new)?;
+        verify(layer, start, c, &data).map_err(Arc::new)?;
+        out.push(data);
+    }
+    let took = started.elapsed();
+    for (c, data) in run.iter().zip(&out) {
+        stats.record_miss(layer, took);
+        if let Some(key) = ChunkKey::of(layer, c) {
+            cache.insert(key, data.clone());
+        }
+    }
+    Ok(Arc::new(out))
+}
+
+fn verify(layer: &Digest, offset: u64, chunk: &ChunkRef, data: &[u8]) -> Result<(), ContentError> {
+    if let Some(expected) = &chunk.digest {
+        let actual = Digest::of(data);
+        if actual != *expected {
+            return Err(ContentError::ChunkDigest {
+                layer: layer.clone(),
+                offset,
+                expected: expected.clone(),
+                actual,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Fetches, inflates and verifies one chunk.
 async fn fetch_chunk(
     source: &dyn ImageSource,
@@ -301,17 +431,7 @@ async fn fetch_chunk(
             (data, offset)
         }
     };
-    if let Some(expected) = &chunk.digest {
-        let actual = Digest::of(&data);
-        if actual != *expected {
-            return Err(ContentError::ChunkDigest {
-                layer: layer.clone(),
-                offset,
-                expected: expected.clone(),
-                actual,
-            });
-        }
-    }
+    verify(layer, offset, chunk, &data)?;
     Ok(data)
 }
 

@@ -118,6 +118,19 @@ fn fs_layers(layers: &serde_json::Value) -> usize {
 async fn python_app_in_all_formats_matches_umoci_and_corruption_is_caught() {
     let (registry, estargz) = conformance("python-app").await;
 
+    // A read spanning several missing chunks that lie back to back costs one request.
+    let fs = open(&estargz).await;
+    let ino = fs.tree.resolve(b"/usr/bin/python3.11", true).unwrap();
+    let NodeKind::File { size, chunks, .. } = &fs.tree.node(ino).unwrap().kind else {
+        panic!("python3.11 is not a file")
+    };
+    assert!(chunks.len() >= 2, "python3.11 should span several chunks");
+    let before = FetchStats::get(&fs.stats().requests);
+    let data = fs.read(ino, 0, *size).await.unwrap();
+    assert_eq!(data.len() as u64, *size);
+    assert_eq!(FetchStats::get(&fs.stats().requests) - before, 1);
+    drop(fs);
+
     // Corrupt one chunk of /usr/bin/python3.11 in the registry's own storage.
     let fs = open(&estargz).await;
     let ino = fs.tree.resolve(b"/usr/bin/python3.11", true).unwrap();
