@@ -19,14 +19,7 @@ pub struct ListOptions {
 
 /// `drwxr-xr-x`-style type and permission string.
 pub fn mode_string(node: &Node) -> String {
-    let kind = match node.kind {
-        NodeKind::Dir { .. } => 'd',
-        NodeKind::File { .. } => '-',
-        NodeKind::Symlink { .. } => 'l',
-        NodeKind::Char { .. } => 'c',
-        NodeKind::Block { .. } => 'b',
-        NodeKind::Fifo => 'p',
-    };
+    let kind = node.type_char();
     let m = node.meta.mode;
     let bit = |mask: u32, c: char| if m & mask != 0 { c } else { '-' };
     let special = |exec: bool, set: bool, lower: char, upper: char| match (exec, set) {

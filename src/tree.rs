@@ -82,6 +82,18 @@ impl Node {
         }
     }
 
+    /// The type letter `ls -l` shows (`d`, `-`, `l`, `c`, `b`, `p`).
+    pub fn type_char(&self) -> char {
+        match self.kind {
+            NodeKind::Dir { .. } => 'd',
+            NodeKind::File { .. } => '-',
+            NodeKind::Symlink { .. } => 'l',
+            NodeKind::Char { .. } => 'c',
+            NodeKind::Block { .. } => 'b',
+            NodeKind::Fifo => 'p',
+        }
+    }
+
     /// The `S_IF*` type bits.
     pub fn file_type_bits(&self) -> u32 {
         match self.kind {

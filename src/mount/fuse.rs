@@ -64,13 +64,11 @@ impl ImageFilesystem {
         } else {
             UNIX_EPOCH - Duration::from_secs(node.meta.mtime.unsigned_abs())
         };
-        let (kind, rdev) = match node.kind {
-            NodeKind::Dir { .. } => (FileType::Directory, 0),
-            NodeKind::File { .. } => (FileType::RegularFile, 0),
-            NodeKind::Symlink { .. } => (FileType::Symlink, 0),
-            NodeKind::Char { major, minor } => (FileType::CharDevice, makedev(major, minor)),
-            NodeKind::Block { major, minor } => (FileType::BlockDevice, makedev(major, minor)),
-            NodeKind::Fifo => (FileType::NamedPipe, 0),
+        let rdev = match node.kind {
+            NodeKind::Char { major, minor } | NodeKind::Block { major, minor } => {
+                makedev(major, minor)
+            }
+            _ => 0,
         };
         let blocks = match node.kind {
             NodeKind::File { .. } | NodeKind::Dir { .. } => size.div_ceil(BLOCK) * (BLOCK / 512),
@@ -84,7 +82,7 @@ impl ImageFilesystem {
             mtime,
             ctime: mtime,
             crtime: mtime,
-            kind,
+            kind: Self::file_type(node),
             perm: (node.meta.mode & 0o7777) as u16,
             nlink: node.nlink,
             uid: node.meta.uid,

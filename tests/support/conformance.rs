@@ -147,14 +147,7 @@ pub async fn image_tree(fs: &Arc<ImageFs>) -> Tree {
             let fs = fs.clone();
             async move {
                 let node = fs.tree.node(ino).unwrap();
-                let kind = match node.kind {
-                    NodeKind::Dir { .. } => 'd',
-                    NodeKind::File { .. } => '-',
-                    NodeKind::Symlink { .. } => 'l',
-                    NodeKind::Char { .. } => 'c',
-                    NodeKind::Block { .. } => 'b',
-                    NodeKind::Fifo => 'p',
-                };
+                let kind = node.type_char();
                 let sha256 = match node.kind {
                     NodeKind::File { size, .. } => {
                         let mut hasher = Sha256::new();
