@@ -172,6 +172,26 @@ async fn python_app_in_all_formats_matches_umoci_and_corruption_is_caught() {
     let ok = lazylayer(&["cat", &estargz, "/etc/os-release"], &[]);
     assert!(ok.status.success(), "{}", ok.stderr);
     assert!(ok.stdout.contains("bookworm"));
+
+    // Through a mount: EIO for that read only, a log line naming the layer, and the mount
+    // keeps serving everything else.
+    tokio::task::block_in_place(|| {
+        let mounted = Mounted::new(&estargz);
+        let err = std::fs::read(mounted.join("usr/bin/python3.11")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+        let release = std::fs::read_to_string(mounted.join("usr/lib/os-release")).unwrap();
+        assert!(release.contains("bookworm"));
+        let log: String = std::fs::read_dir(mounted.run_dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .collect();
+        assert!(
+            log.contains(&digest.to_string()),
+            "daemon log lacks the layer: {log}"
+        );
+    });
 }
 
 /// The mounted python-app runs its app, fetching well under the image's size; many threads
