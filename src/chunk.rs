@@ -24,6 +24,7 @@ use futures_util::future::{BoxFuture, Shared};
 use lru::LruCache;
 
 use crate::digest::Digest;
+use crate::disk_cache::DiskCache;
 use crate::layer::{ChunkRef, ChunkSource, Codec, LayerError, LayerFormat, tar_stream};
 use crate::oci::{Descriptor, LayerCompression};
 use crate::source::{ImageSource, SourceError};
@@ -171,6 +172,7 @@ pub struct LayerInfo {
 pub struct ContentReader {
     source: Arc<dyn ImageSource>,
     cache: Arc<ChunkCache>,
+    disk: Option<Arc<DiskCache>>,
     layers: Vec<LayerInfo>,
     inflight: Mutex<HashMap<ChunkKey, SharedFetch>>,
     stats: Arc<FetchStats>,
@@ -180,12 +182,14 @@ impl ContentReader {
     pub fn new(
         source: Arc<dyn ImageSource>,
         cache: Arc<ChunkCache>,
+        disk: Option<Arc<DiskCache>>,
         layers: Vec<LayerInfo>,
         stats: Arc<FetchStats>,
     ) -> ContentReader {
         ContentReader {
             source,
             cache,
+            disk,
             layers,
             inflight: Mutex::new(HashMap::new()),
             stats,
@@ -242,9 +246,16 @@ impl ContentReader {
         let mut run: Vec<ChunkRef> = Vec::new();
         for &c in wanted {
             let key = ChunkKey::of(&info.descriptor.digest, c);
+            let on_disk = |c: &ChunkRef| {
+                self.disk
+                    .as_ref()
+                    .zip(c.digest.as_ref())
+                    .is_some_and(|(disk, d)| disk.has(d))
+            };
             let missing = key
                 .as_ref()
-                .is_some_and(|k| !inflight.contains_key(k) && !self.cache.contains(k));
+                .is_some_and(|k| !inflight.contains_key(k) && !self.cache.contains(k))
+                && !on_disk(c);
             let span = match c.source {
                 ChunkSource::Compressed { start, end, .. } if missing => Some((start, end)),
                 _ => None,
@@ -276,6 +287,7 @@ impl ContentReader {
                 info.clone(),
                 group,
                 self.cache.clone(),
+                self.disk.clone(),
                 self.stats.clone(),
             )
             .boxed()
@@ -301,6 +313,13 @@ impl ContentReader {
             self.stats.record_hit(&key.layer);
             return Ok(data);
         }
+        if let (Some(disk), Some(digest)) = (&self.disk, &chunk.digest)
+            && let Some(data) = disk.get(digest)
+        {
+            self.stats.record_disk_hit(&key.layer);
+            self.cache.insert(key, data.clone());
+            return Ok(data);
+        }
         let fetch = {
             let mut inflight = self.inflight.lock().unwrap();
             inflight
@@ -312,12 +331,16 @@ impl ContentReader {
                     let chunk = chunk.clone();
                     let key = key.clone();
                     let stats = self.stats.clone();
+                    let disk = self.disk.clone();
                     async move {
                         let started = Instant::now();
                         let data = fetch_chunk(source.as_ref(), &info, &chunk)
                             .await
                             .map_err(Arc::new)?;
                         stats.record_miss(&key.layer, started.elapsed());
+                        if let (Some(disk), Some(digest)) = (&disk, &chunk.digest) {
+                            disk.put(digest, &data);
+                        }
                         cache.insert(key, data.clone());
                         Ok(data)
                     }
@@ -343,6 +366,7 @@ async fn fetch_run(
     info: LayerInfo,
     run: Vec<ChunkRef>,
     cache: Arc<ChunkCache>,
+    disk: Option<Arc<DiskCache>>,
     stats: Arc<FetchStats>,
 ) -> Result<Arc<Vec<Bytes>>, Arc<ContentError>> {
     let layer = &info.descriptor.digest;
@@ -373,6 +397,9 @@ async fn fetch_run(
     let took = started.elapsed();
     for (c, data) in run.iter().zip(&out) {
         stats.record_miss(layer, took);
+        if let (Some(disk), Some(digest)) = (&disk, &c.digest) {
+            disk.put(digest, data);
+        }
         if let Some(key) = ChunkKey::of(layer, c) {
             cache.insert(key, data.clone());
         }

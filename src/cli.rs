@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::chunk::ContentError;
+use crate::disk_cache::{DiskBackedSource, DiskCache};
 use crate::image::{self, ImageError};
 use crate::imagefs::{CountingSource, ImageFs, ImageFsError, ImageFsOptions};
 use crate::inspect::{InspectReport, human_bytes};
@@ -123,6 +124,15 @@ pub struct MountArgs {
     /// Memory for cached chunks, e.g. 512M or 2G.
     #[arg(long, value_name = "SIZE", default_value = "512M")]
     pub memory_cache_size: String,
+
+    /// Directory of the disk cache (chunks by digest, shared by all images and kept across
+    /// restarts); `none` keeps chunks in memory only.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/lazylayer/cache")]
+    pub cache_dir: PathBuf,
+
+    /// Disk space the cache may use, e.g. 10G.
+    #[arg(long, value_name = "SIZE", default_value = "10G")]
+    pub cache_size: String,
 
     /// With --daemon: where the daemon writes its log [default: RUN_DIR/mount-ID.log].
     #[arg(long, value_name = "FILE")]
@@ -278,8 +288,10 @@ pub enum CliError {
         path: String,
         source: Box<crate::layer::LayerError>,
     },
-    #[error("--memory-cache-size: {0}")]
+    #[error("{0}")]
     Size(String),
+    #[error("--cache-dir {dir}: {source}")]
+    CacheDir { dir: String, source: std::io::Error },
     #[error(transparent)]
     Mount(#[from] crate::mount::MountError),
     #[error("{dir}: no lazylayer mount answers there ({socket}: {source})")]
@@ -369,13 +381,26 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 const READY_ENV: &str = "LAZYLAYER_REPORT_READY";
 
 async fn mount(args: MountArgs) -> Result<(), CliError> {
-    let cache_bytes = parse_size(&args.memory_cache_size).map_err(CliError::Size)?;
+    let cache_bytes = parse_size(&args.memory_cache_size)
+        .map_err(|e| CliError::Size(format!("--memory-cache-size: {e}")))?;
+    let disk_bytes =
+        parse_size(&args.cache_size).map_err(|e| CliError::Size(format!("--cache-size: {e}")))?;
     if args.daemon {
         return daemonize(&args);
     }
-    let resolved = resolve_image(&args.reference, &args.remote).await?;
+    let disk = if args.cache_dir.as_os_str() == "none" {
+        None
+    } else {
+        let disk =
+            DiskCache::open(&args.cache_dir, disk_bytes).map_err(|source| CliError::CacheDir {
+                dir: args.cache_dir.display().to_string(),
+                source,
+            })?;
+        Some(std::sync::Arc::new(disk))
+    };
+    let resolved = resolve_image(&args.reference, &args.remote, disk.clone()).await?;
     let name = resolved.name.clone();
-    let options = ImageFsOptions { cache_bytes };
+    let options = ImageFsOptions { cache_bytes, disk };
     let fs = ImageFs::open_counted(resolved.source, resolved.stats, resolved.image, &options)
         .await
         .map_err(|source| CliError::Open {
@@ -507,23 +532,33 @@ async fn stats(args: StatsArgs) -> Result<(), CliError> {
     println!("image      {}", report.image);
     println!("mounted at {} (pid {})", report.mountpoint, report.pid);
     println!(
-        "fetched    {} of {} compressed, {} requests; chunk cache {} hits, {} misses, {} held",
+        "fetched    {} of {} compressed, {} requests; chunks: {} memory hits, {} disk hits, {} fetched; {} in memory",
         human_bytes(report.fetched_bytes),
         human_bytes(total),
         report.requests,
         report.cache_hits,
+        report.disk_hits,
         report.cache_misses,
         human_bytes(report.cache_bytes)
     );
     println!();
     println!(
-        "{:<2} {:<20} {:<12} {:>10} {:>10} {:>8} {:>8} {:>8} {:>22}",
-        "#", "LAYER", "FORMAT", "SIZE", "FETCHED", "REQS", "HITS", "MISSES", "FETCH MS p50/p90/p99"
+        "{:<2} {:<20} {:<12} {:>10} {:>10} {:>6} {:>7} {:>7} {:>7} {:>20}",
+        "#",
+        "LAYER",
+        "FORMAT",
+        "SIZE",
+        "FETCHED",
+        "REQS",
+        "HITS",
+        "DISK",
+        "MISSES",
+        "FETCH MS p50/p90/p99"
     );
     let ms = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
     for (i, l) in report.layers.iter().enumerate() {
         println!(
-            "{:<2} {:<20} {:<12} {:>10} {:>10} {:>8} {:>8} {:>8} {:>22}",
+            "{:<2} {:<20} {:<12} {:>10} {:>10} {:>6} {:>7} {:>7} {:>7} {:>20}",
             i + 1,
             &l.digest[..l.digest.len().min(19)],
             l.format,
@@ -531,6 +566,7 @@ async fn stats(args: StatsArgs) -> Result<(), CliError> {
             human_bytes(l.stats.fetched_bytes),
             l.stats.requests,
             l.stats.cache_hits,
+            l.stats.disk_hits,
             l.stats.cache_misses,
             format!(
                 "{}/{}/{}",
@@ -551,12 +587,21 @@ struct Resolved {
     image: image::ResolvedImage,
 }
 
-async fn resolve_image(reference: &str, remote: &RemoteArgs) -> Result<Resolved, CliError> {
+async fn resolve_image(
+    reference: &str,
+    remote: &RemoteArgs,
+    disk: Option<std::sync::Arc<DiskCache>>,
+) -> Result<Resolved, CliError> {
     let reference = ImageRef::parse(reference)?;
     let platform = remote.platform()?;
     let config = remote.registry_config()?;
     let (source, selector) = source::open(&reference, &config).await?;
+    // Count what reaches the network only: the disk tier sits in front of the counter.
     let (source, stats) = CountingSource::wrap(source);
+    let source = match disk {
+        Some(disk) => DiskBackedSource::wrap(source, disk),
+        None => source,
+    };
     let image = image::resolve(source.as_ref(), &selector, &platform).await?;
     Ok(Resolved {
         name: reference.to_string(),
@@ -602,7 +647,7 @@ fn path_error(image: &str, path: &str, e: ResolveError) -> CliError {
 }
 
 async fn ls(args: LsArgs) -> Result<(), CliError> {
-    let (name, fs) = resolve_image(&args.reference, &args.remote)
+    let (name, fs) = resolve_image(&args.reference, &args.remote, None)
         .await?
         .open()
         .await?;
@@ -638,7 +683,7 @@ fn write_stdout(bytes: &[u8]) -> Result<bool, CliError> {
 async fn cat(args: CatArgs) -> Result<(), CliError> {
     /// How much to ask for at a time: several chunks, so their fetches run concurrently.
     const PIECE: u64 = 8 << 20;
-    let resolved = resolve_image(&args.reference, &args.remote).await?;
+    let resolved = resolve_image(&args.reference, &args.remote, None).await?;
     // Layers without an index would have to be downloaded whole before the tree exists; try to
     // find the file while they stream and print it as it arrives.
     if resolved.image.layers.iter().any(|l| l.lazy_index.is_none()) {

@@ -14,6 +14,7 @@ use futures_util::StreamExt;
 
 use crate::chunk::{ChunkCache, ChunkKey, ContentError, ContentReader, LayerInfo};
 use crate::digest::Digest;
+use crate::disk_cache::DiskCache;
 use crate::image::ResolvedImage;
 use crate::layer::tar_stream::StreamObserver;
 use crate::layer::{self, LayerError, LayerFormat};
@@ -24,18 +25,22 @@ use crate::stats::FetchStats;
 use crate::tree::{Ino, MergedTree, NodeKind};
 
 /// Settings for an opened image.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ImageFsOptions {
     /// Bytes of uncompressed chunks kept in memory. 512 MiB holds the working set of a typical
     /// application start (a Python or JVM runtime touches 50–200 MiB) with room for a second
     /// image, and is small next to the memory of a machine that runs containers.
     pub cache_bytes: u64,
+    /// The disk tier, shared by every image of the process (chunks are content addressed, so
+    /// images that share content share it); `None` keeps everything in memory.
+    pub disk: Option<Arc<DiskCache>>,
 }
 
 impl Default for ImageFsOptions {
     fn default() -> Self {
         ImageFsOptions {
             cache_bytes: 512 << 20,
+            disk: None,
         }
     }
 }
@@ -122,14 +127,20 @@ impl ImageSource for CountingSource {
     }
 }
 
-/// Puts the file data of a streamed layer into the cache as it goes past.
+/// Puts the file data of a streamed layer into the caches as it goes past. Writing to the disk
+/// tier before the blob is verified is safe: a chunk file is named by its content's digest and
+/// is used only where a verified index asks for that digest.
 struct CacheFiller {
     cache: Arc<ChunkCache>,
+    disk: Option<Arc<DiskCache>>,
     layer: Digest,
 }
 
 impl StreamObserver for CacheFiller {
-    fn chunk(&self, offset: u64, data: &Bytes) {
+    fn chunk(&self, offset: u64, data: &Bytes, digest: &Digest) {
+        if let Some(disk) = &self.disk {
+            disk.put(digest, data);
+        }
         self.cache.insert(
             ChunkKey {
                 layer: self.layer.clone(),
@@ -166,11 +177,13 @@ impl ImageFs {
             let digest = layer.descriptor.digest.clone();
             let filler = Arc::new(CacheFiller {
                 cache: cache.clone(),
+                disk: options.disk.clone(),
                 layer: digest.clone(),
             });
             let cache = cache.clone();
+            let disk = options.disk.clone();
             async move {
-                let result = layer::load(source, layer, filler).await;
+                let result = layer::load(source, layer, filler, disk.as_deref()).await;
                 if result.is_err() {
                     // Data streamed before a failed verification must not be served.
                     cache.remove_layer(&digest);
@@ -199,7 +212,13 @@ impl ImageFs {
                 format: opened.format,
             })
             .collect();
-        let content = ContentReader::new(source, cache.clone(), infos, stats.clone());
+        let content = ContentReader::new(
+            source,
+            cache.clone(),
+            options.disk.clone(),
+            infos,
+            stats.clone(),
+        );
         Ok(ImageFs {
             image,
             tree,

@@ -19,6 +19,7 @@
 pub mod chunk;
 pub mod cli;
 pub mod digest;
+pub mod disk_cache;
 pub mod image;
 pub mod imagefs;
 pub mod inspect;

@@ -309,7 +309,7 @@ impl fmt::Display for Platform {
 }
 
 /// How a layer blob is compressed, from its media type.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LayerCompression {
     None,

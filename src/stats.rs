@@ -22,6 +22,7 @@ struct LayerCounters {
     requests: u64,
     bytes: u64,
     cache_hits: u64,
+    disk_hits: u64,
     cache_misses: u64,
     latencies_us: Vec<u32>,
     next_sample: usize,
@@ -35,6 +36,8 @@ pub struct FetchStats {
     /// Bytes received from the source.
     pub bytes: AtomicU64,
     pub cache_hits: AtomicU64,
+    /// Chunks found on disk after a memory miss (they are not counted as misses).
+    pub disk_hits: AtomicU64,
     pub cache_misses: AtomicU64,
     layers: Mutex<HashMap<Digest, LayerCounters>>,
 }
@@ -62,6 +65,11 @@ impl FetchStats {
     pub fn record_hit(&self, digest: &Digest) {
         self.cache_hits.fetch_add(1, Ordering::Relaxed);
         self.layer(digest, |c| c.cache_hits += 1);
+    }
+
+    pub fn record_disk_hit(&self, digest: &Digest) {
+        self.disk_hits.fetch_add(1, Ordering::Relaxed);
+        self.layer(digest, |c| c.disk_hits += 1);
     }
 
     /// A chunk that had to be fetched, and how long the fetch took.
@@ -98,6 +106,7 @@ impl FetchStats {
             requests: c.requests,
             fetched_bytes: c.bytes,
             cache_hits: c.cache_hits,
+            disk_hits: c.disk_hits,
             cache_misses: c.cache_misses,
             fetch_ms_p50: pct(0.5),
             fetch_ms_p90: pct(0.9),
@@ -112,6 +121,8 @@ pub struct LayerStats {
     pub requests: u64,
     pub fetched_bytes: u64,
     pub cache_hits: u64,
+    #[serde(default)]
+    pub disk_hits: u64,
     pub cache_misses: u64,
     /// Chunk fetch latency percentiles (fetch, inflate and verify), in milliseconds.
     pub fetch_ms_p50: Option<f64>,

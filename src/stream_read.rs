@@ -139,7 +139,7 @@ impl StreamObserver for Watch {
         }
     }
 
-    fn chunk(&self, _offset: u64, data: &Bytes) {
+    fn chunk(&self, _offset: u64, data: &Bytes, _digest: &crate::digest::Digest) {
         let mut remaining = self.remaining.lock().unwrap();
         if *remaining == 0 {
             return;
@@ -175,7 +175,8 @@ pub async fn read_file(
     for layer in image.layers.iter().rev() {
         if layer.lazy_index.is_some() {
             // An indexed layer's TOC is cheap: decide from its entries, read through the tree.
-            let index = layer::load(source.clone(), layer, Arc::new(tar_stream::Ignore)).await?;
+            let index =
+                layer::load(source.clone(), layer, Arc::new(tar_stream::Ignore), None).await?;
             match index
                 .entries
                 .iter()

@@ -335,6 +335,56 @@ async fn mounted_python_app_runs_and_serves_concurrent_readers() {
     });
 }
 
+/// The disk cache: a remount of an image read before costs no request at all, and a second image
+/// sharing layers with the first fetches only its own layer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn disk_cache_survives_remount_and_is_shared_between_images() {
+    let registry = Registry::start(RegistryAuth::None);
+    registry.push_shared("python3", "test/python3");
+    registry.push_shared("python-app", "test/app");
+    let containerd = Containerd::start();
+    let estargz = containerd.convert(&registry, "test/app", LazyFormat::Estargz);
+    drop(containerd);
+    let host = registry.host();
+    tokio::task::block_in_place(|| {
+        // Restart: read everything, unmount, mount again, read everything: nothing fetched.
+        let cache = tempfile::tempdir().unwrap();
+        let first = Mounted::with_cache(&estargz, cache.path());
+        let tree = disk_tree(first.path());
+        assert!(first.stats()["fetched_bytes"].as_u64().unwrap() > 10_000_000);
+        drop(first);
+        let second = Mounted::with_cache(&estargz, cache.path());
+        assert_same_tree(
+            "remount from the disk cache",
+            &tree,
+            &disk_tree(second.path()),
+        );
+        let stats = second.stats();
+        assert_eq!(stats["requests"], 0, "remount fetched: {stats}");
+        assert_eq!(stats["fetched_bytes"], 0);
+        drop(second);
+
+        // Cross-image: python3 and python-app share their two lower layers.
+        let cache = tempfile::tempdir().unwrap();
+        let python3 = Mounted::with_cache(&format!("{host}/test/python3:latest"), cache.path());
+        disk_tree(python3.path());
+        drop(python3);
+        let app = Mounted::with_cache(&format!("{host}/test/app:latest"), cache.path());
+        disk_tree(app.path());
+        let stats = app.stats();
+        let layers = stats["layers"].as_array().unwrap();
+        assert_eq!(layers.len(), 3);
+        for shared in &layers[..2] {
+            assert_eq!(
+                shared["requests"], 0,
+                "a shared layer was fetched again: {shared}"
+            );
+            assert_eq!(shared["cache_misses"], 0, "{shared}");
+        }
+        assert!(layers[2]["requests"].as_u64().unwrap() > 0, "{}", layers[2]);
+    });
+}
+
 /// Walks a directory with `readdir` and `lstat` only (no file contents): how many entries.
 fn disk_tree_metadata_only(root: &std::path::Path) -> usize {
     let mut count = 0;

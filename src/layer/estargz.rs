@@ -22,6 +22,7 @@ use bytes::{Bytes, BytesMut};
 use super::toc::{self, MAX_TOC_BYTES};
 use super::{Codec, LayerError, LayerFormat, LayerIndex};
 use crate::digest::Digest;
+use crate::disk_cache::DiskCache;
 use crate::oci::Descriptor;
 use crate::source::ImageSource;
 
@@ -98,8 +99,18 @@ pub async fn load(
     source: &dyn ImageSource,
     descriptor: &Descriptor,
     toc_digest: &Digest,
+    disk: Option<&DiskCache>,
 ) -> Result<LayerIndex, LayerError> {
     let layer = &descriptor.digest;
+    // Cached as the TOC offset (8 bytes, little endian) followed by the TOC JSON.
+    let cache_name = format!("estargz-toc-{}", toc_digest.hex());
+    if let Some(cached) = disk.and_then(|d| d.get_meta(&cache_name))
+        && cached.len() > 8
+        && Digest::of(&cached[8..]) == *toc_digest
+    {
+        let toc_offset = u64::from_le_bytes(cached[..8].try_into().expect("8 bytes"));
+        return index_from_json(layer, &cached[8..], toc_offset);
+    }
     let size = descriptor.size;
     if size < LEGACY_FOOTER_SIZE {
         return Err(LayerError::malformed(
@@ -141,7 +152,19 @@ pub async fn load(
             actual,
         });
     }
-    let converted = toc::convert(layer, toc::parse(layer, &json)?, Codec::Gzip, toc_offset)?;
+    if let Some(disk) = disk {
+        let mut cached = toc_offset.to_le_bytes().to_vec();
+        cached.extend_from_slice(&json);
+        disk.put_meta(&cache_name, &cached);
+    }
+    index_from_json(layer, &json, toc_offset)
+}
+
+fn index_from_json(layer: &Digest, json: &[u8], toc_offset: u64) -> Result<LayerIndex, LayerError> {
+    if toc_offset == 0 {
+        return Err(LayerError::malformed(layer, "eStargz TOC at offset 0"));
+    }
+    let converted = toc::convert(layer, toc::parse(layer, json)?, Codec::Gzip, toc_offset)?;
     Ok(LayerIndex {
         digest: layer.clone(),
         format: LayerFormat::Estargz,

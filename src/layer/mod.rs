@@ -23,7 +23,10 @@ pub mod zstd_chunked;
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use crate::digest::Digest;
+use crate::disk_cache::DiskCache;
 use crate::image::Layer;
 use crate::oci::{LayerCompression, LazyIndex};
 use crate::source::{ImageSource, SourceError};
@@ -69,7 +72,7 @@ impl LayerError {
 }
 
 /// How a layer's content is laid out, which decides how a chunk is fetched.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LayerFormat {
     Estargz,
     ZstdChunked,
@@ -90,7 +93,7 @@ impl LayerFormat {
 }
 
 /// How a compressed chunk is inflated.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Codec {
     Gzip,
     Zstd,
@@ -99,7 +102,7 @@ pub enum Codec {
 }
 
 /// Where one chunk of a file's content lives.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ChunkSource {
     /// An independently compressed span of the blob: inflate `start..end`, skip `inner_offset`
     /// bytes, take the chunk's size.
@@ -116,7 +119,7 @@ pub enum ChunkSource {
 }
 
 /// One chunk of a regular file.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkRef {
     /// Where the chunk starts within the file.
     pub file_offset: u64,
@@ -128,7 +131,7 @@ pub struct ChunkRef {
 }
 
 /// The type-specific part of an entry.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EntryKind {
     Dir,
     File {
@@ -154,7 +157,7 @@ pub enum EntryKind {
 }
 
 /// Ownership, permissions, times and xattrs: what `stat` and `getxattr` report.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Meta {
     /// Permission bits including setuid, setgid and sticky (`0o7777` at most).
     pub mode: u32,
@@ -166,7 +169,7 @@ pub struct Meta {
 }
 
 /// One tar entry, normalised.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerEntry {
     /// Path relative to the root, components joined by `/`, no leading `./` or `/`, no trailing
     /// `/`; empty for the root itself.
@@ -176,7 +179,7 @@ pub struct LayerEntry {
 }
 
 /// Everything the merged tree needs from one layer.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LayerIndex {
     /// The layer blob's digest (what chunks are fetched from).
     pub digest: Digest,
@@ -241,10 +244,15 @@ pub(crate) fn check_chunks(chunks: &[ChunkRef], size: u64) -> Result<(), String>
 /// Reads a layer's index: from its TOC when it has one, else by streaming it. `observer` sees
 /// every entry and chunk of file data that streaming a layer produces (so the caller can cache
 /// the data); it is not called for TOC formats, whose data is fetched on demand.
+///
+/// With a disk cache, what was loaded before is loaded from there: TOCs are checked against
+/// their digests again; the index of a streamed layer (derived data, not verifiable without the
+/// blob) is trusted as written, since it was written only after its blob had been verified.
 pub async fn load(
     source: Arc<dyn ImageSource>,
     layer: &Layer,
     observer: tar_stream::ChunkSink,
+    disk: Option<&DiskCache>,
 ) -> Result<LayerIndex, LayerError> {
     let digest = &layer.descriptor.digest;
     let compression = layer
@@ -255,7 +263,7 @@ pub async fn load(
         })?;
     match (&layer.lazy_index, compression) {
         (Some(LazyIndex::Estargz { toc_digest }), LayerCompression::Gzip) => {
-            estargz::load(source.as_ref(), &layer.descriptor, toc_digest).await
+            estargz::load(source.as_ref(), &layer.descriptor, toc_digest, disk).await
         }
         (
             Some(LazyIndex::ZstdChunked {
@@ -269,13 +277,29 @@ pub async fn load(
                 &layer.descriptor,
                 manifest_checksum,
                 manifest_position,
+                disk,
             )
             .await
         }
         // An index annotation on a layer of another compression cannot be honoured: the
         // chunks would not inflate. Reading the layer as a plain stream is always correct.
         (_, compression) => {
-            tar_stream::index(source, &layer.descriptor, compression, observer).await
+            let name = format!("stream-index-{}.json", digest.hex());
+            let cached = disk
+                .and_then(|d| d.get_meta(&name))
+                .and_then(|bytes| serde_json::from_slice::<LayerIndex>(&bytes).ok())
+                .filter(|index| index.digest == *digest);
+            if let Some(index) = cached {
+                return Ok(index);
+            }
+            let index = tar_stream::index(source, &layer.descriptor, compression, observer).await?;
+            if let Some(disk) = disk {
+                disk.put_meta(
+                    &name,
+                    &serde_json::to_vec(&index).expect("index serialises"),
+                );
+            }
+            Ok(index)
         }
     }
 }

@@ -39,9 +39,9 @@ use crate::source::ImageSource;
 pub trait StreamObserver: Send + Sync {
     /// An entry's header has been parsed (its content, if any, follows as chunks).
     fn entry(&self, _entry: &LayerEntry) {}
-    /// A chunk of file data at `offset` of the uncompressed tar stream. Its digest is the one
-    /// recorded in the entry's [`ChunkRef`], but the blob as a whole is not yet verified.
-    fn chunk(&self, _offset: u64, _data: &Bytes) {}
+    /// A chunk of file data at `offset` of the uncompressed tar stream, and its digest (the one
+    /// recorded in the entry's [`ChunkRef`]); the blob as a whole is not yet verified.
+    fn chunk(&self, _offset: u64, _data: &Bytes, _digest: &Digest) {}
     /// Polled between entries: `true` stops the stream early (with an error).
     fn cancelled(&self) -> bool {
         false
@@ -327,12 +327,13 @@ fn read_entries<R: Read>(
                         offset: start + offset,
                     },
                 };
-                observer.chunk(start + offset, &data);
+                let digest = Digest::of(&data);
+                observer.chunk(start + offset, &data, &digest);
                 chunks.push(ChunkRef {
                     file_offset: offset,
                     size: len,
                     source,
-                    digest: Some(Digest::of(&data)),
+                    digest: Some(digest),
                 });
                 offset += len;
             }

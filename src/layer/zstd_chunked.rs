@@ -16,6 +16,7 @@ use std::io::Read;
 use super::toc::{self, MAX_TOC_BYTES};
 use super::{Codec, LayerError, LayerFormat, LayerIndex};
 use crate::digest::Digest;
+use crate::disk_cache::DiskCache;
 use crate::oci::Descriptor;
 use crate::source::ImageSource;
 
@@ -42,6 +43,7 @@ pub async fn load(
     descriptor: &Descriptor,
     checksum: &Digest,
     position: &str,
+    disk: Option<&DiskCache>,
 ) -> Result<LayerIndex, LayerError> {
     let layer = &descriptor.digest;
     let bad = |reason: String| LayerError::malformed(layer, format!("zstd:chunked TOC: {reason}"));
@@ -58,7 +60,15 @@ pub async fn load(
             "{uncompressed} bytes ({length} compressed) exceeds the limit of {MAX_TOC_BYTES}"
         )));
     }
-    let compressed = source.read_range(layer, offset..end).await?;
+    let cache_name = format!("zstd-toc-{}", checksum.hex());
+    let cached = disk
+        .and_then(|d| d.get_meta(&cache_name))
+        .filter(|c| Digest::of(c) == *checksum);
+    let fetched = cached.is_none();
+    let compressed = match cached {
+        Some(c) => bytes::Bytes::from(c),
+        None => source.read_range(layer, offset..end).await?,
+    };
     let actual = Digest::of(&compressed);
     if actual != *checksum {
         return Err(LayerError::DigestMismatch {
@@ -79,6 +89,9 @@ pub async fn load(
             "decompresses to {} bytes, the annotation says {uncompressed}",
             json.len()
         )));
+    }
+    if let Some(disk) = disk.filter(|_| fetched) {
+        disk.put_meta(&cache_name, &compressed);
     }
     // Chunk frames end where the TOC's skippable frame (8-byte header) begins.
     let data_end = offset.saturating_sub(8);

@@ -25,6 +25,8 @@ pub struct StatsReport {
     pub requests: u64,
     pub fetched_bytes: u64,
     pub cache_hits: u64,
+    #[serde(default)]
+    pub disk_hits: u64,
     pub cache_misses: u64,
     /// Bytes of chunks held in the memory cache now.
     pub cache_bytes: u64,
@@ -51,6 +53,7 @@ impl StatsReport {
             requests: FetchStats::get(&stats.requests),
             fetched_bytes: FetchStats::get(&stats.bytes),
             cache_hits: FetchStats::get(&stats.cache_hits),
+            disk_hits: FetchStats::get(&stats.disk_hits),
             cache_misses: FetchStats::get(&stats.cache_misses),
             cache_bytes: fs.cache().bytes(),
             layers: fs

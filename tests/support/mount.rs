@@ -12,15 +12,34 @@ pub struct Mounted {
     pub dir: tempfile::TempDir,
     /// Control sockets and daemon logs of this mount.
     pub run_dir: tempfile::TempDir,
+    /// The disk cache, when the mount has its own.
+    _cache: Option<tempfile::TempDir>,
 }
 
 impl Mounted {
-    /// Mounts `reference` in the background and returns once it serves.
+    /// Mounts `reference` in the background with a fresh disk cache of its own and returns once
+    /// it serves.
     pub fn new(reference: &str) -> Mounted {
+        let cache = tempfile::tempdir().unwrap();
+        let mut mounted = Mounted::with_cache(reference, cache.path());
+        mounted._cache = Some(cache);
+        mounted
+    }
+
+    /// Mounts `reference` using the disk cache at `cache_dir` (shared between mounts to test
+    /// what survives a remount).
+    pub fn with_cache(reference: &str, cache_dir: &Path) -> Mounted {
         let dir = tempfile::tempdir().unwrap();
         let run_dir = tempfile::tempdir().unwrap();
         let run = lazylayer(
-            &["mount", "--daemon", reference, dir.path().to_str().unwrap()],
+            &[
+                "mount",
+                "--daemon",
+                "--cache-dir",
+                cache_dir.to_str().unwrap(),
+                reference,
+                dir.path().to_str().unwrap(),
+            ],
             &[("LAZYLAYER_RUN_DIR", run_dir.path().to_str().unwrap())],
         );
         assert!(
@@ -28,7 +47,11 @@ impl Mounted {
             "mount {reference} failed: {}",
             run.stderr
         );
-        Mounted { dir, run_dir }
+        Mounted {
+            dir,
+            run_dir,
+            _cache: None,
+        }
     }
 
     pub fn path(&self) -> &Path {
