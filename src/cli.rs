@@ -103,6 +103,36 @@ lazylayer umount /mnt/app"
 
     /// Show what a running mount has fetched: per layer bytes, requests, cache hits, latency.
     Stats(StatsArgs),
+
+    /// Inspect or trim the disk cache: `cache stats`, `cache gc`, `cache clear`.
+    #[command(
+        long_about = "The disk cache holds verified chunks named by their digest, shared by every \
+image and mount, plus the tables of contents and configs needed to remount without the network. \
+`stats` shows its size; `gc` deletes least recently used chunks until it fits --cache-size; \
+`clear` deletes everything (running mounts keep working from memory and the network)."
+    )]
+    Cache(CacheArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CacheArgs {
+    #[arg(value_enum)]
+    pub action: CacheAction,
+
+    /// The disk cache directory.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/lazylayer/cache")]
+    pub cache_dir: PathBuf,
+
+    /// With gc: the size to trim to, e.g. 5G.
+    #[arg(long, value_name = "SIZE", default_value = "10G")]
+    pub cache_size: String,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum CacheAction {
+    Stats,
+    Gc,
+    Clear,
 }
 
 #[derive(Args, Debug)]
@@ -351,6 +381,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Stats(args) => stats(args).await,
+        Command::Cache(args) => cache(args),
     }
 }
 
@@ -510,6 +541,57 @@ fn daemonize(args: &MountArgs) -> Result<(), CliError> {
         "{reason} (log: {})",
         log.display()
     )))
+}
+
+fn cache(args: CacheArgs) -> Result<(), CliError> {
+    let budget =
+        parse_size(&args.cache_size).map_err(|e| CliError::Size(format!("--cache-size: {e}")))?;
+    let dir_error = |source| CliError::CacheDir {
+        dir: args.cache_dir.display().to_string(),
+        source,
+    };
+    if !args.cache_dir.is_dir() {
+        return Err(dir_error(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no cache there",
+        )));
+    }
+    // Opening with the budget trims to it (least recently used first); stats and clear must
+    // not trim, so they open with no limit.
+    let limit = match args.action {
+        CacheAction::Gc => budget,
+        _ => u64::MAX,
+    };
+    let before = DiskCache::open(&args.cache_dir, u64::MAX).map_err(dir_error)?;
+    let (chunks, bytes) = (before.chunks(), before.bytes());
+    drop(before);
+    let disk = DiskCache::open(&args.cache_dir, limit).map_err(dir_error)?;
+    match args.action {
+        CacheAction::Stats => println!(
+            "{}: {} chunks, {}",
+            args.cache_dir.display(),
+            chunks,
+            human_bytes(bytes)
+        ),
+        CacheAction::Gc => println!(
+            "{}: {} chunks, {} (removed {} chunks, {})",
+            args.cache_dir.display(),
+            disk.chunks(),
+            human_bytes(disk.bytes()),
+            chunks - disk.chunks(),
+            human_bytes(bytes - disk.bytes())
+        ),
+        CacheAction::Clear => {
+            disk.clear().map_err(dir_error)?;
+            println!(
+                "{}: removed {} chunks, {}",
+                args.cache_dir.display(),
+                chunks,
+                human_bytes(bytes)
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn stats(args: StatsArgs) -> Result<(), CliError> {

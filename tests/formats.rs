@@ -382,6 +382,34 @@ async fn disk_cache_survives_remount_and_is_shared_between_images() {
             assert_eq!(shared["cache_misses"], 0, "{shared}");
         }
         assert!(layers[2]["requests"].as_u64().unwrap() > 0, "{}", layers[2]);
+        drop(app);
+
+        // `lazylayer cache`: stats, gc to a budget, clear.
+        let dir = cache.path().to_str().unwrap();
+        let chunks = |run: &support::Run| -> u64 {
+            let line = run.stdout.lines().last().unwrap_or_default();
+            line.split(": ")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let before = lazylayer(&["cache", "stats", "--cache-dir", dir], &[]);
+        assert!(chunks(&before) > 1000, "{}", before.stdout);
+        let gc = lazylayer(
+            &["cache", "gc", "--cache-dir", dir, "--cache-size", "10M"],
+            &[],
+        );
+        assert!(gc.status.success(), "{}", gc.stderr);
+        let after = lazylayer(&["cache", "stats", "--cache-dir", dir], &[]);
+        assert!(chunks(&after) < chunks(&before) / 4, "{}", after.stdout);
+        assert!(after.stdout.contains("MB") && !after.stdout.contains("GB"));
+        lazylayer(&["cache", "clear", "--cache-dir", dir], &[]);
+        let cleared = lazylayer(&["cache", "stats", "--cache-dir", dir], &[]);
+        assert_eq!(chunks(&cleared), 0, "{}", cleared.stdout);
     });
 }
 
