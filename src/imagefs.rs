@@ -6,6 +6,7 @@
 //! tree. After that, metadata operations touch memory only and reads go through the
 //! [`ContentReader`]. This is the object `ls`, `cat` and the FUSE mount share.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -65,11 +66,26 @@ pub struct OpenedLayer {
     pub prefetch_end: Option<u64>,
 }
 
+/// First read-ahead window of a sequential streak, and the largest one.
+const MIN_READ_AHEAD: u64 = 1 << 20;
+pub const MAX_READ_AHEAD: u64 = 16 << 20;
+/// Files tracked for streaks before the table is reset (bounds its memory).
+const MAX_STREAKS: usize = 4096;
+
+#[derive(Clone, Copy, Debug)]
+struct Streak {
+    /// Where a sequential reader's next read would start.
+    next: u64,
+    window: u64,
+}
+
 pub struct ImageFs {
     pub image: ResolvedImage,
     pub tree: MergedTree,
     pub layers: Vec<OpenedLayer>,
-    content: ContentReader,
+    content: Arc<ContentReader>,
+    /// Sequential-read detection per inode, for read-ahead.
+    streaks: std::sync::Mutex<HashMap<Ino, Streak>>,
     cache: Arc<ChunkCache>,
     stats: Arc<FetchStats>,
 }
@@ -212,18 +228,19 @@ impl ImageFs {
                 format: opened.format,
             })
             .collect();
-        let content = ContentReader::new(
+        let content = Arc::new(ContentReader::new(
             source,
             cache.clone(),
             options.disk.clone(),
             infos,
             stats.clone(),
-        );
+        ));
         Ok(ImageFs {
             image,
             tree,
             layers,
             content,
+            streaks: std::sync::Mutex::new(HashMap::new()),
             cache,
             stats,
         })
@@ -231,15 +248,48 @@ impl ImageFs {
 
     /// Reads up to `len` bytes at `offset` of a regular file; empty past the end or for
     /// anything that is not a regular file.
+    ///
+    /// A read that continues where the previous read of the same file ended extends a streak,
+    /// and the bytes after it are fetched ahead in the background, in a window that doubles with
+    /// the streak (up to [`MAX_READ_AHEAD`]) and collapses on a seek, as mountpoint-s3's
+    /// prefetcher does. The kernel's own readahead asks for one window at a time; this keeps
+    /// the network busy with the next windows meanwhile.
     pub async fn read(&self, ino: Ino, offset: u64, len: u64) -> Result<Bytes, Arc<ContentError>> {
-        match self.tree.node(ino).map(|n| &n.kind) {
-            Some(NodeKind::File {
-                size,
-                layer,
-                chunks,
-            }) => self.content.read(*layer, chunks, *size, offset, len).await,
-            _ => Ok(Bytes::new()),
+        let Some(NodeKind::File {
+            size,
+            layer,
+            chunks,
+        }) = self.tree.node(ino).map(|n| &n.kind)
+        else {
+            return Ok(Bytes::new());
+        };
+        let window = self.streak(ino, offset, len);
+        let ahead = offset.saturating_add(len);
+        if window > 0 && ahead < *size {
+            let (content, layer, chunks, size) =
+                (self.content.clone(), *layer, chunks.clone(), *size);
+            tokio::spawn(async move {
+                // A failure here is not the reader's: the real read will fetch again.
+                let _ = content.read(layer, &chunks, size, ahead, window).await;
+            });
         }
+        self.content.read(*layer, chunks, *size, offset, len).await
+    }
+
+    /// Updates the streak of `ino` and returns how far to read ahead (0: not sequential).
+    fn streak(&self, ino: Ino, offset: u64, len: u64) -> u64 {
+        let mut streaks = self.streaks.lock().unwrap();
+        if streaks.len() > MAX_STREAKS {
+            streaks.clear();
+        }
+        let streak = streaks.entry(ino).or_insert(Streak { next: 0, window: 0 });
+        streak.window = if offset > 0 && offset == streak.next {
+            (streak.window * 2).clamp(MIN_READ_AHEAD, MAX_READ_AHEAD)
+        } else {
+            0
+        };
+        streak.next = offset.saturating_add(len);
+        streak.window
     }
 
     pub fn stats(&self) -> &FetchStats {

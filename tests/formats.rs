@@ -121,14 +121,35 @@ async fn python_app_in_all_formats_matches_umoci_and_corruption_is_caught() {
     // A read spanning several missing chunks that lie back to back costs one request.
     let fs = open(&estargz).await;
     let ino = fs.tree.resolve(b"/usr/bin/python3.11", true).unwrap();
-    let NodeKind::File { size, chunks, .. } = &fs.tree.node(ino).unwrap().kind else {
+    let NodeKind::File { size, chunks, .. } = fs.tree.node(ino).unwrap().kind.clone() else {
         panic!("python3.11 is not a file")
     };
     assert!(chunks.len() >= 2, "python3.11 should span several chunks");
     let before = FetchStats::get(&fs.stats().requests);
-    let data = fs.read(ino, 0, *size).await.unwrap();
-    assert_eq!(data.len() as u64, *size);
+    let data = fs.read(ino, 0, size).await.unwrap();
+    assert_eq!(data.len() as u64, size);
     assert_eq!(FetchStats::get(&fs.stats().requests) - before, 1);
+    drop(fs);
+
+    // A sequential reader gets read-ahead: after a few reads in order, the rest of the file is
+    // fetched in the background, and reading it later misses nothing.
+    let fs = open(&estargz).await;
+    let piece = 64 << 10;
+    for i in 0..6 {
+        fs.read(ino, i * piece, piece).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while FetchStats::get(&fs.stats().cache_misses) < chunks.len() as u64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "read-ahead never fetched the file"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let misses = FetchStats::get(&fs.stats().cache_misses);
+    let rest = fs.read(ino, 6 * piece, size).await.unwrap();
+    assert_eq!(rest.len() as u64, size - 6 * piece);
+    assert_eq!(FetchStats::get(&fs.stats().cache_misses), misses);
     drop(fs);
 
     // Corrupt one chunk of /usr/bin/python3.11 in the registry's own storage.
