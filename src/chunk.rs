@@ -27,6 +27,7 @@ use crate::digest::Digest;
 use crate::disk_cache::DiskCache;
 use crate::layer::{ChunkRef, ChunkSource, Codec, LayerError, LayerFormat, tar_stream};
 use crate::oci::{Descriptor, LayerCompression};
+use crate::scheduler::{Priority, RequestScheduler};
 use crate::source::{ImageSource, SourceError};
 use crate::stats::FetchStats;
 
@@ -170,12 +171,46 @@ pub struct LayerInfo {
 
 /// Reads file content of one image through the cache.
 pub struct ContentReader {
+    fetcher: Fetcher,
+    layers: Vec<LayerInfo>,
+    inflight: Mutex<HashMap<ChunkKey, SharedFetch>>,
+}
+
+/// What a fetch needs, cheap to clone into the future that runs it.
+#[derive(Clone)]
+struct Fetcher {
     source: Arc<dyn ImageSource>,
     cache: Arc<ChunkCache>,
     disk: Option<Arc<DiskCache>>,
-    layers: Vec<LayerInfo>,
-    inflight: Mutex<HashMap<ChunkKey, SharedFetch>>,
     stats: Arc<FetchStats>,
+    scheduler: Arc<RequestScheduler>,
+}
+
+impl Fetcher {
+    /// Keeps a fetched, verified chunk: on disk if there is a disk tier, and in memory unless it
+    /// was fetched in the background with a disk tier to hold it (background filling must not
+    /// push out what readers use).
+    fn keep(&self, layer: &Digest, chunk: &ChunkRef, data: &Bytes, priority: Priority) {
+        if let (Some(disk), Some(digest)) = (&self.disk, &chunk.digest) {
+            disk.put(digest, data);
+            if priority == Priority::Background {
+                return;
+            }
+        }
+        if let Some(key) = ChunkKey::of(layer, chunk) {
+            self.cache.insert(key, data.clone());
+        }
+    }
+
+    /// Whether a chunk is already held by either tier.
+    fn holds(&self, layer: &Digest, chunk: &ChunkRef) -> bool {
+        ChunkKey::of(layer, chunk).is_none_or(|k| self.cache.contains(&k))
+            || self
+                .disk
+                .as_ref()
+                .zip(chunk.digest.as_ref())
+                .is_some_and(|(disk, d)| disk.has(d))
+    }
 }
 
 impl ContentReader {
@@ -185,19 +220,24 @@ impl ContentReader {
         disk: Option<Arc<DiskCache>>,
         layers: Vec<LayerInfo>,
         stats: Arc<FetchStats>,
+        scheduler: Arc<RequestScheduler>,
     ) -> ContentReader {
         ContentReader {
-            source,
-            cache,
-            disk,
+            fetcher: Fetcher {
+                source,
+                cache,
+                disk,
+                stats,
+                scheduler,
+            },
             layers,
             inflight: Mutex::new(HashMap::new()),
-            stats,
         }
     }
 
     /// Reads `len` bytes at `offset` of a file of `size` bytes stored in `layer` as `chunks`;
-    /// a read past the end is cut short, as `read(2)` is.
+    /// a read past the end is cut short, as `read(2)` is. Fetches wait for a request slot at
+    /// `priority`.
     pub async fn read(
         &self,
         layer: usize,
@@ -205,6 +245,7 @@ impl ContentReader {
         size: u64,
         offset: u64,
         len: u64,
+        priority: Priority,
     ) -> Result<Bytes, Arc<ContentError>> {
         if offset >= size || len == 0 {
             return Ok(Bytes::new());
@@ -217,10 +258,12 @@ impl ContentReader {
             .take_while(|c| c.file_offset < end)
             .collect();
         if wanted.len() > 1 {
-            self.start_merged_fetches(layer, &wanted);
+            self.start_merged_fetches(layer, &wanted, priority);
         }
-        let pieces =
-            futures_util::future::try_join_all(wanted.iter().map(|c| self.chunk(layer, c))).await?;
+        let pieces = futures_util::future::try_join_all(
+            wanted.iter().map(|c| self.chunk(layer, c, priority)),
+        )
+        .await?;
         if let [only] = &pieces[..] {
             let c = wanted[0];
             return Ok(
@@ -239,23 +282,15 @@ impl ContentReader {
     /// Registers one fetch for each run of missing chunks that lie back to back in the blob, so
     /// that a read spanning several chunks costs one request per run instead of one per chunk.
     /// The chunks are then awaited through [`ContentReader::chunk`] like any other.
-    fn start_merged_fetches(&self, layer: usize, wanted: &[&ChunkRef]) {
+    fn start_merged_fetches(&self, layer: usize, wanted: &[&ChunkRef], priority: Priority) {
         let info = &self.layers[layer];
         let mut inflight = self.inflight.lock().unwrap();
         let mut groups: Vec<Vec<ChunkRef>> = Vec::new();
         let mut run: Vec<ChunkRef> = Vec::new();
         for &c in wanted {
             let key = ChunkKey::of(&info.descriptor.digest, c);
-            let on_disk = |c: &ChunkRef| {
-                self.disk
-                    .as_ref()
-                    .zip(c.digest.as_ref())
-                    .is_some_and(|(disk, d)| disk.has(d))
-            };
-            let missing = key
-                .as_ref()
-                .is_some_and(|k| !inflight.contains_key(k) && !self.cache.contains(k))
-                && !on_disk(c);
+            let missing = key.as_ref().is_some_and(|k| !inflight.contains_key(k))
+                && !self.fetcher.holds(&info.descriptor.digest, c);
             let span = match c.source {
                 ChunkSource::Compressed { start, end, .. } if missing => Some((start, end)),
                 _ => None,
@@ -282,16 +317,9 @@ impl ContentReader {
                 .iter()
                 .map(|c| ChunkKey::of(&info.descriptor.digest, c).expect("compressed chunk"))
                 .collect();
-            let fetch = fetch_run(
-                self.source.clone(),
-                info.clone(),
-                group,
-                self.cache.clone(),
-                self.disk.clone(),
-                self.stats.clone(),
-            )
-            .boxed()
-            .shared();
+            let fetch = fetch_run(self.fetcher.clone(), info.clone(), group, priority)
+                .boxed()
+                .shared();
             for (i, key) in keys.into_iter().enumerate() {
                 let one = fetch
                     .clone()
@@ -303,21 +331,51 @@ impl ContentReader {
         }
     }
 
+    /// The chunks of `chunks` that neither tier holds.
+    pub fn missing(&self, layer: usize, chunks: &[ChunkRef]) -> Vec<ChunkRef> {
+        let digest = &self.layers[layer].descriptor.digest;
+        chunks
+            .iter()
+            .filter(|c| !self.fetcher.holds(digest, c))
+            .cloned()
+            .collect()
+    }
+
+    /// Fetches `chunks` (of any files) at background priority into the disk tier, merging
+    /// neighbours into one request.
+    pub async fn fill(&self, layer: usize, chunks: &[ChunkRef]) -> Result<(), Arc<ContentError>> {
+        let refs: Vec<&ChunkRef> = chunks.iter().collect();
+        self.start_merged_fetches(layer, &refs, Priority::Background);
+        futures_util::future::try_join_all(
+            chunks
+                .iter()
+                .map(|c| self.chunk(layer, c, Priority::Background)),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// One verified chunk, from the cache or fetched (once, however many readers want it).
-    pub async fn chunk(&self, layer: usize, chunk: &ChunkRef) -> Result<Bytes, Arc<ContentError>> {
+    pub async fn chunk(
+        &self,
+        layer: usize,
+        chunk: &ChunkRef,
+        priority: Priority,
+    ) -> Result<Bytes, Arc<ContentError>> {
         let info = &self.layers[layer];
+        let f = &self.fetcher;
         let Some(key) = ChunkKey::of(&info.descriptor.digest, chunk) else {
             return Ok(Bytes::from(vec![0u8; chunk.size as usize]));
         };
-        if let Some(data) = self.cache.get(&key) {
-            self.stats.record_hit(&key.layer);
+        if let Some(data) = f.cache.get(&key) {
+            f.stats.record_hit(&key.layer);
             return Ok(data);
         }
-        if let (Some(disk), Some(digest)) = (&self.disk, &chunk.digest)
+        if let (Some(disk), Some(digest)) = (&f.disk, &chunk.digest)
             && let Some(data) = disk.get(digest)
         {
-            self.stats.record_disk_hit(&key.layer);
-            self.cache.insert(key, data.clone());
+            f.stats.record_disk_hit(&key.layer);
+            f.cache.insert(key, data.clone());
             return Ok(data);
         }
         let fetch = {
@@ -325,23 +383,15 @@ impl ContentReader {
             inflight
                 .entry(key.clone())
                 .or_insert_with(|| {
-                    let source = self.source.clone();
-                    let cache = self.cache.clone();
-                    let info = info.clone();
-                    let chunk = chunk.clone();
-                    let key = key.clone();
-                    let stats = self.stats.clone();
-                    let disk = self.disk.clone();
+                    let (fetcher, info, chunk) = (f.clone(), info.clone(), chunk.clone());
                     async move {
                         let started = Instant::now();
-                        let data = fetch_chunk(source.as_ref(), &info, &chunk)
+                        let data = fetch_chunk(&fetcher, &info, &chunk, priority)
                             .await
                             .map_err(Arc::new)?;
-                        stats.record_miss(&key.layer, started.elapsed());
-                        if let (Some(disk), Some(digest)) = (&disk, &chunk.digest) {
-                            disk.put(digest, &data);
-                        }
-                        cache.insert(key, data.clone());
+                        let layer = &info.descriptor.digest;
+                        fetcher.stats.record_miss(layer, started.elapsed());
+                        fetcher.keep(layer, &chunk, &data, priority);
                         Ok(data)
                     }
                     .boxed()
@@ -362,12 +412,10 @@ const MAX_MERGED_SPAN: u64 = 8 << 20;
 /// Fetches back-to-back compressed chunks with one ranged request; inflates, verifies and caches
 /// each.
 async fn fetch_run(
-    source: Arc<dyn ImageSource>,
+    fetcher: Fetcher,
     info: LayerInfo,
     run: Vec<ChunkRef>,
-    cache: Arc<ChunkCache>,
-    disk: Option<Arc<DiskCache>>,
-    stats: Arc<FetchStats>,
+    priority: Priority,
 ) -> Result<Arc<Vec<Bytes>>, Arc<ContentError>> {
     let layer = &info.descriptor.digest;
     let span = |c: &ChunkRef| match c.source {
@@ -382,10 +430,13 @@ async fn fetch_run(
     let started = Instant::now();
     let base = span(&run[0]).0;
     let last = span(&run[run.len() - 1]).1;
-    let compressed = source
+    let permit = fetcher.scheduler.acquire(priority).await;
+    let compressed = fetcher
+        .source
         .read_range(layer, base..last)
         .await
         .map_err(|e| Arc::new(ContentError::from(e)))?;
+    drop(permit);
     let mut out = Vec::with_capacity(run.len());
     for c in &run {
         let (start, end, inner, codec) = span(c);
@@ -396,13 +447,8 @@ async fn fetch_run(
     }
     let took = started.elapsed();
     for (c, data) in run.iter().zip(&out) {
-        stats.record_miss(layer, took);
-        if let (Some(disk), Some(digest)) = (&disk, &c.digest) {
-            disk.put(digest, data);
-        }
-        if let Some(key) = ChunkKey::of(layer, c) {
-            cache.insert(key, data.clone());
-        }
+        fetcher.stats.record_miss(layer, took);
+        fetcher.keep(layer, c, data, priority);
     }
     Ok(Arc::new(out))
 }
@@ -424,11 +470,14 @@ fn verify(layer: &Digest, offset: u64, chunk: &ChunkRef, data: &[u8]) -> Result<
 
 /// Fetches, inflates and verifies one chunk.
 async fn fetch_chunk(
-    source: &dyn ImageSource,
+    fetcher: &Fetcher,
     info: &LayerInfo,
     chunk: &ChunkRef,
+    priority: Priority,
 ) -> Result<Bytes, ContentError> {
     let layer = &info.descriptor.digest;
+    let source = fetcher.source.as_ref();
+    let _permit = fetcher.scheduler.acquire(priority).await;
     let (data, offset) = match chunk.source {
         ChunkSource::Zeros => return Ok(Bytes::from(vec![0u8; chunk.size as usize])),
         ChunkSource::Compressed {

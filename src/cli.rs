@@ -164,6 +164,18 @@ pub struct MountArgs {
     #[arg(long, value_name = "SIZE", default_value = "10G")]
     pub cache_size: String,
 
+    /// Do not fetch the rest of the image into the disk cache in the background.
+    #[arg(long)]
+    pub no_background_fetch: bool,
+
+    /// Bandwidth the background fetch may use, per second (readers always go first).
+    #[arg(long, value_name = "SIZE", default_value = "32M")]
+    pub background_bandwidth: String,
+
+    /// Requests in flight to the registry at once.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub max_requests: usize,
+
     /// With --daemon: where the daemon writes its log [default: RUN_DIR/mount-ID.log].
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
@@ -431,7 +443,15 @@ async fn mount(args: MountArgs) -> Result<(), CliError> {
     };
     let resolved = resolve_image(&args.reference, &args.remote, disk.clone()).await?;
     let name = resolved.name.clone();
-    let options = ImageFsOptions { cache_bytes, disk };
+    let background = parse_size(&args.background_bandwidth)
+        .map_err(|e| CliError::Size(format!("--background-bandwidth: {e}")))?;
+    let options = ImageFsOptions {
+        cache_bytes,
+        disk,
+        request_slots: args.max_requests.max(1),
+        background_bytes_per_second: (!args.no_background_fetch && background > 0)
+            .then_some(background),
+    };
     let fs = ImageFs::open_counted(resolved.source, resolved.stats, resolved.image, &options)
         .await
         .map_err(|source| CliError::Open {

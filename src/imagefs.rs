@@ -19,8 +19,10 @@ use crate::disk_cache::DiskCache;
 use crate::image::ResolvedImage;
 use crate::layer::tar_stream::StreamObserver;
 use crate::layer::{self, LayerError, LayerFormat};
+use crate::layer::{ChunkRef, ChunkSource};
 use crate::oci::Descriptor;
 use crate::reference::ManifestSelector;
+use crate::scheduler::{Priority, RequestScheduler};
 use crate::source::{ByteStream, FetchedManifest, ImageSource, SourceError};
 use crate::stats::FetchStats;
 use crate::tree::{Ino, MergedTree, NodeKind};
@@ -35,6 +37,12 @@ pub struct ImageFsOptions {
     /// The disk tier, shared by every image of the process (chunks are content addressed, so
     /// images that share content share it); `None` keeps everything in memory.
     pub disk: Option<Arc<DiskCache>>,
+    /// Requests in flight to the source at once. A few parallel ranges fill a link; many hurt
+    /// slow links and registries (moby uses 3 for layer downloads): 4.
+    pub request_slots: usize,
+    /// Fetch the rest of every lazily read layer into the disk tier while nobody waits, at most
+    /// this many bytes per second (`None`: do not). Needs a disk tier; readers always go first.
+    pub background_bytes_per_second: Option<u64>,
 }
 
 impl Default for ImageFsOptions {
@@ -42,6 +50,8 @@ impl Default for ImageFsOptions {
         ImageFsOptions {
             cache_bytes: 512 << 20,
             disk: None,
+            request_slots: 4,
+            background_bytes_per_second: None,
         }
     }
 }
@@ -234,7 +244,21 @@ impl ImageFs {
             options.disk.clone(),
             infos,
             stats.clone(),
+            RequestScheduler::new(options.request_slots),
         ));
+        if let (Some(rate), Some(_)) = (options.background_bytes_per_second, &options.disk) {
+            let work = background_work(&tree, &layers);
+            tokio::spawn(fill_in_background(
+                content.clone(),
+                work,
+                rate,
+                stats.clone(),
+            ));
+        } else {
+            stats
+                .background_complete
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(ImageFs {
             image,
             tree,
@@ -270,10 +294,14 @@ impl ImageFs {
                 (self.content.clone(), *layer, chunks.clone(), *size);
             tokio::spawn(async move {
                 // A failure here is not the reader's: the real read will fetch again.
-                let _ = content.read(layer, &chunks, size, ahead, window).await;
+                let _ = content
+                    .read(layer, &chunks, size, ahead, window, Priority::Prefetch)
+                    .await;
             });
         }
-        self.content.read(*layer, chunks, *size, offset, len).await
+        self.content
+            .read(*layer, chunks, *size, offset, len, Priority::Reader)
+            .await
     }
 
     /// Updates the streak of `ino` and returns how far to read ahead (0: not sequential).
@@ -299,4 +327,88 @@ impl ImageFs {
     pub fn cache(&self) -> &ChunkCache {
         &self.cache
     }
+}
+
+/// Every compressed chunk of every file in the merged tree, per layer (bottom layer first, as
+/// lower layers are needed by more images), in blob order so that neighbours merge into one
+/// request. Chunks of streamed layers are left out: they were all cached when the layer streamed.
+fn background_work(tree: &MergedTree, layers: &[OpenedLayer]) -> Vec<(usize, Vec<ChunkRef>)> {
+    let mut per_layer: Vec<Vec<ChunkRef>> = vec![Vec::new(); layers.len()];
+    let mut seen = std::collections::HashSet::new();
+    tree.walk(crate::tree::ROOT, |_, ino| {
+        if let Some(NodeKind::File { layer, chunks, .. }) = tree.node(ino).map(|n| &n.kind)
+            && seen.insert(ino)
+        {
+            per_layer[*layer].extend(
+                chunks
+                    .iter()
+                    .filter(|c| matches!(c.source, ChunkSource::Compressed { .. }))
+                    .cloned(),
+            );
+        }
+    });
+    per_layer
+        .into_iter()
+        .enumerate()
+        .filter(|(_, chunks)| !chunks.is_empty())
+        .map(|(layer, mut chunks)| {
+            chunks.sort_by_key(|c| match c.source {
+                ChunkSource::Compressed {
+                    start,
+                    inner_offset,
+                    ..
+                } => (start, inner_offset),
+                _ => (0, 0),
+            });
+            (layer, chunks)
+        })
+        .collect()
+}
+
+/// How many chunks the background filler hands to the reader at once (it merges neighbours
+/// into one request), and how many such batches run at once: one request slot is always left
+/// to readers beyond what they can take by priority.
+const BACKGROUND_BATCH: usize = 64;
+const BACKGROUND_PARALLEL: usize = 3;
+
+async fn fill_in_background(
+    content: Arc<ContentReader>,
+    work: Vec<(usize, Vec<ChunkRef>)>,
+    bytes_per_second: u64,
+    stats: Arc<FetchStats>,
+) {
+    let started = std::time::Instant::now();
+    let mut fetched = 0u64;
+    let batches = work.into_iter().flat_map(|(layer, chunks)| {
+        chunks
+            .chunks(BACKGROUND_BATCH)
+            .map(|b| (layer, b.to_vec()))
+            .collect::<Vec<_>>()
+    });
+    let mut done = futures_util::stream::iter(batches)
+        .map(|(layer, batch)| {
+            let content = content.clone();
+            async move {
+                let missing = content.missing(layer, &batch);
+                let bytes: u64 = missing.iter().map(|c| c.size).sum();
+                if !missing.is_empty()
+                    && let Err(e) = content.fill(layer, &missing).await
+                {
+                    tracing::debug!("background fetch: {e}");
+                }
+                bytes
+            }
+        })
+        .buffer_unordered(BACKGROUND_PARALLEL);
+    while let Some(bytes) = done.next().await {
+        fetched += bytes;
+        // Stay under the rate: pause until the bytes so far fit the time so far.
+        let due = std::time::Duration::from_secs_f64(fetched as f64 / bytes_per_second as f64);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+    stats
+        .background_complete
+        .store(true, std::sync::atomic::Ordering::Relaxed);
 }

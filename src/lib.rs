@@ -30,6 +30,7 @@ pub mod mount;
 pub mod oci;
 pub mod reference;
 pub mod registry;
+pub mod scheduler;
 pub mod source;
 pub mod stats;
 pub mod stream_read;

@@ -39,6 +39,8 @@ pub struct FetchStats {
     /// Chunks found on disk after a memory miss (they are not counted as misses).
     pub disk_hits: AtomicU64,
     pub cache_misses: AtomicU64,
+    /// Set once background filling has fetched everything (or when there is none to do).
+    pub background_complete: std::sync::atomic::AtomicBool,
     layers: Mutex<HashMap<Digest, LayerCounters>>,
 }
 

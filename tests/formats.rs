@@ -229,7 +229,9 @@ async fn mounted_python_app_runs_and_serves_concurrent_readers() {
     let reference_root = umoci_unpack("python-app", work.path());
 
     tokio::task::block_in_place(|| {
-        let mounted = Mounted::new(&estargz);
+        // Without background filling, so that what the start itself fetched is measured.
+        let cache = tempfile::tempdir().unwrap();
+        let mounted = Mounted::with_args(&estargz, cache.path(), &["--no-background-fetch"]);
         let out = std::process::Command::new("chroot")
             .arg(mounted.path())
             .args(["python3", "/app/main.py"])
@@ -404,6 +406,31 @@ async fn disk_cache_survives_remount_and_is_shared_between_images() {
         }
         assert!(layers[2]["requests"].as_u64().unwrap() > 0, "{}", layers[2]);
         drop(app);
+
+        // Background filling: left alone, a mount fetches the whole image into the disk cache;
+        // then every file reads with the registry frozen.
+        let filled = tempfile::tempdir().unwrap();
+        let mounted =
+            Mounted::with_args(&estargz, filled.path(), &["--background-bandwidth", "1G"]);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+        while mounted.stats()["background_complete"] != true {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "background fetch did not finish"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        registry.pause();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let root = mounted.path().to_path_buf();
+        std::thread::spawn(move || {
+            let _ = tx.send(disk_tree(&root));
+        });
+        let offline = rx.recv_timeout(std::time::Duration::from_secs(120));
+        registry.resume();
+        let offline = offline.expect("reading the filled mount needed the (frozen) registry");
+        assert_same_tree("filled in the background, read offline", &tree, &offline);
+        drop(mounted);
 
         // `lazylayer cache`: stats, gc to a budget, clear.
         let dir = cache.path().to_str().unwrap();

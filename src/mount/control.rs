@@ -28,6 +28,9 @@ pub struct StatsReport {
     #[serde(default)]
     pub disk_hits: u64,
     pub cache_misses: u64,
+    /// Whether background filling has fetched every chunk of the image.
+    #[serde(default)]
+    pub background_complete: bool,
     /// Bytes of chunks held in the memory cache now.
     pub cache_bytes: u64,
     pub layers: Vec<LayerReport>,
@@ -55,6 +58,9 @@ impl StatsReport {
             cache_hits: FetchStats::get(&stats.cache_hits),
             disk_hits: FetchStats::get(&stats.disk_hits),
             cache_misses: FetchStats::get(&stats.cache_misses),
+            background_complete: stats
+                .background_complete
+                .load(std::sync::atomic::Ordering::Relaxed),
             cache_bytes: fs.cache().bytes(),
             layers: fs
                 .layers

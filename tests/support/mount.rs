@@ -29,17 +29,23 @@ impl Mounted {
     /// Mounts `reference` using the disk cache at `cache_dir` (shared between mounts to test
     /// what survives a remount).
     pub fn with_cache(reference: &str, cache_dir: &Path) -> Mounted {
+        Mounted::with_args(reference, cache_dir, &[])
+    }
+
+    /// As [`Mounted::with_cache`], with more `mount` options.
+    pub fn with_args(reference: &str, cache_dir: &Path, extra: &[&str]) -> Mounted {
         let dir = tempfile::tempdir().unwrap();
         let run_dir = tempfile::tempdir().unwrap();
+        let mut args = vec![
+            "mount",
+            "--daemon",
+            "--cache-dir",
+            cache_dir.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        args.extend([reference, dir.path().to_str().unwrap()]);
         let run = lazylayer(
-            &[
-                "mount",
-                "--daemon",
-                "--cache-dir",
-                cache_dir.to_str().unwrap(),
-                reference,
-                dir.path().to_str().unwrap(),
-            ],
+            &args,
             &[("LAZYLAYER_RUN_DIR", run_dir.path().to_str().unwrap())],
         );
         assert!(
@@ -104,7 +110,7 @@ impl Drop for Mounted {
                 }
             }
         };
-        if !unmounted {
+        if !unmounted && self.is_mounted() {
             let _ = Command::new("umount").arg("-l").arg(self.path()).status();
         }
     }
