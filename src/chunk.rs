@@ -341,17 +341,18 @@ impl ContentReader {
             .collect()
     }
 
-    /// Fetches `chunks` (of any files) at background priority into the disk tier, merging
-    /// neighbours into one request.
-    pub async fn fill(&self, layer: usize, chunks: &[ChunkRef]) -> Result<(), Arc<ContentError>> {
+    /// Fetches `chunks` (of any files) at `priority` into the caches (background fetches go to
+    /// the disk tier only), merging neighbours into one request.
+    pub async fn fetch_chunks(
+        &self,
+        layer: usize,
+        chunks: &[ChunkRef],
+        priority: Priority,
+    ) -> Result<(), Arc<ContentError>> {
         let refs: Vec<&ChunkRef> = chunks.iter().collect();
-        self.start_merged_fetches(layer, &refs, Priority::Background);
-        futures_util::future::try_join_all(
-            chunks
-                .iter()
-                .map(|c| self.chunk(layer, c, Priority::Background)),
-        )
-        .await?;
+        self.start_merged_fetches(layer, &refs, priority);
+        futures_util::future::try_join_all(chunks.iter().map(|c| self.chunk(layer, c, priority)))
+            .await?;
         Ok(())
     }
 

@@ -112,6 +112,31 @@ image and mount, plus the tables of contents and configs needed to remount witho
 `clear` deletes everything (running mounts keep working from memory and the network)."
     )]
     Cache(CacheArgs),
+
+    /// Show or delete an image's learned start-up profile (the files its start read, in order).
+    Profile(ProfileArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ProfileArgs {
+    #[arg(value_enum)]
+    pub action: ProfileAction,
+
+    /// Image reference (profiles are kept per repository).
+    pub reference: String,
+
+    /// The disk cache directory the profile lives in.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/lazylayer/cache")]
+    pub cache_dir: PathBuf,
+
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum ProfileAction {
+    Show,
+    Clear,
 }
 
 #[derive(Args, Debug)]
@@ -175,6 +200,11 @@ pub struct MountArgs {
     /// Requests in flight to the registry at once.
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub max_requests: usize,
+
+    /// Seconds after mounting during which first reads are recorded as the image's start-up
+    /// profile (prefetched on the next mount); 0 turns profiles off.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+    pub profile_window: f64,
 
     /// With --daemon: where the daemon writes its log [default: RUN_DIR/mount-ID.log].
     #[arg(long, value_name = "FILE")]
@@ -394,6 +424,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Stats(args) => stats(args).await,
         Command::Cache(args) => cache(args),
+        Command::Profile(args) => profile(args).await,
     }
 }
 
@@ -451,6 +482,9 @@ async fn mount(args: MountArgs) -> Result<(), CliError> {
         request_slots: args.max_requests.max(1),
         background_bytes_per_second: (!args.no_background_fetch && background > 0)
             .then_some(background),
+        profile_window: (args.profile_window > 0.0)
+            .then(|| seconds("profile-window", args.profile_window))
+            .transpose()?,
     };
     let fs = ImageFs::open_counted(resolved.source, resolved.stats, resolved.image, &options)
         .await
@@ -477,6 +511,13 @@ async fn mount(args: MountArgs) -> Result<(), CliError> {
                 tracing::warn!("stats socket {}: {e}", socket.display());
             }
         }
+    });
+    let profile_timer = fs.profile_window().map(|window| {
+        let fs = fs.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(window).await;
+            fs.save_profile();
+        })
     });
     if std::env::var_os(READY_ENV).is_some() {
         println!("ready");
@@ -505,6 +546,10 @@ async fn mount(args: MountArgs) -> Result<(), CliError> {
         let _ = crate::mount::unmount(&args.dir);
     }
     control.abort();
+    if let Some(timer) = profile_timer {
+        timer.abort();
+    }
+    fs.save_profile();
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }
@@ -561,6 +606,48 @@ fn daemonize(args: &MountArgs) -> Result<(), CliError> {
         "{reason} (log: {})",
         log.display()
     )))
+}
+
+async fn profile(args: ProfileArgs) -> Result<(), CliError> {
+    let reference = ImageRef::parse(&args.reference)?;
+    let (source, _) = source::open(&reference, &args.remote.registry_config()?).await?;
+    let image = source.name();
+    let dir_error = |source| CliError::CacheDir {
+        dir: args.cache_dir.display().to_string(),
+        source,
+    };
+    let disk = DiskCache::open(&args.cache_dir, u64::MAX).map_err(dir_error)?;
+    let Some(profile) = crate::profile::load(&disk, &image) else {
+        return Err(CliError::Path {
+            image,
+            path: args.cache_dir.display().to_string(),
+            reason: "no start-up profile recorded in this cache".into(),
+        });
+    };
+    match args.action {
+        ProfileAction::Show => {
+            let mut out = String::new();
+            for f in &profile.files {
+                out.push('/');
+                out.push_str(f);
+                out.push('\n');
+            }
+            write_stdout(out.as_bytes())?;
+        }
+        ProfileAction::Clear => {
+            std::fs::remove_file(
+                disk.dir()
+                    .join("meta")
+                    .join(crate::profile::file_name(&image)),
+            )
+            .map_err(dir_error)?;
+            eprintln!(
+                "lazylayer: removed the profile of {image} ({} files)",
+                profile.files.len()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn cache(args: CacheArgs) -> Result<(), CliError> {

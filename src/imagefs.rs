@@ -21,6 +21,7 @@ use crate::layer::tar_stream::StreamObserver;
 use crate::layer::{self, LayerError, LayerFormat};
 use crate::layer::{ChunkRef, ChunkSource};
 use crate::oci::Descriptor;
+use crate::profile::{self, Profile, Recorder};
 use crate::reference::ManifestSelector;
 use crate::scheduler::{Priority, RequestScheduler};
 use crate::source::{ByteStream, FetchedManifest, ImageSource, SourceError};
@@ -43,6 +44,9 @@ pub struct ImageFsOptions {
     /// Fetch the rest of every lazily read layer into the disk tier while nobody waits, at most
     /// this many bytes per second (`None`: do not). Needs a disk tier; readers always go first.
     pub background_bytes_per_second: Option<u64>,
+    /// Record the files read in this long after opening as the image's start-up profile, and
+    /// prefetch an existing profile's files (`None`: neither). Needs a disk tier to keep it.
+    pub profile_window: Option<std::time::Duration>,
 }
 
 impl Default for ImageFsOptions {
@@ -52,6 +56,7 @@ impl Default for ImageFsOptions {
             disk: None,
             request_slots: 4,
             background_bytes_per_second: None,
+            profile_window: None,
         }
     }
 }
@@ -98,6 +103,8 @@ pub struct ImageFs {
     streaks: std::sync::Mutex<HashMap<Ino, Streak>>,
     cache: Arc<ChunkCache>,
     stats: Arc<FetchStats>,
+    disk: Option<Arc<DiskCache>>,
+    recorder: Option<Recorder>,
 }
 
 /// Counts requests and bytes of everything fetched through it.
@@ -246,6 +253,24 @@ impl ImageFs {
             stats.clone(),
             RequestScheduler::new(options.request_slots),
         ));
+        let recorder = options
+            .profile_window
+            .filter(|_| options.disk.is_some())
+            .map(Recorder::new);
+        let profile = options
+            .disk
+            .as_deref()
+            .filter(|_| recorder.is_some())
+            .and_then(|disk| profile::load(disk, &image.source));
+        match profile {
+            Some(profile) => {
+                let work = profile_work(&tree, &profile);
+                tokio::spawn(prefetch_profile(content.clone(), work, stats.clone()));
+            }
+            None => stats
+                .profile_prefetched
+                .store(true, std::sync::atomic::Ordering::Relaxed),
+        }
         if let (Some(rate), Some(_)) = (options.background_bytes_per_second, &options.disk) {
             let work = background_work(&tree, &layers);
             tokio::spawn(fill_in_background(
@@ -267,6 +292,8 @@ impl ImageFs {
             streaks: std::sync::Mutex::new(HashMap::new()),
             cache,
             stats,
+            disk: options.disk.clone(),
+            recorder,
         })
     }
 
@@ -287,6 +314,9 @@ impl ImageFs {
         else {
             return Ok(Bytes::new());
         };
+        if let Some(recorder) = &self.recorder {
+            recorder.record(ino);
+        }
         let window = self.streak(ino, offset, len);
         let ahead = offset.saturating_add(len);
         if window > 0 && ahead < *size {
@@ -318,6 +348,18 @@ impl ImageFs {
         };
         streak.next = offset.saturating_add(len);
         streak.window
+    }
+
+    /// Stores the start-up profile recorded so far (once; see [`crate::profile`]).
+    pub fn save_profile(&self) {
+        if let (Some(recorder), Some(disk)) = (&self.recorder, &self.disk) {
+            recorder.save(disk, &self.image.source, &self.tree);
+        }
+    }
+
+    /// How long reads are recorded for the profile, when they are.
+    pub fn profile_window(&self) -> Option<std::time::Duration> {
+        self.recorder.as_ref().map(Recorder::window)
     }
 
     pub fn stats(&self) -> &FetchStats {
@@ -392,7 +434,9 @@ async fn fill_in_background(
                 let missing = content.missing(layer, &batch);
                 let bytes: u64 = missing.iter().map(|c| c.size).sum();
                 if !missing.is_empty()
-                    && let Err(e) = content.fill(layer, &missing).await
+                    && let Err(e) = content
+                        .fetch_chunks(layer, &missing, Priority::Background)
+                        .await
                 {
                     tracing::debug!("background fetch: {e}");
                 }
@@ -410,5 +454,49 @@ async fn fill_in_background(
     }
     stats
         .background_complete
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The chunks of a profile's files, in the profile's order.
+fn profile_work(tree: &MergedTree, profile: &Profile) -> Vec<(usize, Vec<ChunkRef>)> {
+    profile
+        .files
+        .iter()
+        .filter_map(|path| {
+            let ino = tree.lookup_path(path.as_bytes())?;
+            match &tree.node(ino)?.kind {
+                NodeKind::File { layer, chunks, .. } if !chunks.is_empty() => {
+                    Some((*layer, chunks.to_vec()))
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// Fetches a profile's files, a few at a time and in order, at prefetch priority.
+async fn prefetch_profile(
+    content: Arc<ContentReader>,
+    work: Vec<(usize, Vec<ChunkRef>)>,
+    stats: Arc<FetchStats>,
+) {
+    let mut done = futures_util::stream::iter(work)
+        .map(|(layer, chunks)| {
+            let content = content.clone();
+            async move {
+                let missing = content.missing(layer, &chunks);
+                if !missing.is_empty()
+                    && let Err(e) = content
+                        .fetch_chunks(layer, &missing, Priority::Prefetch)
+                        .await
+                {
+                    tracing::debug!("profile prefetch: {e}");
+                }
+            }
+        })
+        .buffered(BACKGROUND_PARALLEL);
+    while done.next().await.is_some() {}
+    stats
+        .profile_prefetched
         .store(true, std::sync::atomic::Ordering::Relaxed);
 }

@@ -28,6 +28,7 @@ pub mod layout;
 pub mod listing;
 pub mod mount;
 pub mod oci;
+pub mod profile;
 pub mod reference;
 pub mod registry;
 pub mod scheduler;

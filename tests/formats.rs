@@ -255,6 +255,7 @@ async fn mounted_python_app_runs_and_serves_concurrent_readers() {
             fetched * 3 < total,
             "starting the app fetched {fetched} of {total} bytes"
         );
+        let first_misses = stats["cache_misses"].as_u64().unwrap();
         // Unmounting ends the daemon and removes its control socket.
         let run_dir = mounted.run_dir.path().to_path_buf();
         assert!(mounted.is_mounted());
@@ -273,6 +274,55 @@ async fn mounted_python_app_runs_and_serves_concurrent_readers() {
             );
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
+        drop(mounted);
+
+        // Learned profile: the start above was recorded. A "second machine" with an empty cache
+        // but that profile prefetches it, so the app's own reads then miss little.
+        let cache_dir = cache.path().to_str().unwrap();
+        let profile = lazylayer(
+            &["profile", "show", &estargz, "--cache-dir", cache_dir],
+            &[],
+        );
+        assert!(profile.status.success(), "{}", profile.stderr);
+        assert!(
+            profile.stdout.lines().any(|l| l == "/app/main.py"),
+            "{}",
+            profile.stdout
+        );
+        let second = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(second.path().join("meta")).unwrap();
+        for entry in std::fs::read_dir(cache.path().join("meta")).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_owned();
+            if name.to_string_lossy().starts_with("profile-") {
+                std::fs::copy(&path, second.path().join("meta").join(name)).unwrap();
+            }
+        }
+        let mounted = Mounted::with_args(&estargz, second.path(), &["--no-background-fetch"]);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while mounted.stats()["profile_prefetched"] != true {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "profile prefetch did not finish"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let prefetched = mounted.stats()["cache_misses"].as_u64().unwrap();
+        assert!(
+            prefetched * 2 > first_misses,
+            "prefetched only {prefetched} chunks"
+        );
+        let out = std::process::Command::new("chroot")
+            .arg(mounted.path())
+            .args(["python3", "/app/main.py"])
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("app ok"));
+        let missed = mounted.stats()["cache_misses"].as_u64().unwrap() - prefetched;
+        assert!(
+            missed * 4 < first_misses,
+            "with the profile the start still missed {missed} chunks (first: {first_misses})"
+        );
         drop(mounted);
 
         // Concurrency: 8 threads, random ranges of the 6 largest files, against the reference.

@@ -31,6 +31,9 @@ pub struct StatsReport {
     /// Whether background filling has fetched every chunk of the image.
     #[serde(default)]
     pub background_complete: bool,
+    /// Whether the files of the image's start-up profile have been prefetched.
+    #[serde(default)]
+    pub profile_prefetched: bool,
     /// Bytes of chunks held in the memory cache now.
     pub cache_bytes: u64,
     pub layers: Vec<LayerReport>,
@@ -60,6 +63,9 @@ impl StatsReport {
             cache_misses: FetchStats::get(&stats.cache_misses),
             background_complete: stats
                 .background_complete
+                .load(std::sync::atomic::Ordering::Relaxed),
+            profile_prefetched: stats
+                .profile_prefetched
                 .load(std::sync::atomic::Ordering::Relaxed),
             cache_bytes: fs.cache().bytes(),
             layers: fs
