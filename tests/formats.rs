@@ -25,6 +25,10 @@ use support::mount::Mounted;
 use support::{Registry, RegistryAuth, lazylayer};
 
 async fn open(reference: &str) -> Arc<ImageFs> {
+    open_with(reference, &ImageFsOptions::default()).await
+}
+
+async fn open_with(reference: &str, options: &ImageFsOptions) -> Arc<ImageFs> {
     let reference = ImageRef::parse(reference).unwrap();
     let (source, selector) = source::open(&reference, &RegistryConfig::default())
         .await
@@ -33,7 +37,7 @@ async fn open(reference: &str) -> Arc<ImageFs> {
         .await
         .unwrap();
     Arc::new(
-        ImageFs::open(source, image, &ImageFsOptions::default())
+        ImageFs::open(source, image, options)
             .await
             .unwrap_or_else(|e| panic!("open {reference}: {e}")),
     )
@@ -509,6 +513,85 @@ async fn disk_cache_survives_remount_and_is_shared_between_images() {
         let cleared = lazylayer(&["cache", "stats", "--cache-dir", dir], &[]);
         assert_eq!(chunks(&cleared), 0, "{}", cleared.stdout);
     });
+}
+
+/// Random interleavings of reads, read-ahead, evictions (a memory tier far smaller than the
+/// working set), disk-tier hits and background filling: every read returns the reference bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn random_interleavings_of_reads_evictions_and_prefetch_return_reference_bytes() {
+    let registry = Registry::start(RegistryAuth::None);
+    registry.push_shared("python-app", "test/app");
+    let containerd = Containerd::start();
+    let estargz = containerd.convert(&registry, "test/app", LazyFormat::Estargz);
+    drop(containerd);
+    let work = tempfile::tempdir().unwrap();
+    let reference_root = umoci_unpack("python-app", work.path());
+    let cache = tempfile::tempdir().unwrap();
+    let options = ImageFsOptions {
+        cache_bytes: 4 << 20,
+        disk: Some(Arc::new(
+            lazylayer::disk_cache::DiskCache::open(cache.path(), 64 << 20).unwrap(),
+        )),
+        request_slots: 3,
+        background_bytes_per_second: Some(20 << 20),
+        profile_window: None,
+    };
+    let fs = open_with(&estargz, &options).await;
+    // Files of many sizes, from every layer.
+    let mut files = Vec::new();
+    fs.tree.walk(lazylayer::tree::ROOT, |path, ino| {
+        if let Some(NodeKind::File { size, .. }) = fs.tree.node(ino).map(|n| &n.kind)
+            && *size > 0
+            && files.len() < 400
+            && (path.starts_with(b"usr/lib")
+                || path.starts_with(b"usr/local")
+                || path.starts_with(b"usr/bin"))
+        {
+            files.push((String::from_utf8_lossy(path).into_owned(), ino, *size));
+        }
+    });
+    assert!(files.len() > 100);
+    let files = Arc::new(files);
+    let mut tasks = Vec::new();
+    for t in 0..12u64 {
+        let (fs, files, root) = (fs.clone(), files.clone(), reference_root.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut seed = 0x2545f4914f6cdd1du64.wrapping_mul(t + 7);
+            let mut next = move || {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed
+            };
+            for _ in 0..120 {
+                let (path, ino, size) = &files[(next() % files.len() as u64) as usize];
+                let expected = std::fs::read(root.join(path)).unwrap();
+                // Mostly sequential runs (read-ahead), sometimes random jumps.
+                let mut offset = next() % size;
+                for _ in 0..(1 + next() % 6) {
+                    let len = 1 + next() % (256 << 10);
+                    let data = fs.read(*ino, offset, len).await.unwrap();
+                    let end = (offset + len).min(*size);
+                    assert!(
+                        data[..] == expected[offset as usize..end as usize],
+                        "{path} at {offset}+{len} differs from the reference"
+                    );
+                    offset = end;
+                    if offset >= *size {
+                        break;
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(fs.cache().bytes() <= 4 << 20);
+    assert!(
+        FetchStats::get(&fs.stats().disk_hits) > 0,
+        "the disk tier was never used"
+    );
 }
 
 /// Walks a directory with `readdir` and `lstat` only (no file contents): how many entries.
