@@ -64,6 +64,8 @@ impl ChunkKey {
 pub struct ChunkCache {
     inner: Mutex<CacheInner>,
     budget: u64,
+    /// Chunks dropped to stay within the budget.
+    pub evictions: std::sync::atomic::AtomicU64,
 }
 
 struct CacheInner {
@@ -80,6 +82,7 @@ impl ChunkCache {
                 bytes: 0,
             }),
             budget,
+            evictions: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -106,7 +109,11 @@ impl ChunkCache {
         inner.bytes += len;
         while inner.bytes > self.budget {
             match inner.lru.pop_lru() {
-                Some((_, evicted)) => inner.bytes -= evicted.len() as u64,
+                Some((_, evicted)) => {
+                    inner.bytes -= evicted.len() as u64;
+                    self.evictions
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 None => break,
             }
         }
@@ -200,6 +207,11 @@ impl Fetcher {
         if let Some(key) = ChunkKey::of(layer, chunk) {
             self.cache.insert(key, data.clone());
         }
+    }
+
+    /// Requests waiting for a slot, per priority (background, prefetch, reader).
+    fn queued(&self) -> [usize; 3] {
+        self.scheduler.queued()
     }
 
     /// Whether a chunk is already held by either tier.
@@ -329,6 +341,11 @@ impl ContentReader {
                 inflight.insert(key, one);
             }
         }
+    }
+
+    /// Requests waiting for a slot, per priority (background, prefetch, reader).
+    pub fn queued(&self) -> [usize; 3] {
+        self.fetcher.queued()
     }
 
     /// The chunks of `chunks` that neither tier holds.

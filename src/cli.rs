@@ -201,6 +201,10 @@ pub struct MountArgs {
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub max_requests: usize,
 
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
     /// Seconds after mounting during which first reads are recorded as the image's start-up
     /// profile (prefetched on the next mount); 0 turns profiles off.
     #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
@@ -472,6 +476,14 @@ async fn mount(args: MountArgs) -> Result<(), CliError> {
             })?;
         Some(std::sync::Arc::new(disk))
     };
+    let metrics_listener = match args.metrics_addr {
+        Some(addr) => Some(
+            crate::mount::metrics::bind(addr)
+                .await
+                .map_err(|e| CliError::Daemon(format!("--metrics-addr {addr}: {e}")))?,
+        ),
+        None => None,
+    };
     let resolved = resolve_image(&args.reference, &args.remote, disk.clone()).await?;
     let name = resolved.name.clone();
     let background = parse_size(&args.background_bandwidth)
@@ -512,6 +524,14 @@ async fn mount(args: MountArgs) -> Result<(), CliError> {
             }
         }
     });
+    let metrics = metrics_listener.map(|listener| {
+        let fs = fs.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::mount::metrics::serve(listener, fs).await {
+                tracing::error!("metrics endpoint: {e}");
+            }
+        })
+    });
     let profile_timer = fs.profile_window().map(|window| {
         let fs = fs.clone();
         tokio::spawn(async move {
@@ -546,6 +566,9 @@ async fn mount(args: MountArgs) -> Result<(), CliError> {
         let _ = crate::mount::unmount(&args.dir);
     }
     control.abort();
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     if let Some(timer) = profile_timer {
         timer.abort();
     }

@@ -42,6 +42,8 @@ pub struct DiskCache {
     dir: PathBuf,
     budget: u64,
     state: Mutex<State>,
+    /// Chunk files deleted to stay within the budget.
+    pub evictions: std::sync::atomic::AtomicU64,
 }
 
 struct State {
@@ -89,6 +91,7 @@ impl DiskCache {
                 bytes,
                 writes_off_until: None,
             }),
+            evictions: std::sync::atomic::AtomicU64::new(0),
         };
         cache.evict(&mut cache.state.lock().unwrap());
         Ok(cache)
@@ -207,6 +210,8 @@ impl DiskCache {
                 break;
             };
             state.bytes -= len;
+            self.evictions
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let _ = std::fs::remove_file(self.chunk_path(&hex));
         }
     }

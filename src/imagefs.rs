@@ -369,6 +369,15 @@ impl ImageFs {
     pub fn cache(&self) -> &ChunkCache {
         &self.cache
     }
+
+    pub fn disk(&self) -> Option<&DiskCache> {
+        self.disk.as_deref()
+    }
+
+    /// Requests waiting for a slot, per priority (background, prefetch, reader).
+    pub fn queued(&self) -> [usize; 3] {
+        self.content.queued()
+    }
 }
 
 /// Every compressed chunk of every file in the merged tree, per layer (bottom layer first, as

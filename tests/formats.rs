@@ -464,8 +464,17 @@ async fn disk_cache_survives_remount_and_is_shared_between_images() {
         // Background filling: left alone, a mount fetches the whole image into the disk cache;
         // then every file reads with the registry frozen.
         let filled = tempfile::tempdir().unwrap();
-        let mounted =
-            Mounted::with_args(&estargz, filled.path(), &["--background-bandwidth", "1G"]);
+        let metrics_addr = format!("127.0.0.1:{}", support::free_port());
+        let mounted = Mounted::with_args(
+            &estargz,
+            filled.path(),
+            &[
+                "--background-bandwidth",
+                "1G",
+                "--metrics-addr",
+                &metrics_addr,
+            ],
+        );
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
         while mounted.stats()["background_complete"] != true {
             assert!(
@@ -474,6 +483,33 @@ async fn disk_cache_survives_remount_and_is_shared_between_images() {
             );
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
+        // The Prometheus endpoint reports the disk tier the background fill populated.
+        let page = {
+            use std::io::{Read, Write};
+            let mut conn = std::net::TcpStream::connect(&metrics_addr).unwrap();
+            conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let mut page = String::new();
+            conn.read_to_string(&mut page).unwrap();
+            page
+        };
+        assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+        for family in [
+            "lazylayer_fetch_requests_total{layer=",
+            "lazylayer_queue_depth{priority=\"reader\"}",
+        ] {
+            assert!(page.contains(family), "{family} missing:\n{page}");
+        }
+        let disk_bytes: u64 = page
+            .lines()
+            .find_map(|l| l.strip_prefix("lazylayer_cache_bytes{tier=\"disk\"} "))
+            .expect("disk bytes")
+            .parse()
+            .unwrap();
+        assert!(
+            disk_bytes > 100_000_000,
+            "disk tier holds only {disk_bytes} bytes"
+        );
         registry.pause();
         let (tx, rx) = std::sync::mpsc::channel();
         let root = mounted.path().to_path_buf();

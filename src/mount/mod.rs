@@ -13,6 +13,7 @@
 
 pub mod control;
 pub mod fuse;
+pub mod metrics;
 
 use std::ffi::CString;
 use std::io;
