@@ -27,7 +27,7 @@ use crate::digest::Digest;
 use crate::disk_cache::DiskCache;
 use crate::layer::{ChunkRef, ChunkSource, Codec, LayerError, LayerFormat, tar_stream};
 use crate::oci::{Descriptor, LayerCompression};
-use crate::scheduler::{Priority, RequestScheduler};
+use crate::scheduler::{Priority, RequestScheduler, SharedPriority};
 use crate::source::{ImageSource, SourceError};
 use crate::stats::FetchStats;
 
@@ -169,6 +169,10 @@ pub enum ContentError {
 
 type SharedFetch = Shared<BoxFuture<'static, Result<Bytes, Arc<ContentError>>>>;
 
+/// A fetch in flight, and the priority its request waits at (raised when a more urgent reader
+/// joins it).
+type InFlight = (SharedFetch, SharedPriority);
+
 /// The layer facts a chunk fetch needs.
 #[derive(Clone, Debug)]
 pub struct LayerInfo {
@@ -180,7 +184,7 @@ pub struct LayerInfo {
 pub struct ContentReader {
     fetcher: Fetcher,
     layers: Vec<LayerInfo>,
-    inflight: Mutex<HashMap<ChunkKey, SharedFetch>>,
+    inflight: Mutex<HashMap<ChunkKey, InFlight>>,
 }
 
 /// What a fetch needs, cheap to clone into the future that runs it.
@@ -197,10 +201,10 @@ impl Fetcher {
     /// Keeps a fetched, verified chunk: on disk if there is a disk tier, and in memory unless it
     /// was fetched in the background with a disk tier to hold it (background filling must not
     /// push out what readers use).
-    fn keep(&self, layer: &Digest, chunk: &ChunkRef, data: &Bytes, priority: Priority) {
+    fn keep(&self, layer: &Digest, chunk: &ChunkRef, data: &Bytes, priority: &SharedPriority) {
         if let (Some(disk), Some(digest)) = (&self.disk, &chunk.digest) {
             disk.put(digest, data);
-            if priority == Priority::Background {
+            if priority.get() == Priority::Background {
                 return;
             }
         }
@@ -329,16 +333,22 @@ impl ContentReader {
                 .iter()
                 .map(|c| ChunkKey::of(&info.descriptor.digest, c).expect("compressed chunk"))
                 .collect();
-            let fetch = fetch_run(self.fetcher.clone(), info.clone(), group, priority)
-                .boxed()
-                .shared();
+            let shared_priority = SharedPriority::new(priority);
+            let fetch = fetch_run(
+                self.fetcher.clone(),
+                info.clone(),
+                group,
+                shared_priority.clone(),
+            )
+            .boxed()
+            .shared();
             for (i, key) in keys.into_iter().enumerate() {
                 let one = fetch
                     .clone()
                     .map(move |r| r.map(|all| all[i].clone()))
                     .boxed()
                     .shared();
-                inflight.insert(key, one);
+                inflight.insert(key, (one, shared_priority.clone()));
             }
         }
     }
@@ -398,24 +408,27 @@ impl ContentReader {
         }
         let fetch = {
             let mut inflight = self.inflight.lock().unwrap();
-            inflight
-                .entry(key.clone())
-                .or_insert_with(|| {
-                    let (fetcher, info, chunk) = (f.clone(), info.clone(), chunk.clone());
-                    async move {
-                        let started = Instant::now();
-                        let data = fetch_chunk(&fetcher, &info, &chunk, priority)
-                            .await
-                            .map_err(Arc::new)?;
-                        let layer = &info.descriptor.digest;
-                        fetcher.stats.record_miss(layer, started.elapsed());
-                        fetcher.keep(layer, &chunk, &data, priority);
-                        Ok(data)
-                    }
-                    .boxed()
-                    .shared()
-                })
-                .clone()
+            let (fetch, shared_priority) = inflight.entry(key.clone()).or_insert_with(|| {
+                let (fetcher, info, chunk) = (f.clone(), info.clone(), chunk.clone());
+                let shared_priority = SharedPriority::new(priority);
+                let request_priority = shared_priority.clone();
+                let fetch = async move {
+                    let started = Instant::now();
+                    let data = fetch_chunk(&fetcher, &info, &chunk, &request_priority)
+                        .await
+                        .map_err(Arc::new)?;
+                    let layer = &info.descriptor.digest;
+                    fetcher.stats.record_miss(layer, started.elapsed());
+                    fetcher.keep(layer, &chunk, &data, &request_priority);
+                    Ok(data)
+                }
+                .boxed()
+                .shared();
+                (fetch, shared_priority)
+            });
+            // Joining a fetch queued at a lower priority raises it to ours.
+            shared_priority.raise(priority);
+            fetch.clone()
         };
         let result = fetch.await;
         self.inflight.lock().unwrap().remove(&key);
@@ -433,7 +446,7 @@ async fn fetch_run(
     fetcher: Fetcher,
     info: LayerInfo,
     run: Vec<ChunkRef>,
-    priority: Priority,
+    priority: SharedPriority,
 ) -> Result<Arc<Vec<Bytes>>, Arc<ContentError>> {
     let layer = &info.descriptor.digest;
     let span = |c: &ChunkRef| match c.source {
@@ -448,7 +461,7 @@ async fn fetch_run(
     let started = Instant::now();
     let base = span(&run[0]).0;
     let last = span(&run[run.len() - 1]).1;
-    let permit = fetcher.scheduler.acquire(priority).await;
+    let permit = fetcher.scheduler.acquire_shared(&priority).await;
     let compressed = fetcher
         .source
         .read_range(layer, base..last)
@@ -466,7 +479,7 @@ async fn fetch_run(
     let took = started.elapsed();
     for (c, data) in run.iter().zip(&out) {
         fetcher.stats.record_miss(layer, took);
-        fetcher.keep(layer, c, data, priority);
+        fetcher.keep(layer, c, data, &priority);
     }
     Ok(Arc::new(out))
 }
@@ -491,11 +504,11 @@ async fn fetch_chunk(
     fetcher: &Fetcher,
     info: &LayerInfo,
     chunk: &ChunkRef,
-    priority: Priority,
+    priority: &SharedPriority,
 ) -> Result<Bytes, ContentError> {
     let layer = &info.descriptor.digest;
     let source = fetcher.source.as_ref();
-    let _permit = fetcher.scheduler.acquire(priority).await;
+    let _permit = fetcher.scheduler.acquire_shared(priority).await;
     let (data, offset) = match chunk.source {
         ChunkSource::Zeros => return Ok(Bytes::from(vec![0u8; chunk.size as usize])),
         ChunkSource::Compressed {

@@ -7,13 +7,14 @@
 //! therefore waits for at most the requests already in flight, never for queued background work.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
 /// How urgent a request is; higher runs first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
 pub enum Priority {
     /// Filling the cache with the rest of an image while nobody waits.
     Background = 0,
@@ -23,33 +24,49 @@ pub enum Priority {
     Reader = 2,
 }
 
+impl Priority {
+    fn from_u8(v: u8) -> Priority {
+        match v {
+            0 => Priority::Background,
+            1 => Priority::Prefetch,
+            _ => Priority::Reader,
+        }
+    }
+}
+
+/// A priority that can be raised while its request waits: when a reader starts waiting on a
+/// chunk that read-ahead or background filling has already queued, the queued request is
+/// boosted to the reader's priority instead of the reader queueing a second request.
+#[derive(Clone, Debug)]
+pub struct SharedPriority(Arc<AtomicU8>);
+
+impl SharedPriority {
+    pub fn new(priority: Priority) -> SharedPriority {
+        SharedPriority(Arc::new(AtomicU8::new(priority as u8)))
+    }
+
+    pub fn get(&self) -> Priority {
+        Priority::from_u8(self.0.load(Ordering::Relaxed))
+    }
+
+    /// Raises the priority to at least `priority`.
+    pub fn raise(&self, priority: Priority) {
+        self.0.fetch_max(priority as u8, Ordering::Relaxed);
+    }
+}
+
 struct Waiter {
-    priority: Priority,
+    priority: SharedPriority,
     /// Earlier waiters first among equals.
     order: Reverse<u64>,
     wake: oneshot::Sender<()>,
 }
 
-impl PartialEq for Waiter {
-    fn eq(&self, other: &Self) -> bool {
-        (self.priority, self.order) == (other.priority, other.order)
-    }
-}
-impl Eq for Waiter {}
-impl PartialOrd for Waiter {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Waiter {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.priority, self.order).cmp(&(other.priority, other.order))
-    }
-}
-
 struct State {
     available: usize,
-    waiters: BinaryHeap<Waiter>,
+    /// Few at a time (bounded by the readers and batches in flight), so a scan on release is
+    /// cheaper than keeping a heap ordered under priorities that change.
+    waiters: Vec<Waiter>,
     next_order: u64,
 }
 
@@ -68,7 +85,7 @@ impl RequestScheduler {
         Arc::new(RequestScheduler {
             state: Mutex::new(State {
                 available: slots.max(1),
-                waiters: BinaryHeap::new(),
+                waiters: Vec::new(),
                 next_order: 0,
             }),
         })
@@ -76,6 +93,12 @@ impl RequestScheduler {
 
     /// Waits for a slot; more urgent waiters are served first.
     pub async fn acquire(self: &Arc<Self>, priority: Priority) -> Permit {
+        self.acquire_shared(&SharedPriority::new(priority)).await
+    }
+
+    /// As [`RequestScheduler::acquire`], with a priority that may be raised while waiting.
+    pub async fn acquire_shared(self: &Arc<Self>, priority: &SharedPriority) -> Permit {
+        let priority = priority.clone();
         let rx = {
             let mut state = self.state.lock().unwrap();
             if state.available > 0 && state.waiters.is_empty() {
@@ -111,7 +134,14 @@ impl RequestScheduler {
         let mut state = self.state.lock().unwrap();
         // Hand the slot to the most urgent waiter still waiting (a cancelled waiter's receiver
         // is gone; skip it).
-        while let Some(waiter) = state.waiters.pop() {
+        while let Some(best) = state
+            .waiters
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, w)| (w.priority.get(), w.order))
+            .map(|(i, _)| i)
+        {
+            let waiter = state.waiters.swap_remove(best);
             if waiter.wake.send(()).is_ok() {
                 return;
             }
@@ -124,7 +154,7 @@ impl RequestScheduler {
         let state = self.state.lock().unwrap();
         let mut out = [0; 3];
         for w in state.waiters.iter() {
-            out[w.priority as usize] += 1;
+            out[w.priority.get() as usize] += 1;
         }
         out
     }
@@ -189,6 +219,36 @@ mod tests {
             *order.lock().unwrap(),
             ["reader", "reader2", "prefetch", "background"]
         );
+    }
+
+    #[tokio::test]
+    async fn a_raised_waiter_overtakes() {
+        let scheduler = RequestScheduler::new(1);
+        let held = scheduler.acquire(Priority::Reader).await;
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let background = SharedPriority::new(Priority::Background);
+        let mut tasks = Vec::new();
+        for (name, priority) in [
+            ("background", background.clone()),
+            ("prefetch", SharedPriority::new(Priority::Prefetch)),
+        ] {
+            let (task_scheduler, order) = (scheduler.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let _permit = task_scheduler.acquire_shared(&priority).await;
+                order.lock().unwrap().push(name);
+            }));
+            while scheduler.queued().iter().sum::<usize>() < tasks.len() {
+                tokio::task::yield_now().await;
+            }
+        }
+        // A reader now waits on what the background request will fetch.
+        background.raise(Priority::Reader);
+        assert_eq!(scheduler.queued(), [0, 1, 1]);
+        drop(held);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), ["background", "prefetch"]);
     }
 
     #[tokio::test]
