@@ -262,14 +262,18 @@ impl ImageFs {
             .as_deref()
             .filter(|_| recorder.is_some())
             .and_then(|disk| profile::load(disk, &image.source));
-        match profile {
-            Some(profile) => {
-                let work = profile_work(&tree, &profile);
-                tokio::spawn(prefetch_profile(content.clone(), work, stats.clone()));
-            }
-            None => stats
+        // Prioritised files: the eStargz landmark's (the image author's list), then the
+        // learned profile's.
+        let mut work = landmark_work(&tree, &layers);
+        if let Some(profile) = profile {
+            work.extend(profile_work(&tree, &profile));
+        }
+        if work.is_empty() {
+            stats
                 .profile_prefetched
-                .store(true, std::sync::atomic::Ordering::Relaxed),
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            tokio::spawn(prefetch_files(content.clone(), work, stats.clone()));
         }
         if let (Some(rate), Some(_)) = (options.background_bytes_per_second, &options.disk) {
             let work = background_work(&tree, &layers);
@@ -459,6 +463,25 @@ async fn fill_in_background(
         .store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// The chunks an eStargz layer's author placed before its prefetch landmark (the files its
+/// workload needs first), per layer.
+fn landmark_work(tree: &MergedTree, layers: &[OpenedLayer]) -> Vec<(usize, Vec<ChunkRef>)> {
+    let mut work = Vec::new();
+    for (index, chunks) in background_work(tree, layers) {
+        let Some(end) = layers[index].prefetch_end.filter(|&e| e > 0) else {
+            continue;
+        };
+        let before: Vec<ChunkRef> = chunks
+            .into_iter()
+            .filter(|c| matches!(c.source, ChunkSource::Compressed { start, .. } if start < end))
+            .collect();
+        if !before.is_empty() {
+            work.push((index, before));
+        }
+    }
+    work
+}
+
 /// The chunks of a profile's files, in the profile's order.
 fn profile_work(tree: &MergedTree, profile: &Profile) -> Vec<(usize, Vec<ChunkRef>)> {
     profile
@@ -481,8 +504,8 @@ fn profile_work(tree: &MergedTree, profile: &Profile) -> Vec<(usize, Vec<ChunkRe
 /// groups go in the profile's order, so what is needed first arrives first.
 const PROFILE_GROUP: usize = 32;
 
-/// Fetches a profile's files, group by group, at prefetch priority.
-async fn prefetch_profile(
+/// Fetches prioritised files, group by group, at prefetch priority.
+async fn prefetch_files(
     content: Arc<ContentReader>,
     work: Vec<(usize, Vec<ChunkRef>)>,
     stats: Arc<FetchStats>,

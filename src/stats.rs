@@ -41,7 +41,8 @@ pub struct FetchStats {
     pub cache_misses: AtomicU64,
     /// Set once background filling has fetched everything (or when there is none to do).
     pub background_complete: std::sync::atomic::AtomicBool,
-    /// Set once the start-up profile's files have been prefetched (or when there is none).
+    /// Set once prioritised files (eStargz landmark, learned profile) have been prefetched, or
+    /// at once when there are none.
     pub profile_prefetched: std::sync::atomic::AtomicBool,
     layers: Mutex<HashMap<Digest, LayerCounters>>,
 }
