@@ -219,16 +219,22 @@ async fn python_app_in_all_formats_matches_umoci_and_corruption_is_caught() {
     });
 }
 
+/// A registry holding python-app as pushed (`test/app:latest`) and as converted to eStargz by
+/// the reference writer; returns the registry and the eStargz reference.
+fn python_app_as_estargz() -> (Registry, String) {
+    let registry = Registry::start(RegistryAuth::None);
+    registry.push_shared("python-app", "test/app");
+    let containerd = Containerd::start();
+    let estargz = containerd.convert(&registry, "test/app", LazyFormat::Estargz);
+    (registry, estargz)
+}
+
 /// The mounted python-app runs its app, fetching well under the image's size; many threads
 /// reading random ranges get the reference bytes; a fetch stuck on a frozen registry does not
 /// hold up `stat` and `readdir`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mounted_python_app_runs_and_serves_concurrent_readers() {
-    let registry = Registry::start(RegistryAuth::None);
-    registry.push_shared("python-app", "test/app");
-    let containerd = Containerd::start();
-    let estargz = containerd.convert(&registry, "test/app", LazyFormat::Estargz);
-    drop(containerd);
+    let (registry, estargz) = python_app_as_estargz();
     let work = tempfile::tempdir().unwrap();
     let reference_root = umoci_unpack("python-app", work.path());
 
@@ -416,12 +422,8 @@ async fn mounted_python_app_runs_and_serves_concurrent_readers() {
 /// sharing layers with the first fetches only its own layer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn disk_cache_survives_remount_and_is_shared_between_images() {
-    let registry = Registry::start(RegistryAuth::None);
+    let (registry, estargz) = python_app_as_estargz();
     registry.push_shared("python3", "test/python3");
-    registry.push_shared("python-app", "test/app");
-    let containerd = Containerd::start();
-    let estargz = containerd.convert(&registry, "test/app", LazyFormat::Estargz);
-    drop(containerd);
     let host = registry.host();
     tokio::task::block_in_place(|| {
         // Restart: read everything, unmount, mount again, read everything: nothing fetched.
@@ -555,11 +557,7 @@ async fn disk_cache_survives_remount_and_is_shared_between_images() {
 /// working set), disk-tier hits and background filling: every read returns the reference bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn random_interleavings_of_reads_evictions_and_prefetch_return_reference_bytes() {
-    let registry = Registry::start(RegistryAuth::None);
-    registry.push_shared("python-app", "test/app");
-    let containerd = Containerd::start();
-    let estargz = containerd.convert(&registry, "test/app", LazyFormat::Estargz);
-    drop(containerd);
+    let (registry, estargz) = python_app_as_estargz();
     let work = tempfile::tempdir().unwrap();
     let reference_root = umoci_unpack("python-app", work.path());
     let cache = tempfile::tempdir().unwrap();
