@@ -557,7 +557,7 @@ async fn disk_cache_survives_remount_and_is_shared_between_images() {
 /// working set), disk-tier hits and background filling: every read returns the reference bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn random_interleavings_of_reads_evictions_and_prefetch_return_reference_bytes() {
-    let (registry, estargz) = python_app_as_estargz();
+    let (_registry, estargz) = python_app_as_estargz();
     let work = tempfile::tempdir().unwrap();
     let reference_root = umoci_unpack("python-app", work.path());
     let cache = tempfile::tempdir().unwrap();
