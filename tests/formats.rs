@@ -97,25 +97,14 @@ async fn conformance(tag: &str) -> (Registry, String) {
             &through_fuse,
         );
         let stats = mounted.stats();
+        let shared = support::shared_json(&support::shared_manifest_digest(tag));
         assert_eq!(
             stats["layers"].as_array().unwrap().len(),
-            fs_layers(&expected_layers(tag))
+            shared["layers"].as_array().unwrap().len()
         );
         drop(mounted);
     }
     (registry, estargz)
-}
-
-fn expected_layers(tag: &str) -> serde_json::Value {
-    let (_, digest) = support::shared_tags()
-        .into_iter()
-        .find(|(t, _)| t == tag)
-        .unwrap();
-    support::shared_json(&digest)["layers"].clone()
-}
-
-fn fs_layers(layers: &serde_json::Value) -> usize {
-    layers.as_array().unwrap().len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -167,12 +156,7 @@ async fn python_app_in_all_formats_matches_umoci_and_corruption_is_caught() {
         panic!("eStargz chunk is not compressed")
     };
     let digest = &fs.layers[*layer].digest;
-    let data = registry
-        .storage
-        .join("docker/registry/v2/blobs/sha256")
-        .join(&digest.hex()[..2])
-        .join(digest.hex())
-        .join("data");
+    let data = registry.blob_data_path(&digest.to_string());
     let mut blob = std::fs::read(&data).unwrap();
     let at = (start + (end - start) / 2) as usize;
     blob[at] ^= 0x55;
@@ -659,23 +643,8 @@ async fn debian_in_all_formats_matches_umoci() {
 fn corrupted_stream_layer_is_refused() {
     let registry = Registry::start(RegistryAuth::None);
     registry.push_shared("python-app", "test/app");
-    let top = support::shared_json(
-        support::shared_tags()
-            .iter()
-            .find(|(t, _)| t == "python-app")
-            .map(|(_, d)| d.as_str())
-            .unwrap(),
-    )["layers"][2]["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let hex = top.strip_prefix("sha256:").unwrap();
-    let data = registry
-        .storage
-        .join("docker/registry/v2/blobs/sha256")
-        .join(&hex[..2])
-        .join(hex)
-        .join("data");
+    let top = support::shared_layer("python-app", 2);
+    let data = registry.blob_data_path(&top);
     let mut blob = std::fs::read(&data).unwrap();
     let at = blob.len() / 2;
     blob[at] ^= 0x55;
@@ -747,10 +716,7 @@ fn ls_and_cat_show_the_merged_tree() {
 #[test]
 fn cat_prints_a_file_before_its_layer_has_finished_streaming() {
     use support::http::{HttpServer, Response};
-    let (_, manifest_digest) = support::shared_tags()
-        .into_iter()
-        .find(|(t, _)| t == "debian-bookworm")
-        .unwrap();
+    let manifest_digest = support::shared_manifest_digest("debian-bookworm");
     let manifest = support::shared_blob(&manifest_digest);
     let manifest_json: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
     let config_digest = manifest_json["config"]["digest"]

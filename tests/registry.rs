@@ -24,14 +24,6 @@ use support::{
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
-fn digest_of(tag: &str) -> String {
-    shared_tags()
-        .into_iter()
-        .find(|(t, _)| t == tag)
-        .unwrap_or_else(|| panic!("no tag {tag} in shared images"))
-        .1
-}
-
 /// Checks an `inspect --json` report against the manifest and config in the shared layout.
 fn check_report(report: &Value, manifest_digest: &str) {
     let manifest = shared_json(manifest_digest);
@@ -94,7 +86,7 @@ fn inspect_reports_every_shared_image_by_tag_by_digest_and_from_the_layout() {
         &[],
     );
     assert!(run.status.success(), "{}", run.stderr);
-    for layer in shared_json(&digest_of("python-app"))["layers"]
+    for layer in shared_json(&support::shared_manifest_digest("python-app"))["layers"]
         .as_array()
         .unwrap()
     {
@@ -124,7 +116,10 @@ fn inspect_reports_every_shared_image_by_tag_by_digest_and_from_the_layout() {
 #[test]
 fn an_index_resolves_to_the_requested_platform() {
     let reg = Registry::start(RegistryAuth::None);
-    let (app, debian) = (digest_of("python-app"), digest_of("debian-bookworm"));
+    let (app, debian) = (
+        support::shared_manifest_digest("python-app"),
+        support::shared_manifest_digest("debian-bookworm"),
+    );
     reg.push_shared_as("python-app", "test/multi", "amd");
     reg.push_shared_as("debian-bookworm", "test/multi", "arm");
     let entry = |digest: &str, platform: Value| {
@@ -180,7 +175,7 @@ fn an_index_resolves_to_the_requested_platform() {
 fn lazy_index_annotations_are_reported_per_layer() {
     let reg = Registry::start(RegistryAuth::None);
     reg.push_shared("python-app", "test/app");
-    let mut manifest = shared_json(&digest_of("python-app"));
+    let mut manifest = shared_json(&support::shared_manifest_digest("python-app"));
     let toc = Digest::of(b"toc").to_string();
     let chunked = Digest::of(b"chunked").to_string();
     manifest["layers"][0]["annotations"] = json!({"containerd.io/snapshot/stargz/toc.digest": toc});
@@ -249,12 +244,8 @@ async fn range_reads_return_exactly_the_requested_bytes() {
     let reg = Registry::start(RegistryAuth::None);
     reg.push_shared("python-app", "test/app");
     let repo = client(&reg.host(), "test/app", &no_docker_config());
-    let manifest = shared_json(&digest_of("python-app"));
-    let layer: Digest = manifest["layers"][2]["digest"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let manifest = shared_json(&support::shared_manifest_digest("python-app"));
+    let layer: Digest = support::shared_layer("python-app", 2).parse().unwrap();
     let blob = shared_blob(&layer.to_string());
     let len = blob.len() as u64;
     for range in [0..1, 0..4096, 1000..70_000, len - 10..len, 0..len] {
@@ -309,7 +300,7 @@ fn htpasswd_auth_uses_user_flag_env_and_docker_config() {
         },
     );
     let image = format!("{}/test/debian", reg.host());
-    let digest = digest_of("debian-bookworm");
+    let digest = support::shared_manifest_digest("debian-bookworm");
 
     lazylayer(&["inspect", &image], &[]).assert_error(&[
         "unauthorized",
@@ -405,7 +396,7 @@ fn token_auth_with_credentials_and_clear_errors_without() {
     let image = format!("{}/test/py", reg.host());
     check_report(
         &lazylayer(&["inspect", "--json", "--user", "bob:hunter2", &image], &[]).json(),
-        &digest_of("python3"),
+        &support::shared_manifest_digest("python3"),
     );
     assert!(tokens.requests() >= 1);
     lazylayer(&["inspect", &image], &[]).assert_error(&[
@@ -457,12 +448,7 @@ async fn token_renewal_case(valid_for: i64, expires_in: u64) -> usize {
     };
     let repo = client(&reg.host(), "test/py", &config);
     repo.registry().ping().await.unwrap();
-    let manifest = shared_json(&digest_of("python3"));
-    let layer: Digest = manifest["layers"][1]["digest"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let layer: Digest = support::shared_layer("python3", 1).parse().unwrap();
     let blob = shared_blob(&layer.to_string());
     let reads = read_for(&repo, &layer, &blob, Duration::from_secs(6)).await;
     assert!(reads > 10, "only {reads} reads");
@@ -501,7 +487,7 @@ async fn token_refused_mid_run_is_renewed_without_a_failed_read() {
 /// A server that answers with bytes that do not match what was asked for.
 #[test]
 fn content_that_does_not_match_its_digest_is_rejected() {
-    let app = digest_of("python-app");
+    let app = support::shared_manifest_digest("python-app");
     let manifest_bytes = shared_blob(&app);
     let manifest = shared_json(&app);
     let config = manifest["config"]["digest"].as_str().unwrap().to_string();
@@ -548,12 +534,7 @@ fn content_that_does_not_match_its_digest_is_rejected() {
 /// it stops working.
 #[tokio::test(flavor = "multi_thread")]
 async fn blob_redirects_drop_authorization_and_are_remembered() {
-    let manifest = shared_json(&digest_of("python-app"));
-    let layer: Digest = manifest["layers"][2]["digest"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let layer: Digest = support::shared_layer("python-app", 2).parse().unwrap();
     let blob = Arc::new(shared_blob(&layer.to_string()));
     let signature = Arc::new(AtomicUsize::new(1));
     let cdn_seen: Arc<Mutex<Vec<Option<String>>>> = Arc::default();

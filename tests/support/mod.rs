@@ -55,6 +55,23 @@ pub fn shared_tags() -> Vec<(String, String)> {
         .collect()
 }
 
+/// The manifest digest of `tag` in the shared layout.
+pub fn shared_manifest_digest(tag: &str) -> String {
+    shared_tags()
+        .into_iter()
+        .find(|(t, _)| t == tag)
+        .unwrap_or_else(|| panic!("no tag {tag} in shared images"))
+        .1
+}
+
+/// The digest of layer `index` (bottom = 0) of `tag` in the shared layout.
+pub fn shared_layer(tag: &str, index: usize) -> String {
+    shared_json(&shared_manifest_digest(tag))["layers"][index]["digest"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{tag} has no layer {index}"))
+        .to_string()
+}
+
 /// Reads a blob of the shared layout by digest (`sha256:...`).
 pub fn shared_blob(digest: &str) -> Vec<u8> {
     let hex = digest.strip_prefix("sha256:").unwrap();
@@ -195,6 +212,17 @@ impl Registry {
             self.port,
             self.log()
         );
+    }
+
+    /// Where the registry's filesystem storage keeps a blob (`sha256:...`), for tests that
+    /// damage it behind the registry's back.
+    pub fn blob_data_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        self.storage
+            .join("docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
     }
 
     /// Freezes the registry process (SIGSTOP): connections stay open but nothing is answered.
