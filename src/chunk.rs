@@ -213,11 +213,6 @@ impl Fetcher {
         }
     }
 
-    /// Requests waiting for a slot, per priority (background, prefetch, reader).
-    fn queued(&self) -> [usize; 3] {
-        self.scheduler.queued()
-    }
-
     /// Whether a chunk is already held by either tier.
     fn holds(&self, layer: &Digest, chunk: &ChunkRef) -> bool {
         ChunkKey::of(layer, chunk).is_none_or(|k| self.cache.contains(&k))
@@ -355,7 +350,7 @@ impl ContentReader {
 
     /// Requests waiting for a slot, per priority (background, prefetch, reader).
     pub fn queued(&self) -> [usize; 3] {
-        self.fetcher.queued()
+        self.fetcher.scheduler.queued()
     }
 
     /// The chunks of `chunks` that neither tier holds.

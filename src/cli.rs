@@ -455,26 +455,40 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
+/// A size option's value, or an error naming the option.
+fn size_flag(flag: &str, value: &str) -> Result<u64, CliError> {
+    parse_size(value).map_err(|e| CliError::Size(format!("--{flag}: {e}")))
+}
+
+/// Opens the disk cache at `dir` (creating it), or an error naming the directory.
+fn open_cache(dir: &std::path::Path, budget: u64) -> Result<DiskCache, CliError> {
+    DiskCache::open(dir, budget).map_err(cache_dir_error(dir))
+}
+
+fn cache_dir_error(dir: &std::path::Path) -> impl Fn(std::io::Error) -> CliError + '_ {
+    move |source| CliError::CacheDir {
+        dir: dir.display().to_string(),
+        source,
+    }
+}
+
 /// Environment variable that tells a daemon child to report readiness on stdout.
 const READY_ENV: &str = "LAZYLAYER_REPORT_READY";
 
 async fn mount(args: MountArgs) -> Result<(), CliError> {
-    let cache_bytes = parse_size(&args.memory_cache_size)
-        .map_err(|e| CliError::Size(format!("--memory-cache-size: {e}")))?;
-    let disk_bytes =
-        parse_size(&args.cache_size).map_err(|e| CliError::Size(format!("--cache-size: {e}")))?;
+    let cache_bytes = size_flag("memory-cache-size", &args.memory_cache_size)?;
+    let disk_bytes = size_flag("cache-size", &args.cache_size)?;
+    let background = size_flag("background-bandwidth", &args.background_bandwidth)?;
     if args.daemon {
         return daemonize(&args);
     }
     let disk = if args.cache_dir.as_os_str() == "none" {
         None
     } else {
-        let disk =
-            DiskCache::open(&args.cache_dir, disk_bytes).map_err(|source| CliError::CacheDir {
-                dir: args.cache_dir.display().to_string(),
-                source,
-            })?;
-        Some(std::sync::Arc::new(disk))
+        Some(std::sync::Arc::new(open_cache(
+            &args.cache_dir,
+            disk_bytes,
+        )?))
     };
     let metrics_listener = match args.metrics_addr {
         Some(addr) => Some(
@@ -486,8 +500,6 @@ async fn mount(args: MountArgs) -> Result<(), CliError> {
     };
     let resolved = resolve_image(&args.reference, &args.remote, disk.clone()).await?;
     let name = resolved.name.clone();
-    let background = parse_size(&args.background_bandwidth)
-        .map_err(|e| CliError::Size(format!("--background-bandwidth: {e}")))?;
     let options = ImageFsOptions {
         cache_bytes,
         disk,
@@ -635,11 +647,7 @@ async fn profile(args: ProfileArgs) -> Result<(), CliError> {
     let reference = ImageRef::parse(&args.reference)?;
     let (source, _) = source::open(&reference, &args.remote.registry_config()?).await?;
     let image = source.name();
-    let dir_error = |source| CliError::CacheDir {
-        dir: args.cache_dir.display().to_string(),
-        source,
-    };
-    let disk = DiskCache::open(&args.cache_dir, u64::MAX).map_err(dir_error)?;
+    let disk = open_cache(&args.cache_dir, u64::MAX)?;
     let Some(profile) = crate::profile::load(&disk, &image) else {
         return Err(CliError::Path {
             image,
@@ -663,7 +671,7 @@ async fn profile(args: ProfileArgs) -> Result<(), CliError> {
                     .join("meta")
                     .join(crate::profile::file_name(&image)),
             )
-            .map_err(dir_error)?;
+            .map_err(cache_dir_error(&args.cache_dir))?;
             eprintln!(
                 "lazylayer: removed the profile of {image} ({} files)",
                 profile.files.len()
@@ -674,28 +682,16 @@ async fn profile(args: ProfileArgs) -> Result<(), CliError> {
 }
 
 fn cache(args: CacheArgs) -> Result<(), CliError> {
-    let budget =
-        parse_size(&args.cache_size).map_err(|e| CliError::Size(format!("--cache-size: {e}")))?;
-    let dir_error = |source| CliError::CacheDir {
-        dir: args.cache_dir.display().to_string(),
-        source,
-    };
+    let budget = size_flag("cache-size", &args.cache_size)?;
+    // Opening would create the directory: a command that only looks must not.
     if !args.cache_dir.is_dir() {
-        return Err(dir_error(std::io::Error::new(
+        return Err(cache_dir_error(&args.cache_dir)(std::io::Error::new(
             std::io::ErrorKind::NotFound,
             "no cache there",
         )));
     }
-    // Opening with the budget trims to it (least recently used first); stats and clear must
-    // not trim, so they open with no limit.
-    let limit = match args.action {
-        CacheAction::Gc => budget,
-        _ => u64::MAX,
-    };
-    let before = DiskCache::open(&args.cache_dir, u64::MAX).map_err(dir_error)?;
-    let (chunks, bytes) = (before.chunks(), before.bytes());
-    drop(before);
-    let disk = DiskCache::open(&args.cache_dir, limit).map_err(dir_error)?;
+    let disk = open_cache(&args.cache_dir, u64::MAX)?;
+    let (chunks, bytes) = (disk.chunks(), disk.bytes());
     match args.action {
         CacheAction::Stats => println!(
             "{}: {} chunks, {}",
@@ -703,16 +699,19 @@ fn cache(args: CacheArgs) -> Result<(), CliError> {
             chunks,
             human_bytes(bytes)
         ),
-        CacheAction::Gc => println!(
-            "{}: {} chunks, {} (removed {} chunks, {})",
-            args.cache_dir.display(),
-            disk.chunks(),
-            human_bytes(disk.bytes()),
-            chunks - disk.chunks(),
-            human_bytes(bytes - disk.bytes())
-        ),
+        CacheAction::Gc => {
+            disk.trim(budget);
+            println!(
+                "{}: {} chunks, {} (removed {} chunks, {})",
+                args.cache_dir.display(),
+                disk.chunks(),
+                human_bytes(disk.bytes()),
+                chunks - disk.chunks(),
+                human_bytes(bytes - disk.bytes())
+            )
+        }
         CacheAction::Clear => {
-            disk.clear().map_err(dir_error)?;
+            disk.clear().map_err(cache_dir_error(&args.cache_dir))?;
             println!(
                 "{}: removed {} chunks, {}",
                 args.cache_dir.display(),

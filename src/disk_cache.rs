@@ -205,7 +205,11 @@ impl DiskCache {
     }
 
     fn evict(&self, state: &mut State) {
-        while state.bytes > self.budget {
+        self.evict_to(state, self.budget);
+    }
+
+    fn evict_to(&self, state: &mut State, budget: u64) {
+        while state.bytes > budget {
             let Some((hex, len)) = state.lru.pop_lru() else {
                 break;
             };
@@ -214,6 +218,11 @@ impl DiskCache {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let _ = std::fs::remove_file(self.chunk_path(&hex));
         }
+    }
+
+    /// Deletes least recently used chunks until at most `budget` bytes remain (`cache gc`).
+    pub fn trim(&self, budget: u64) {
+        self.evict_to(&mut self.state.lock().unwrap(), budget);
     }
 
     /// Deletes every chunk and document.

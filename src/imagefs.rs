@@ -262,9 +262,20 @@ impl ImageFs {
             .as_deref()
             .filter(|_| recorder.is_some())
             .and_then(|disk| profile::load(disk, &image.source));
+        // Every compressed chunk in blob order: what background filling fetches, and where the
+        // landmark's chunks are found. The tree walk is paid only when one of them needs it.
+        let background = options
+            .background_bytes_per_second
+            .filter(|_| options.disk.is_some());
+        let has_landmark = layers.iter().any(|l| l.prefetch_end.is_some_and(|e| e > 0));
+        let all_chunks = if background.is_some() || has_landmark {
+            chunks_in_blob_order(&tree, &layers)
+        } else {
+            Vec::new()
+        };
         // Prioritised files: the eStargz landmark's (the image author's list), then the
         // learned profile's.
-        let mut work = landmark_work(&tree, &layers);
+        let mut work = landmark_work(&all_chunks, &layers);
         if let Some(profile) = profile {
             work.extend(profile_work(&tree, &profile));
         }
@@ -275,11 +286,10 @@ impl ImageFs {
         } else {
             tokio::spawn(prefetch_files(content.clone(), work, stats.clone()));
         }
-        if let (Some(rate), Some(_)) = (options.background_bytes_per_second, &options.disk) {
-            let work = background_work(&tree, &layers);
+        if let Some(rate) = background {
             tokio::spawn(fill_in_background(
                 content.clone(),
-                work,
+                all_chunks,
                 rate,
                 stats.clone(),
             ));
@@ -387,7 +397,7 @@ impl ImageFs {
 /// Every compressed chunk of every file in the merged tree, per layer (bottom layer first, as
 /// lower layers are needed by more images), in blob order so that neighbours merge into one
 /// request. Chunks of streamed layers are left out: they were all cached when the layer streamed.
-fn background_work(tree: &MergedTree, layers: &[OpenedLayer]) -> Vec<(usize, Vec<ChunkRef>)> {
+fn chunks_in_blob_order(tree: &MergedTree, layers: &[OpenedLayer]) -> Vec<(usize, Vec<ChunkRef>)> {
     let mut per_layer: Vec<Vec<ChunkRef>> = vec![Vec::new(); layers.len()];
     let mut seen = std::collections::HashSet::new();
     tree.walk(crate::tree::ROOT, |_, ino| {
@@ -465,18 +475,22 @@ async fn fill_in_background(
 
 /// The chunks an eStargz layer's author placed before its prefetch landmark (the files its
 /// workload needs first), per layer.
-fn landmark_work(tree: &MergedTree, layers: &[OpenedLayer]) -> Vec<(usize, Vec<ChunkRef>)> {
+fn landmark_work(
+    all_chunks: &[(usize, Vec<ChunkRef>)],
+    layers: &[OpenedLayer],
+) -> Vec<(usize, Vec<ChunkRef>)> {
     let mut work = Vec::new();
-    for (index, chunks) in background_work(tree, layers) {
-        let Some(end) = layers[index].prefetch_end.filter(|&e| e > 0) else {
+    for (index, chunks) in all_chunks {
+        let Some(end) = layers[*index].prefetch_end.filter(|&e| e > 0) else {
             continue;
         };
         let before: Vec<ChunkRef> = chunks
-            .into_iter()
+            .iter()
             .filter(|c| matches!(c.source, ChunkSource::Compressed { start, .. } if start < end))
+            .cloned()
             .collect();
         if !before.is_empty() {
-            work.push((index, before));
+            work.push((*index, before));
         }
     }
     work
