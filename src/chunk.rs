@@ -27,6 +27,7 @@ use crate::digest::Digest;
 use crate::disk_cache::DiskCache;
 use crate::layer::{ChunkRef, ChunkSource, Codec, LayerError, LayerFormat, tar_stream};
 use crate::oci::{Descriptor, LayerCompression};
+use crate::retry::{self, RetryPolicy, Transient, Verdict};
 use crate::scheduler::{Priority, RequestScheduler, SharedPriority};
 use crate::source::{ImageSource, SourceError};
 use crate::stats::FetchStats;
@@ -195,6 +196,7 @@ struct Fetcher {
     disk: Option<Arc<DiskCache>>,
     stats: Arc<FetchStats>,
     scheduler: Arc<RequestScheduler>,
+    retry: Arc<RetryPolicy>,
 }
 
 impl Fetcher {
@@ -232,6 +234,7 @@ impl ContentReader {
         layers: Vec<LayerInfo>,
         stats: Arc<FetchStats>,
         scheduler: Arc<RequestScheduler>,
+        retry: RetryPolicy,
     ) -> ContentReader {
         ContentReader {
             fetcher: Fetcher {
@@ -240,6 +243,7 @@ impl ContentReader {
                 disk,
                 stats,
                 scheduler,
+                retry: Arc::new(retry),
             },
             layers,
             inflight: Mutex::new(HashMap::new()),
@@ -409,9 +413,11 @@ impl ContentReader {
                 let request_priority = shared_priority.clone();
                 let fetch = async move {
                     let started = Instant::now();
-                    let data = fetch_chunk(&fetcher, &info, &chunk, &request_priority)
-                        .await
-                        .map_err(Arc::new)?;
+                    let data = refetching(&fetcher, &info, chunk.file_offset, || {
+                        fetch_chunk(&fetcher, &info, &chunk, &request_priority)
+                    })
+                    .await
+                    .map_err(Arc::new)?;
                     let layer = &info.descriptor.digest;
                     fetcher.stats.record_miss(layer, started.elapsed());
                     fetcher.keep(layer, &chunk, &data, &request_priority);
@@ -456,27 +462,64 @@ async fn fetch_run(
     let started = Instant::now();
     let base = span(&run[0]).0;
     let last = span(&run[run.len() - 1]).1;
-    let permit = fetcher.scheduler.acquire_shared(&priority).await;
-    let compressed = fetcher
-        .source
-        .read_range(layer, base..last)
-        .await
-        .map_err(|e| Arc::new(ContentError::from(e)))?;
-    drop(permit);
-    let mut out = Vec::with_capacity(run.len());
-    for c in &run {
-        let (start, end, inner, codec) = span(c);
-        let piece = compressed.slice((start - base) as usize..(end - base) as usize);
-        let data = inflate(layer, start, &piece, codec, inner, c.size).map_err(Arc::new)?;
-        verify(layer, start, c, &data).map_err(Arc::new)?;
-        out.push(data);
-    }
+    let out = refetching(&fetcher, &info, run[0].file_offset, || async {
+        let permit = fetcher.scheduler.acquire_shared(&priority).await;
+        let compressed = fetcher.source.read_range(layer, base..last).await?;
+        drop(permit);
+        let mut out = Vec::with_capacity(run.len());
+        for c in &run {
+            let (start, end, inner, codec) = span(c);
+            let piece = compressed.slice((start - base) as usize..(end - base) as usize);
+            let data = inflate(layer, start, &piece, codec, inner, c.size)?;
+            verify(layer, start, c, &data)?;
+            out.push(data);
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(Arc::new)?;
     let took = started.elapsed();
     for (c, data) in run.iter().zip(&out) {
         fetcher.stats.record_miss(layer, took);
         fetcher.keep(layer, c, data, &priority);
     }
     Ok(Arc::new(out))
+}
+
+/// Runs a fetch again while its bytes fail verification (damaged in transit; what the source
+/// stores is checked again on the next try), within the retry policy. Transport failures were
+/// already retried by the source. A fetch that still fails is logged once here, however many
+/// readers wait on it, and each of them gets EIO.
+async fn refetching<T, F, Fut>(
+    fetcher: &Fetcher,
+    info: &LayerInfo,
+    file_offset: u64,
+    attempt: F,
+) -> Result<T, ContentError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ContentError>>,
+{
+    let layer = &info.descriptor.digest;
+    let what = || format!("chunk at file offset {file_offset} of layer {layer}");
+    let result = retry::retry(&fetcher.retry, what, attempt).await;
+    if let Err(e) = &result {
+        tracing::warn!(source = %fetcher.source.name(), %layer, file_offset, error = %e, "read failed; the next read of this data tries again");
+    }
+    result
+}
+
+impl Transient for ContentError {
+    fn verdict(&self) -> Verdict {
+        match self {
+            ContentError::ChunkDigest { .. } | ContentError::Decompress { .. } => {
+                Verdict::Retry(None)
+            }
+            ContentError::Layer(e) => e.verdict(),
+            // Retried by the source already; out-of-range is a caller's mistake.
+            ContentError::Source(_) | ContentError::OutOfRange { .. } => Verdict::Fatal,
+        }
+    }
 }
 
 fn verify(layer: &Digest, offset: u64, chunk: &ChunkRef, data: &[u8]) -> Result<(), ContentError> {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::chunk::ContentError;
+use crate::config::{ConfigError, ConfigFile};
 use crate::disk_cache::{DiskBackedSource, DiskCache};
 use crate::image::{self, ImageError};
 use crate::imagefs::{CountingSource, ImageFs, ImageFsError, ImageFsOptions};
@@ -19,6 +20,7 @@ use crate::oci::Platform;
 use crate::reference::{ImageRef, ReferenceError};
 use crate::registry::RegistryConfig;
 use crate::registry::auth::Credentials;
+use crate::retry::RetryPolicy;
 use crate::source::{self, SourceError};
 use crate::stats::FetchStats;
 use crate::stream_read::{self, Outcome};
@@ -176,6 +178,11 @@ pub struct MountArgs {
     #[arg(long)]
     pub allow_other: bool,
 
+    /// Honour setuid bits and device nodes in the image. Off by default (nosuid,nodev): an
+    /// image is untrusted input. Turn on only for a container rootfs you trust.
+    #[arg(long)]
+    pub suid_dev: bool,
+
     /// Memory for cached chunks, e.g. 512M or 2G.
     #[arg(long, value_name = "SIZE", default_value = "512M")]
     pub memory_cache_size: String,
@@ -317,13 +324,29 @@ pub struct RemoteArgs {
     #[arg(long, value_name = "FILE")]
     pub docker_config: Option<PathBuf>,
 
-    /// Seconds to wait for a connection to the registry.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
-    pub connect_timeout: f64,
+    /// Seconds to wait for a connection to the registry [default: 10].
+    #[arg(long, value_name = "SECONDS")]
+    pub connect_timeout: Option<f64>,
 
-    /// Seconds without a byte before a transfer is abandoned as stalled.
-    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
-    pub stall_timeout: f64,
+    /// Seconds without a byte before one attempt is abandoned as stalled (and retried)
+    /// [default: 30].
+    #[arg(long, value_name = "SECONDS")]
+    pub stall_timeout: Option<f64>,
+
+    /// Attempts per remote read before it fails; a failed range read resumes at the first
+    /// byte not yet received [default: 5].
+    #[arg(long, value_name = "N")]
+    pub max_attempts: Option<u32>,
+
+    /// Seconds a read may go without receiving a byte, retries included, before it fails
+    /// (EIO in a mount) [default: 60].
+    #[arg(long, value_name = "SECONDS")]
+    pub read_timeout: Option<f64>,
+
+    /// Config file with defaults for these options (TOML, `[fetch]` section)
+    /// [default: /etc/lazylayer/config.toml if it exists].
+    #[arg(long, value_name = "FILE", env = "LAZYLAYER_CONFIG")]
+    pub config: Option<PathBuf>,
 }
 
 /// Errors of the command-line layer: bad arguments, or a failure below, with what to do.
@@ -337,6 +360,10 @@ pub enum CliError {
     User(String),
     #[error("--{name}: {value} is not a positive number of seconds")]
     Timeout { name: &'static str, value: f64 },
+    #[error("--max-attempts: must be at least 1")]
+    Attempts,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error(transparent)]
@@ -391,7 +418,40 @@ fn seconds(name: &'static str, value: f64) -> Result<Duration, CliError> {
 }
 
 impl RemoteArgs {
+    /// The registry settings: flags first, then the config file, then built-in defaults.
     pub fn registry_config(&self) -> Result<RegistryConfig, CliError> {
+        let file = ConfigFile::load(self.config.as_deref())?.fetch;
+        let defaults = RegistryConfig::default();
+        let secs = |name: &'static str, flag: Option<f64>, file: Option<f64>, default: Duration| {
+            flag.or(file).map_or(Ok(default), |v| seconds(name, v))
+        };
+        let retry = RetryPolicy {
+            max_attempts: self
+                .max_attempts
+                .or(file.max_attempts)
+                .unwrap_or(defaults.retry.max_attempts),
+            read_timeout: secs(
+                "read-timeout",
+                self.read_timeout,
+                file.read_timeout,
+                defaults.retry.read_timeout,
+            )?,
+            initial_backoff: secs(
+                "initial_backoff",
+                None,
+                file.initial_backoff,
+                defaults.retry.initial_backoff,
+            )?,
+            max_backoff: secs(
+                "max_backoff",
+                None,
+                file.max_backoff,
+                defaults.retry.max_backoff,
+            )?,
+        };
+        if retry.max_attempts == 0 {
+            return Err(CliError::Attempts);
+        }
         let mut config = RegistryConfig {
             plain_http: self.plain_http,
             credentials: self
@@ -400,9 +460,20 @@ impl RemoteArgs {
                 .map(Credentials::parse)
                 .transpose()
                 .map_err(CliError::User)?,
-            connect_timeout: seconds("connect-timeout", self.connect_timeout)?,
-            stall_timeout: seconds("stall-timeout", self.stall_timeout)?,
-            ..RegistryConfig::default()
+            connect_timeout: secs(
+                "connect-timeout",
+                self.connect_timeout,
+                file.connect_timeout,
+                defaults.connect_timeout,
+            )?,
+            stall_timeout: secs(
+                "stall-timeout",
+                self.stall_timeout,
+                file.stall_timeout,
+                defaults.stall_timeout,
+            )?,
+            retry,
+            ..defaults
         };
         if let Some(path) = &self.docker_config {
             config.docker_config = Some(path.clone());
@@ -509,6 +580,7 @@ async fn mount(args: MountArgs) -> Result<(), CliError> {
         profile_window: (args.profile_window > 0.0)
             .then(|| seconds("profile-window", args.profile_window))
             .transpose()?,
+        retry: resolved.retry,
     };
     let fs = ImageFs::open_counted(resolved.source, resolved.stats, resolved.image, &options)
         .await
@@ -519,6 +591,7 @@ async fn mount(args: MountArgs) -> Result<(), CliError> {
     let fs = std::sync::Arc::new(fs);
     let mount_options = crate::mount::MountOptions {
         allow_other: args.allow_other,
+        suid_dev: args.suid_dev,
         ..Default::default()
     };
     let session = crate::mount::mount(
@@ -752,6 +825,12 @@ async fn stats(args: StatsArgs) -> Result<(), CliError> {
         report.cache_misses,
         human_bytes(report.cache_bytes)
     );
+    if report.retries + report.failed_reads > 0 {
+        println!(
+            "retries    {} retried attempts, {} reads failed after their retry budget",
+            report.retries, report.failed_reads
+        );
+    }
     println!();
     println!(
         "{:<2} {:<20} {:<12} {:>10} {:>10} {:>6} {:>7} {:>7} {:>7} {:>20}",
@@ -796,6 +875,7 @@ struct Resolved {
     source: std::sync::Arc<dyn source::ImageSource>,
     stats: std::sync::Arc<FetchStats>,
     image: image::ResolvedImage,
+    retry: RetryPolicy,
 }
 
 async fn resolve_image(
@@ -819,6 +899,7 @@ async fn resolve_image(
         source,
         stats,
         image,
+        retry: config.retry,
     })
 }
 
@@ -828,7 +909,10 @@ impl Resolved {
             self.source,
             self.stats,
             self.image,
-            &ImageFsOptions::default(),
+            &ImageFsOptions {
+                retry: self.retry,
+                ..ImageFsOptions::default()
+            },
         )
         .await
         .map_err(|source| CliError::Open {

@@ -23,6 +23,7 @@ use crate::layer::{ChunkRef, ChunkSource};
 use crate::oci::Descriptor;
 use crate::profile::{self, Profile, Recorder};
 use crate::reference::ManifestSelector;
+use crate::retry::{self, RetryPolicy};
 use crate::scheduler::{Priority, RequestScheduler};
 use crate::source::{ByteStream, FetchedManifest, ImageSource, SourceError};
 use crate::stats::FetchStats;
@@ -47,6 +48,9 @@ pub struct ImageFsOptions {
     /// Record the files read in this long after opening as the image's start-up profile, and
     /// prefetch an existing profile's files (`None`: neither). Needs a disk tier to keep it.
     pub profile_window: Option<std::time::Duration>,
+    /// How fetches whose bytes fail verification are tried again, and how a layer index that
+    /// fails to load is; transport failures are retried below, by the source.
+    pub retry: RetryPolicy,
 }
 
 impl Default for ImageFsOptions {
@@ -57,6 +61,7 @@ impl Default for ImageFsOptions {
             request_slots: 4,
             background_bytes_per_second: None,
             profile_window: None,
+            retry: RetryPolicy::default(),
         }
     }
 }
@@ -215,12 +220,19 @@ impl ImageFs {
             });
             let cache = cache.clone();
             let disk = options.disk.clone();
+            let policy = &options.retry;
             async move {
-                let result = layer::load(source, layer, filler, disk.as_deref()).await;
-                if result.is_err() {
-                    // Data streamed before a failed verification must not be served.
-                    cache.remove_layer(&digest);
-                }
+                let what = || format!("index of layer {digest}");
+                let result = retry::retry(policy, what, || async {
+                    let result =
+                        layer::load(source.clone(), layer, filler.clone(), disk.as_deref()).await;
+                    if result.is_err() {
+                        // Data streamed before a failed verification must not be served.
+                        cache.remove_layer(&digest);
+                    }
+                    result
+                })
+                .await;
                 result
             }
         });
@@ -252,6 +264,7 @@ impl ImageFs {
             infos,
             stats.clone(),
             RequestScheduler::new(options.request_slots),
+            options.retry.clone(),
         ));
         let recorder = options
             .profile_window

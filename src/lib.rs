@@ -18,6 +18,7 @@
 
 pub mod chunk;
 pub mod cli;
+pub mod config;
 pub mod digest;
 pub mod disk_cache;
 pub mod image;
@@ -31,6 +32,7 @@ pub mod oci;
 pub mod profile;
 pub mod reference;
 pub mod registry;
+pub mod retry;
 pub mod scheduler;
 pub mod source;
 pub mod stats;

@@ -23,6 +23,7 @@ use crate::layout::{LayoutError, LayoutSource};
 use crate::oci::Descriptor;
 use crate::reference::{ImageRef, ManifestSelector};
 use crate::registry::{Registry, RegistryConfig, RegistryError, Repository};
+use crate::retry::{RetryingSource, Transient, Verdict};
 
 /// A manifest as a source served it, already checked against its digest.
 #[derive(Clone, Debug)]
@@ -40,6 +41,29 @@ pub enum SourceError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Layout(#[from] LayoutError),
+    #[error(
+        "{what}: no data for {secs:.0} s ({attempts} attempts); the source is down or unreachable \
+         (raise --read-timeout to wait longer)"
+    )]
+    TimedOut {
+        what: String,
+        secs: f64,
+        attempts: u32,
+    },
+    #[error("{what}: the source ended the stream early")]
+    EndedEarly { what: String },
+}
+
+impl Transient for SourceError {
+    fn verdict(&self) -> Verdict {
+        match self {
+            SourceError::Registry(e) => e.verdict(),
+            // Local files: trying again reads the same bytes.
+            SourceError::Layout(_) => Verdict::Fatal,
+            SourceError::TimedOut { .. } => Verdict::Fatal,
+            SourceError::EndedEarly { .. } => Verdict::Retry(None),
+        }
+    }
 }
 
 /// A stream of blob bytes; see [`ImageSource::blob_range`].
@@ -110,8 +134,11 @@ pub async fn open(
         ImageRef::Registry(r) => {
             let registry = Registry::new(r, config)?;
             registry.ping().await?;
-            let repo = registry.repository(&r.repository);
-            Ok((Arc::new(repo), r.selector()))
+            let repo = Arc::new(registry.repository(&r.repository));
+            Ok((
+                RetryingSource::wrap(repo, config.retry.clone()),
+                r.selector(),
+            ))
         }
         ImageRef::Layout(l) => {
             let layout = LayoutSource::open(&l.path)?;

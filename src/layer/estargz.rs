@@ -66,7 +66,7 @@ pub fn parse_footer(tail: &[u8]) -> Option<(u64, u64)> {
 }
 
 /// Extracts `stargz.index.json` from the TOC's gzip member, refusing one over the size bound.
-fn toc_json(layer: &Digest, compressed: &[u8]) -> Result<Vec<u8>, LayerError> {
+pub fn toc_json(layer: &Digest, compressed: &[u8]) -> Result<Vec<u8>, LayerError> {
     let gz = flate2::read::GzDecoder::new(compressed);
     let mut archive = tar::Archive::new(gz);
     let bad = |reason: String| LayerError::malformed(layer, format!("eStargz TOC: {reason}"));
@@ -88,7 +88,8 @@ fn toc_json(layer: &Digest, compressed: &[u8]) -> Result<Vec<u8>, LayerError> {
             entry.size()
         )));
     }
-    let mut json = Vec::with_capacity(entry.size() as usize);
+    // A tar header's size is a bound to check, not an allocation to make up front.
+    let mut json = Vec::with_capacity(entry.size().min(1 << 20) as usize);
     entry
         .read_to_end(&mut json)
         .map_err(|e| bad(e.to_string()))?;
@@ -160,7 +161,12 @@ pub async fn load(
     index_from_json(layer, &json, toc_offset)
 }
 
-fn index_from_json(layer: &Digest, json: &[u8], toc_offset: u64) -> Result<LayerIndex, LayerError> {
+/// Builds the index from a TOC already checked against its digest (public for the fuzzer).
+pub fn index_from_json(
+    layer: &Digest,
+    json: &[u8],
+    toc_offset: u64,
+) -> Result<LayerIndex, LayerError> {
     if toc_offset == 0 {
         return Err(LayerError::malformed(layer, "eStargz TOC at offset 0"));
     }

@@ -29,6 +29,7 @@ use crate::digest::Digest;
 use crate::disk_cache::DiskCache;
 use crate::image::Layer;
 use crate::oci::{LayerCompression, LazyIndex};
+use crate::retry::{Transient, Verdict};
 use crate::source::{ImageSource, SourceError};
 
 /// Largest uncompressed chunk accepted from a TOC. eStargz and zstd:chunked writers use chunks of
@@ -60,6 +61,22 @@ pub enum LayerError {
     },
     #[error("layer {layer}: unsupported media type {media_type}")]
     UnsupportedMediaType { layer: Digest, media_type: String },
+}
+
+/// Worth loading the layer again? Bytes that fail their digest or do not parse may have been
+/// damaged in transit (what was stored is checked again on the next try); transport failures
+/// were already retried by the source, and entries refused as hostile are refused again.
+impl Transient for LayerError {
+    fn verdict(&self) -> Verdict {
+        match self {
+            LayerError::Malformed { .. } | LayerError::DigestMismatch { .. } => {
+                Verdict::Retry(None)
+            }
+            LayerError::Source(_)
+            | LayerError::BadEntry { .. }
+            | LayerError::UnsupportedMediaType { .. } => Verdict::Fatal,
+        }
+    }
 }
 
 impl LayerError {

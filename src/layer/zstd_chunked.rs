@@ -78,8 +78,30 @@ pub async fn load(
             actual,
         });
     }
-    let mut json = Vec::with_capacity(uncompressed as usize);
-    zstd::stream::read::Decoder::new(&compressed[..])
+    if let Some(disk) = disk.filter(|_| fetched) {
+        disk.put_meta(&cache_name, &compressed);
+    }
+    // Chunk frames end where the TOC's skippable frame (8-byte header) begins.
+    index_from_toc(layer, &compressed, uncompressed, offset.saturating_sub(8))
+}
+
+/// Inflates a zstd:chunked TOC (already checked against its checksum) of `uncompressed` bytes
+/// and builds the index; chunk data ends at `data_end`. Public for the fuzzer.
+pub fn index_from_toc(
+    layer: &Digest,
+    compressed: &[u8],
+    uncompressed: u64,
+    data_end: u64,
+) -> Result<LayerIndex, LayerError> {
+    let bad = |reason: String| LayerError::malformed(layer, format!("zstd:chunked TOC: {reason}"));
+    if uncompressed > MAX_TOC_BYTES {
+        return Err(bad(format!(
+            "{uncompressed} bytes exceeds the limit of {MAX_TOC_BYTES}"
+        )));
+    }
+    // The annotation is trusted for the bound, not for an allocation up front.
+    let mut json = Vec::with_capacity(uncompressed.min(1 << 20) as usize);
+    zstd::stream::read::Decoder::new(compressed)
         .map_err(|e| bad(e.to_string()))?
         .take(uncompressed + 1)
         .read_to_end(&mut json)
@@ -90,11 +112,6 @@ pub async fn load(
             json.len()
         )));
     }
-    if let Some(disk) = disk.filter(|_| fetched) {
-        disk.put_meta(&cache_name, &compressed);
-    }
-    // Chunk frames end where the TOC's skippable frame (8-byte header) begins.
-    let data_end = offset.saturating_sub(8);
     let converted = toc::convert(layer, toc::parse(layer, &json)?, Codec::Zstd, data_end)?;
     Ok(LayerIndex {
         digest: layer.clone(),

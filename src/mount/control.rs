@@ -28,6 +28,11 @@ pub struct StatsReport {
     #[serde(default)]
     pub disk_hits: u64,
     pub cache_misses: u64,
+    /// Failed attempts that were retried, and reads that failed after their retry budget.
+    #[serde(default)]
+    pub retries: u64,
+    #[serde(default)]
+    pub failed_reads: u64,
     /// Whether background filling has fetched every chunk of the image.
     #[serde(default)]
     pub background_complete: bool,
@@ -61,6 +66,8 @@ impl StatsReport {
             cache_hits: FetchStats::get(&stats.cache_hits),
             disk_hits: FetchStats::get(&stats.disk_hits),
             cache_misses: FetchStats::get(&stats.cache_misses),
+            retries: crate::retry::counters().0,
+            failed_reads: crate::retry::counters().1,
             background_complete: stats
                 .background_complete
                 .load(std::sync::atomic::Ordering::Relaxed),

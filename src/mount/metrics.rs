@@ -57,6 +57,16 @@ pub fn render(fs: &ImageFs) -> String {
         "Bytes held by a cache tier.",
     );
     family(
+        "lazylayer_retries_total",
+        "counter",
+        "Failed attempts of remote reads that were retried.",
+    );
+    family(
+        "lazylayer_failed_reads_total",
+        "counter",
+        "Remote reads that failed after their retry budget (readers got EIO).",
+    );
+    family(
         "lazylayer_queue_depth",
         "gauge",
         "Requests waiting for a slot, per priority.",
@@ -127,6 +137,9 @@ pub fn render(fs: &ImageFs) -> String {
             disk.bytes()
         );
     }
+    let (retries, exhausted) = crate::retry::counters();
+    let _ = writeln!(out, "lazylayer_retries_total {retries}");
+    let _ = writeln!(out, "lazylayer_failed_reads_total {exhausted}");
     let [background, prefetch, reader] = fs.queued();
     for (priority, n) in [
         ("reader", reader),

@@ -31,6 +31,11 @@ pub struct MountOptions {
     /// Let users other than the one who mounted access the tree (needed when containers run as
     /// other users). Off by default, as for every FUSE filesystem.
     pub allow_other: bool,
+    /// Honour setuid bits and device nodes in the image. Off for inspection mounts (`nosuid,
+    /// nodev`): an image from a registry is untrusted input, and a setuid root shell or a
+    /// device node in it must not become one on the host. A container rootfs needs them on
+    /// (`sudo`, `ping`), which is what `--suid-dev` and the snapshotter ask for.
+    pub suid_dev: bool,
     /// FUSE worker threads. Reads do not occupy a worker while they wait for the network, so a
     /// few threads suffice; 2 lets one `stat` proceed while another thread copies a large reply.
     pub threads: usize,
@@ -44,6 +49,7 @@ impl Default for MountOptions {
     fn default() -> Self {
         MountOptions {
             allow_other: false,
+            suid_dev: false,
             threads: 2,
             read_ahead_kb: 1024,
         }
@@ -78,9 +84,12 @@ pub fn mount(
         MountOption::FSName(format!("lazylayer:{}", fs.image.source)),
         MountOption::Subtype("lazylayer".into()),
         MountOption::DefaultPermissions,
-        MountOption::Suid,
-        MountOption::Dev,
     ];
+    if options.suid_dev {
+        mount_options.extend([MountOption::Suid, MountOption::Dev]);
+    } else {
+        mount_options.extend([MountOption::NoSuid, MountOption::NoDev]);
+    }
     if options.allow_other {
         mount_options.push(MountOption::CUSTOM("allow_other".into()));
     }

@@ -38,6 +38,7 @@ use url::Url;
 
 use crate::digest::{Digest, DigestError};
 use crate::reference::{ManifestSelector, RegistryRef};
+use crate::retry::{RetryPolicy, Transient, Verdict};
 use crate::source::FetchedManifest;
 use auth::{Authenticator, Credentials};
 
@@ -61,6 +62,8 @@ pub struct RegistryConfig {
     /// How long a blob redirect target is reused. 5 min: well inside the 20 min that
     /// distribution's S3 driver signs URLs for, and a stale one only costs one retry.
     pub redirect_ttl: Duration,
+    /// How failed reads are retried; see [`RetryPolicy`].
+    pub retry: RetryPolicy,
 }
 
 impl Default for RegistryConfig {
@@ -72,6 +75,7 @@ impl Default for RegistryConfig {
             connect_timeout: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(30),
             redirect_ttl: Duration::from_secs(300),
+            retry: RetryPolicy::default(),
         }
     }
 }
@@ -114,6 +118,8 @@ pub enum RegistryError {
         url: String,
         status: StatusCode,
         body: String,
+        /// The server's `Retry-After`, for 429 and 503.
+        retry_after: Option<Duration>,
     },
     #[error("{what} {digest} from {url} is {size} bytes, more than the {limit}-byte limit")]
     TooLarge {
@@ -149,6 +155,17 @@ pub enum RegistryError {
     TooManyRedirects { url: String },
 }
 
+/// A URL as it may appear in messages and logs: without user info, query or fragment, which
+/// is where pre-signed object-store URLs keep their signatures.
+pub(crate) fn shown(url: &Url) -> String {
+    let mut url = url.clone();
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    url.set_query(None);
+    url.set_fragment(None);
+    url.to_string()
+}
+
 /// Formats a reqwest error with its causes ("error sending request: connection refused").
 pub(crate) fn describe_reqwest(e: &reqwest::Error) -> String {
     let mut out = if e.is_timeout() {
@@ -158,10 +175,15 @@ pub(crate) fn describe_reqwest(e: &reqwest::Error) -> String {
     };
     let mut cur: Option<&dyn std::error::Error> = Some(e);
     while let Some(err) = cur {
-        let s = err.to_string();
-        // reqwest repeats the URL and hyper names its layer; keep the causes.
-        let noise =
-            s.starts_with("error sending request for url") || s.starts_with("client error (");
+        // reqwest repeats the URL (which may carry a signed query) and hyper names its
+        // layer; keep the causes.
+        let full = err.to_string();
+        let s = full
+            .split(" for url (")
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let noise = s == "error sending request" || s.starts_with("client error (");
         if !out.contains(&s) && !noise {
             if !out.is_empty() {
                 out.push_str(": ");
@@ -271,7 +293,7 @@ impl Registry {
             }
             StatusCode::NOT_FOUND => Err(RegistryError::NotFound {
                 what: "registry API (GET /v2/)",
-                url: url.to_string(),
+                url: shown(&url),
             }),
             _ => Err(status_error(resp, &url).await),
         }
@@ -281,12 +303,12 @@ impl Registry {
         if e.is_connect() || (e.is_timeout() && !e.is_body()) {
             RegistryError::Connect {
                 registry: self.name.clone(),
-                url: url.to_string(),
+                url: shown(&url),
                 reason: describe_reqwest(e),
             }
         } else {
             RegistryError::Transport {
-                url: url.to_string(),
+                url: shown(&url),
                 reason: describe_reqwest(e),
             }
         }
@@ -368,13 +390,61 @@ fn header_str(resp: &reqwest::Response, name: reqwest::header::HeaderName) -> Op
 /// An error for an unexpected status, with the start of the body (registries explain there).
 async fn status_error(resp: reqwest::Response, url: &Url) -> RegistryError {
     let status = resp.status();
+    let retry_after = header_str(&resp, reqwest::header::RETRY_AFTER)
+        .as_deref()
+        .and_then(parse_retry_after);
     let body = resp.text().await.unwrap_or_default();
     let mut body: String = body.trim().chars().take(300).collect();
     body.retain(|c| !c.is_control());
     RegistryError::Status {
-        url: url.to_string(),
+        url: shown(&url),
         status,
         body,
+        retry_after,
+    }
+}
+
+/// `Retry-After` is either seconds or an HTTP date.
+fn parse_retry_after(value: &str) -> Option<Duration> {
+    if let Ok(secs) = value.trim().parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = chrono::DateTime::parse_from_rfc2822(value.trim()).ok()?;
+    let secs = (when.timestamp() - chrono::Utc::now().timestamp()).max(0);
+    Some(Duration::from_secs(secs as u64))
+}
+
+impl Transient for RegistryError {
+    fn verdict(&self) -> Verdict {
+        match self {
+            RegistryError::Connect { .. }
+            | RegistryError::Transport { .. }
+            | RegistryError::Truncated { .. }
+            | RegistryError::BadRange { .. }
+            // The token endpoint may be down for a while, as any server.
+            | RegistryError::Token { .. }
+            // Bytes that fail their digest were damaged on the way; the stored ones are checked
+            // by digest too, so a second look is all it takes to tell.
+            | RegistryError::Digest { .. } => Verdict::Retry(None),
+            RegistryError::Status {
+                status,
+                retry_after,
+                ..
+            } => match status.as_u16() {
+                // 501 and 505 say the server cannot do this at all.
+                501 | 505 => Verdict::Fatal,
+                408 | 429 | 500..=599 => Verdict::Retry(*retry_after),
+                _ => Verdict::Fatal,
+            },
+            RegistryError::Unauthorized { .. }
+            | RegistryError::UnsupportedAuth { .. }
+            | RegistryError::BadChallenge { .. }
+            | RegistryError::Config { .. }
+            | RegistryError::NotFound { .. }
+            | RegistryError::TooLarge { .. }
+            | RegistryError::RangeNotSatisfiable { .. }
+            | RegistryError::TooManyRedirects { .. } => Verdict::Fatal,
+        }
     }
 }
 
@@ -437,7 +507,7 @@ impl Repository {
             StatusCode::NOT_FOUND => {
                 return Err(RegistryError::NotFound {
                     what: "manifest",
-                    url: url.to_string(),
+                    url: shown(&url),
                 });
             }
             _ => return Err(status_error(resp, &url).await),
@@ -460,7 +530,7 @@ impl Repository {
                 .map(|h| {
                     h.parse::<Digest>().map_err(|source| RegistryError::Digest {
                         what: "manifest digest header",
-                        url: url.to_string(),
+                        url: shown(&url),
                         source,
                     })
                 })
@@ -471,7 +541,7 @@ impl Repository {
         {
             return Err(RegistryError::Digest {
                 what: "manifest",
-                url: url.to_string(),
+                url: shown(&url),
                 source: DigestError::Mismatch { expected, actual },
             });
         }
@@ -495,7 +565,7 @@ impl Repository {
             return Err(RegistryError::TooLarge {
                 what: "blob",
                 digest: digest.to_string(),
-                url: url.to_string(),
+                url: shown(&url),
                 size,
                 limit,
             });
@@ -508,7 +578,7 @@ impl Repository {
             .verify(&bytes)
             .map_err(|source| RegistryError::Digest {
                 what: "blob",
-                url: url.to_string(),
+                url: shown(&url),
                 source,
             })?;
         Ok(bytes)
@@ -533,7 +603,7 @@ impl Repository {
             start: range.start,
             end: range.end - 1,
             size,
-            url: url.to_string(),
+            url: shown(&url),
         };
         let skip = match resp.status() {
             StatusCode::PARTIAL_CONTENT => {
@@ -546,7 +616,7 @@ impl Repository {
                     }
                     _ => {
                         return Err(RegistryError::BadRange {
-                            url: url.to_string(),
+                            url: shown(&url),
                             reason: format!(
                                 "asked for bytes {}-{}, got Content-Range `{cr}`",
                                 range.start,
@@ -557,7 +627,7 @@ impl Repository {
                 }
             }
             StatusCode::OK => {
-                tracing::warn!(%url, "server ignored the Range header; skipping to the requested offset");
+                tracing::warn!(url = %shown(&url), "server ignored the Range header; skipping to the requested offset");
                 range.start
             }
             StatusCode::RANGE_NOT_SATISFIABLE => {
@@ -569,7 +639,7 @@ impl Repository {
         };
         Ok(Box::pin(RangeBody {
             inner: Box::pin(resp.bytes_stream()),
-            url: url.to_string(),
+            url: shown(&url),
             skip,
             remaining: want,
             expected: want,
@@ -606,10 +676,10 @@ impl Repository {
             match with_range(reg.http.get(target.clone())).send().await {
                 Ok(resp) if resp.status().is_success() => return Ok((resp, target)),
                 Ok(resp) => {
-                    tracing::debug!(url = %target, status = %resp.status(), "remembered redirect failed; asking the registry again");
+                    tracing::debug!(url = %shown(&target), status = %resp.status(), "remembered redirect failed; asking the registry again");
                 }
                 Err(e) => {
-                    tracing::debug!(url = %target, error = %describe_reqwest(&e), "remembered redirect failed; asking the registry again");
+                    tracing::debug!(url = %shown(&target), error = %describe_reqwest(&e), "remembered redirect failed; asking the registry again");
                 }
             }
             reg.forget_redirect(digest);
@@ -628,11 +698,11 @@ impl Repository {
                 return Ok((resp, url));
             }
             let location = header_str(&resp, LOCATION).ok_or_else(|| RegistryError::BadRange {
-                url: url.to_string(),
+                url: shown(&url),
                 reason: format!("HTTP {} without a Location header", resp.status()),
             })?;
             let next = url.join(&location).map_err(|e| RegistryError::BadRange {
-                url: url.to_string(),
+                url: shown(&url),
                 reason: format!("bad redirect Location `{location}`: {e}"),
             })?;
             let same_origin = next.origin() == reg.base.origin();
@@ -642,16 +712,20 @@ impl Repository {
                     .await?
             } else {
                 tracing::debug!(blob = %digest, target = %next.host_str().unwrap_or(""), "blob redirected to another host");
-                reg.remember_redirect(digest, next.clone());
-                with_range(reg.http.get(next.clone()))
+                let resp = with_range(reg.http.get(next.clone()))
                     .send()
                     .await
-                    .map_err(|e| reg.transport_error(&next, &e))?
+                    .map_err(|e| reg.transport_error(&next, &e))?;
+                // Only a target that answered is worth going straight to next time.
+                if resp.status().is_success() {
+                    reg.remember_redirect(digest, next.clone());
+                }
+                resp
             };
             url = next;
         }
         Err(RegistryError::TooManyRedirects {
-            url: self.url("blobs", &digest.to_string()).to_string(),
+            url: shown(&self.url("blobs", &digest.to_string())),
         })
     }
 }
@@ -660,7 +734,7 @@ async fn blob_status_error(resp: reqwest::Response, url: &Url) -> RegistryError 
     if resp.status() == StatusCode::NOT_FOUND {
         RegistryError::NotFound {
             what: "blob",
-            url: url.to_string(),
+            url: shown(&url),
         }
     } else {
         status_error(resp, url).await
@@ -678,7 +752,7 @@ async fn read_capped(
     let too_large = |size| RegistryError::TooLarge {
         what,
         digest: name.to_string(),
-        url: url.to_string(),
+        url: shown(&url),
         size,
         limit,
     };
@@ -691,7 +765,7 @@ async fn read_capped(
     let mut stream = resp.bytes_stream();
     while let Some(piece) = stream.next().await {
         let piece = piece.map_err(|e| RegistryError::Transport {
-            url: url.to_string(),
+            url: shown(&url),
             reason: describe_reqwest(&e),
         })?;
         if (out.len() + piece.len()) as u64 > limit {
