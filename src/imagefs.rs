@@ -223,7 +223,8 @@ impl ImageFs {
             let policy = &options.retry;
             async move {
                 let what = || format!("index of layer {digest}");
-                let result = retry::retry(policy, what, || async {
+
+                retry::retry(policy, what, || async {
                     let result =
                         layer::load(source.clone(), layer, filler.clone(), disk.as_deref()).await;
                     if result.is_err() {
@@ -232,8 +233,7 @@ impl ImageFs {
                     }
                     result
                 })
-                .await;
-                result
+                .await
             }
         });
         let indexes = futures_util::future::try_join_all(loads).await?;

@@ -553,6 +553,7 @@ async fn random_interleavings_of_reads_evictions_and_prefetch_return_reference_b
         request_slots: 3,
         background_bytes_per_second: Some(20 << 20),
         profile_window: None,
+        ..ImageFsOptions::default()
     };
     let fs = open_with(&estargz, &options).await;
     // Files of many sizes, from every layer.

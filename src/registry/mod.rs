@@ -303,12 +303,12 @@ impl Registry {
         if e.is_connect() || (e.is_timeout() && !e.is_body()) {
             RegistryError::Connect {
                 registry: self.name.clone(),
-                url: shown(&url),
+                url: shown(url),
                 reason: describe_reqwest(e),
             }
         } else {
             RegistryError::Transport {
-                url: shown(&url),
+                url: shown(url),
                 reason: describe_reqwest(e),
             }
         }
@@ -397,7 +397,7 @@ async fn status_error(resp: reqwest::Response, url: &Url) -> RegistryError {
     let mut body: String = body.trim().chars().take(300).collect();
     body.retain(|c| !c.is_control());
     RegistryError::Status {
-        url: shown(&url),
+        url: shown(url),
         status,
         body,
         retry_after,
@@ -734,7 +734,7 @@ async fn blob_status_error(resp: reqwest::Response, url: &Url) -> RegistryError 
     if resp.status() == StatusCode::NOT_FOUND {
         RegistryError::NotFound {
             what: "blob",
-            url: shown(&url),
+            url: shown(url),
         }
     } else {
         status_error(resp, url).await
@@ -752,7 +752,7 @@ async fn read_capped(
     let too_large = |size| RegistryError::TooLarge {
         what,
         digest: name.to_string(),
-        url: shown(&url),
+        url: shown(url),
         size,
         limit,
     };
@@ -765,7 +765,7 @@ async fn read_capped(
     let mut stream = resp.bytes_stream();
     while let Some(piece) = stream.next().await {
         let piece = piece.map_err(|e| RegistryError::Transport {
-            url: shown(&url),
+            url: shown(url),
             reason: describe_reqwest(&e),
         })?;
         if (out.len() + piece.len()) as u64 > limit {
