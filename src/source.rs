@@ -133,7 +133,11 @@ pub async fn open(
     match reference {
         ImageRef::Registry(r) => {
             let registry = Registry::new(r, config)?;
-            registry.ping().await?;
+            let what = || format!("registry {}", r.registry);
+            crate::retry::retry(&config.retry, what, || async {
+                Ok::<_, SourceError>(registry.ping().await?)
+            })
+            .await?;
             let repo = Arc::new(registry.repository(&r.repository));
             Ok((
                 RetryingSource::wrap(repo, config.retry.clone()),

@@ -20,7 +20,7 @@ use lazylayer::source;
 use lazylayer::stats::FetchStats;
 use lazylayer::tree::NodeKind;
 use support::conformance::{assert_same_tree, disk_tree, image_tree, umoci_unpack};
-use support::containerd::{Containerd, LazyFormat};
+use support::containerd::{Containerd, LazyFormat, python_app_as_estargz};
 use support::mount::Mounted;
 use support::{Registry, RegistryAuth, lazylayer};
 
@@ -201,16 +201,6 @@ async fn python_app_in_all_formats_matches_umoci_and_corruption_is_caught() {
             "daemon log lacks the layer: {log}"
         );
     });
-}
-
-/// A registry holding python-app as pushed (`test/app:latest`) and as converted to eStargz by
-/// the reference writer; returns the registry and the eStargz reference.
-fn python_app_as_estargz() -> (Registry, String) {
-    let registry = Registry::start(RegistryAuth::None);
-    registry.push_shared("python-app", "test/app");
-    let containerd = Containerd::start();
-    let estargz = containerd.convert(&registry, "test/app", LazyFormat::Estargz);
-    (registry, estargz)
 }
 
 /// The mounted python-app runs its app, fetching well under the image's size; many threads
@@ -770,6 +760,9 @@ fn cat_prints_a_file_before_its_layer_has_finished_streaming() {
             "cat",
             "--stall-timeout",
             "3",
+            // This server stalls every attempt at the same byte; one attempt shows the point.
+            "--max-attempts",
+            "1",
             &reference,
             &format!("/{path}"),
         ],

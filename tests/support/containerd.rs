@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use super::{Registry, require_tool};
+use super::{Registry, RegistryAuth, require_tool};
 
 pub struct Containerd {
     child: Child,
@@ -111,4 +111,14 @@ impl Drop for Containerd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// python-app pushed to a fresh registry and converted to eStargz by ctr-remote; the registry
+/// and the eStargz reference.
+pub fn python_app_as_estargz() -> (Registry, String) {
+    let registry = Registry::start(RegistryAuth::None);
+    registry.push_shared("python-app", "test/app");
+    let containerd = Containerd::start();
+    let estargz = containerd.convert(&registry, "test/app", LazyFormat::Estargz);
+    (registry, estargz)
 }

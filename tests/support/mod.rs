@@ -11,6 +11,7 @@ pub mod conformance;
 pub mod containerd;
 pub mod http;
 pub mod mount;
+pub mod proxy;
 pub mod token;
 
 use std::io::Read;
@@ -386,6 +387,8 @@ pub fn lazylayer(args: &[&str], envs: &[(&str, &str)]) -> Run {
         .env("DOCKER_CONFIG", docker_config.path())
         .env_remove("LAZYLAYER_USER")
         .env_remove("LAZYLAYER_LOG")
+        // An empty config file: a machine's /etc/lazylayer/config.toml must not change tests.
+        .env("LAZYLAYER_CONFIG", "/dev/null")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     for (k, v) in envs {

@@ -1,0 +1,245 @@
+//! A bad network between lazylayer and a real registry (netem-proxy injecting resets,
+//! truncations, flipped bytes, stalls, 5xx/429 and dead redirects): reads still return the
+//! reference bytes; a frozen registry fails reads with EIO at their deadline instead of hanging
+//! them, and they work again once it is back; a token endpoint that is down for a while only
+//! delays the first request; the retry budget comes from flags over the config file.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use support::conformance::{assert_same_tree, disk_tree, umoci_unpack};
+use support::containerd::python_app_as_estargz;
+use support::mount::Mounted;
+use support::proxy::FaultProxy;
+use support::token::{TokenPolicy, TokenServer};
+use support::{Registry, RegistryAuth, lazylayer};
+
+/// Every file of python-app read through a proxy that breaks 20% of the requests (mount-time
+/// requests included) in every way it knows: no read fails and no byte differs.
+#[test]
+fn every_file_reads_right_through_a_proxy_breaking_a_fifth_of_requests() {
+    let (registry, estargz) = python_app_as_estargz();
+    let work = tempfile::tempdir().unwrap();
+    let reference_root = umoci_unpack("python-app", work.path());
+    let expected = disk_tree(&reference_root);
+
+    let proxy = FaultProxy::start(
+        registry.port,
+        &["--fault-rate", "0.2", "--stall-secs", "3", "--seed", "7"],
+    );
+    let through_proxy = estargz.replace(&registry.host(), &format!("127.0.0.1:{}", proxy.port));
+    let cache = tempfile::tempdir().unwrap();
+    let mounted = Mounted::with_args(
+        &through_proxy,
+        cache.path(),
+        &[
+            "--no-background-fetch",
+            "--stall-timeout",
+            "1",
+            "--max-attempts",
+            "10",
+            "--read-timeout",
+            "30",
+            "--max-requests",
+            "16",
+        ],
+    );
+    // Sixteen readers at once, as a container start has many: faults that make a reader wait
+    // (stalls, Retry-After) overlap instead of adding up. Then the whole tree is compared.
+    let failed = read_all_in_parallel(mounted.path(), 16);
+    assert!(failed.is_empty(), "reads failed: {failed:?}");
+    let actual = disk_tree(mounted.path());
+    assert_same_tree("read through a faulty proxy", &expected, &actual);
+
+    let stats = mounted.stats();
+    let counts = proxy.counts();
+    let requests: usize = counts.values().sum();
+    let faults = requests - counts.get("ok").copied().unwrap_or(0);
+    eprintln!(
+        "fault report: {requests} requests, {faults} faults injected {counts:?}; \
+         lazylayer: {} retries, {} failed reads, {} range requests, {} bytes",
+        stats["retries"], stats["failed_reads"], stats["requests"], stats["fetched_bytes"]
+    );
+    assert_eq!(stats["failed_reads"], 0, "reads failed: {stats}");
+    assert!(
+        faults * 10 >= requests,
+        "too few faults to mean anything: {counts:?}"
+    );
+    for kind in ["reset", "truncate", "flip", "stall", "503", "429", "500"] {
+        assert!(counts.contains_key(kind), "no {kind} injected: {counts:?}");
+    }
+    assert!(
+        stats["retries"].as_u64().unwrap() >= faults as u64 / 2,
+        "faults were not retried: {stats}"
+    );
+}
+
+/// A frozen registry (SIGSTOP: connections open, nothing answered) fails a read with EIO once
+/// the read has gone `--read-timeout` without a byte, the mount keeps answering metadata, and
+/// the same read succeeds when the registry is back.
+#[test]
+fn frozen_registry_fails_reads_at_their_deadline_and_they_recover() {
+    let (registry, estargz) = python_app_as_estargz();
+    let work = tempfile::tempdir().unwrap();
+    let reference_root = umoci_unpack("python-app", work.path());
+    let cache = tempfile::tempdir().unwrap();
+    let mounted = Mounted::with_args(
+        &estargz,
+        cache.path(),
+        &[
+            "--no-background-fetch",
+            "--stall-timeout",
+            "1",
+            "--read-timeout",
+            "4",
+            "--max-attempts",
+            "100",
+        ],
+    );
+    let path = "usr/bin/python3.11";
+    let expected = std::fs::read(reference_root.join(path)).unwrap();
+
+    registry.pause();
+    let started = Instant::now();
+    let err = std::fs::read(mounted.join(path)).expect_err("read from a frozen registry");
+    let waited = started.elapsed();
+    let listed = std::fs::read_dir(mounted.join("usr/lib")).map(|d| d.count());
+    registry.resume();
+    assert_eq!(err.raw_os_error(), Some(5), "expected EIO, got {err}");
+    // A bound against hanging, far above the 4 s deadline; not a speed check.
+    assert!(
+        waited < Duration::from_secs(40),
+        "the read hung for {waited:?}"
+    );
+    assert!(
+        listed.as_ref().is_ok_and(|&n| n > 0),
+        "metadata stopped: {listed:?}"
+    );
+
+    let data = std::fs::read(mounted.join(path)).expect("read after the registry is back");
+    assert!(data == expected, "{path}: wrong bytes after recovery");
+    let stats = mounted.stats();
+    assert!(stats["failed_reads"].as_u64().unwrap() >= 1, "{stats}");
+}
+
+/// The token endpoint answers 503 to its first three requests: the client retries and gets in.
+/// The retry budget follows flags over the config file: a file allowing one attempt fails, the
+/// flag allowing more wins over it.
+#[test]
+fn token_endpoint_down_for_a_while_and_retry_budget_precedence() {
+    let anon = Registry::start(RegistryAuth::None);
+    anon.push_shared("python-app", "test/app");
+    let tokens = TokenServer::start(TokenPolicy {
+        user: "bob".into(),
+        password: "hunter2".into(),
+        valid_for: 300,
+        expires_in: 300,
+    });
+    let realm = tokens.realm();
+    let token_port: u16 = realm
+        .trim_start_matches("http://127.0.0.1:")
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let config_dir = tempfile::tempdir().unwrap();
+    let one_attempt = config_dir.path().join("config.toml");
+    std::fs::write(&one_attempt, "[fetch]\nmax_attempts = 1\n").unwrap();
+
+    let mut results = Vec::new();
+    for (flags, config) in [
+        (vec![], None),
+        (vec![], Some(&one_attempt)),
+        (vec!["--max-attempts", "4"], Some(&one_attempt)),
+    ] {
+        let proxy = FaultProxy::start(token_port, &["--fail-first", "3"]);
+        let registry = Registry::start_sharing(
+            &anon,
+            RegistryAuth::Token {
+                realm: realm.replace(&token_port.to_string(), &proxy.port.to_string()),
+                service: tokens.service.clone(),
+                issuer: tokens.issuer.clone(),
+                cert: tokens.cert.clone(),
+            },
+        );
+        let reference = format!("{}/test/app:latest", registry.host());
+        let mut args = vec!["inspect", "--user", "bob:hunter2"];
+        args.extend(flags);
+        args.push(&reference);
+        let config = config.map(|p| p.to_str().unwrap().to_string());
+        let envs: Vec<(&str, &str)> = config
+            .iter()
+            .map(|c| ("LAZYLAYER_CONFIG", c.as_str()))
+            .collect();
+        let run = lazylayer(&args, &envs);
+        results.push((run, proxy.counts()));
+    }
+    let (default_run, counts) = &results[0];
+    assert!(
+        default_run.status.success(),
+        "default budget: {}",
+        default_run.stderr
+    );
+    assert_eq!(counts.get("503"), Some(&3), "{counts:?}");
+    assert!(counts.get("ok").is_some_and(|&n| n >= 1), "{counts:?}");
+
+    let (file_run, _) = &results[1];
+    file_run.assert_error(&["cannot get a token", "503"]);
+
+    let (flag_run, _) = &results[2];
+    assert!(
+        flag_run.status.success(),
+        "--max-attempts over the file: {}",
+        flag_run.stderr
+    );
+
+    // A typo in the config file is named, not ignored.
+    std::fs::write(&one_attempt, "[fetch]\nmax_atempts = 1\n").unwrap();
+    lazylayer(
+        &["inspect", "127.0.0.1:1/x"],
+        &[("LAZYLAYER_CONFIG", one_attempt.to_str().unwrap())],
+    )
+    .assert_error(&["config.toml", "max_atempts"]);
+}
+
+/// Reads every regular file under `root` with `threads` readers; returns the failures.
+fn read_all_in_parallel(root: &Path, threads: usize) -> Vec<(PathBuf, std::io::Error)> {
+    fn files(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            let kind = entry.file_type().unwrap();
+            if kind.is_dir() {
+                files(&entry.path(), out);
+            } else if kind.is_file() {
+                out.push(entry.path());
+            }
+        }
+    }
+    let mut all = Vec::new();
+    files(root, &mut all);
+    let all = std::sync::Arc::new(all);
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let readers: Vec<_> = (0..threads)
+        .map(|_| {
+            let (all, next) = (all.clone(), next.clone());
+            std::thread::spawn(move || {
+                let mut failed = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(path) = all.get(i) else { break };
+                    if let Err(e) = std::fs::read(path) {
+                        failed.push((path.clone(), e));
+                    }
+                }
+                failed
+            })
+        })
+        .collect();
+    readers
+        .into_iter()
+        .flat_map(|r| r.join().unwrap())
+        .collect()
+}

@@ -1,0 +1,68 @@
+//! `netem-proxy` (tools/netem-proxy) in front of a real server, injecting faults; stopped when
+//! dropped. Its per-request log tells a test what was injected.
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+pub struct FaultProxy {
+    child: Child,
+    pub port: u16,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl FaultProxy {
+    /// Starts a proxy to `127.0.0.1:upstream` with netem-proxy's fault options `args`.
+    pub fn start(upstream: u16, args: &[&str]) -> FaultProxy {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("requests.log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_netem-proxy"))
+            .arg("--upstream")
+            .arg(format!("127.0.0.1:{upstream}"))
+            .arg("--log")
+            .arg(&log)
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start netem-proxy");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("netem-proxy did not start: {line:?}"));
+        FaultProxy {
+            child,
+            port,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// Requests seen so far, per outcome (`ok` or the fault's name).
+    pub fn counts(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for line in std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+        {
+            if let Some(outcome) = line.rsplit(' ').next() {
+                *counts.entry(outcome.to_string()).or_default() += 1;
+            }
+        }
+        counts
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

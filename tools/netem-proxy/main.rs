@@ -1,0 +1,375 @@
+//! `netem-proxy`: an HTTP/1.1 reverse proxy that injects network faults, for testing how
+//! lazylayer behaves on a bad network against a real registry.
+//!
+//! Each client connection carries one request (the proxy answers `Connection: close`, which
+//! every HTTP client handles), forwarded to `--upstream` over a new connection. A request whose
+//! path contains `--match` gets a fault with probability `--fault-rate`, chosen uniformly from
+//! `--faults`; the first `--fail-first` matching requests always get `--fail-first-fault`. The
+//! random choices come from `--seed`, so a run can be replayed.
+//!
+//! Faults:
+//! - `reset`: the response body is cut after a random number of bytes with a TCP reset;
+//! - `truncate`: the body ends early with an orderly close (Content-Length still says more);
+//! - `flip`: one random byte of the body is inverted;
+//! - `stall`: the body stops after a random number of bytes for `--stall-secs`;
+//! - `500`, `503`, `429`: answered by the proxy, 503 and 429 with `Retry-After: 1`;
+//! - `redirect-dead`: a 307 to a port on which nothing listens.
+//!
+//! Every request is logged to `--log` as one line: `N METHOD PATH FAULT`, so a test can count
+//! what was injected. On start the proxy prints `listening on ADDR` on stdout.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "netem-proxy",
+    about = "HTTP reverse proxy that injects faults (resets, truncation, bit flips, stalls, 5xx, 429, dead redirects)"
+)]
+struct Args {
+    /// Address to listen on (port 0 picks a free one; the chosen address is printed).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Address of the server to forward to.
+    #[arg(long)]
+    upstream: SocketAddr,
+    /// Share of matching requests that get a fault, 0 to 1.
+    #[arg(long, default_value_t = 0.0)]
+    fault_rate: f64,
+    /// Faults to choose from, comma separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "reset,truncate,flip,stall,503,429,500,redirect-dead"
+    )]
+    faults: Vec<Fault>,
+    /// Only requests whose path contains this get faults.
+    #[arg(long, default_value = "/")]
+    r#match: String,
+    /// The first N matching requests always get --fail-first-fault (a server that is down for
+    /// a while).
+    #[arg(long, default_value_t = 0)]
+    fail_first: u64,
+    #[arg(long, default_value = "503")]
+    fail_first_fault: Fault,
+    /// How long a `stall` holds the body.
+    #[arg(long, default_value_t = 5.0)]
+    stall_secs: f64,
+    /// Seed for the fault choices.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Append one line per request here.
+    #[arg(long)]
+    log: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Fault {
+    Reset,
+    Truncate,
+    Flip,
+    Stall,
+    #[value(name = "500")]
+    Status500,
+    #[value(name = "503")]
+    Status503,
+    #[value(name = "429")]
+    Status429,
+    RedirectDead,
+}
+
+impl Fault {
+    fn name(self) -> &'static str {
+        match self {
+            Fault::Reset => "reset",
+            Fault::Truncate => "truncate",
+            Fault::Flip => "flip",
+            Fault::Stall => "stall",
+            Fault::Status500 => "500",
+            Fault::Status503 => "503",
+            Fault::Status429 => "429",
+            Fault::RedirectDead => "redirect-dead",
+        }
+    }
+}
+
+struct Proxy {
+    args: Args,
+    rng: Mutex<fastrand::Rng>,
+    matched: AtomicU64,
+    requests: AtomicU64,
+    log: Option<Mutex<std::fs::File>>,
+    /// A port with no listener, for `redirect-dead`.
+    dead_port: u16,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(args).await {
+        eprintln!("netem-proxy: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> std::io::Result<()> {
+    let listener = TcpListener::bind(args.listen).await?;
+    // Bind and drop: the port is then free and refuses connections.
+    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let log = match &args.log {
+        Some(path) => Some(Mutex::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?,
+        )),
+        None => None,
+    };
+    let proxy = Arc::new(Proxy {
+        rng: Mutex::new(fastrand::Rng::with_seed(args.seed)),
+        args,
+        matched: AtomicU64::new(0),
+        requests: AtomicU64::new(0),
+        log,
+        dead_port,
+    });
+    println!("listening on {}", listener.local_addr()?);
+    use std::io::Write as _;
+    std::io::stdout().flush()?;
+    loop {
+        let (client, _) = listener.accept().await?;
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            let _ = proxy.serve(client).await;
+        });
+    }
+}
+
+/// A parsed HTTP head: the first line, the header lines, and the declared body length.
+struct Head {
+    first: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Head {
+    fn content_length(&self) -> Option<u64> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.trim().parse().ok())
+    }
+
+    /// The head as sent on, with `Connection: close` (one request per connection).
+    fn encode(&self) -> Vec<u8> {
+        let mut out = format!("{}\r\n", self.first);
+        for (k, v) in &self.headers {
+            if !k.eq_ignore_ascii_case("connection") && !k.eq_ignore_ascii_case("keep-alive") {
+                out.push_str(&format!("{k}: {v}\r\n"));
+            }
+        }
+        out.push_str("Connection: close\r\n\r\n");
+        out.into_bytes()
+    }
+}
+
+/// Reads a head (up to the blank line); returns it and any bytes read past it.
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<(Head, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut piece = [0u8; 8192];
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        if buf.len() > 64 << 10 {
+            return Err(std::io::Error::other("head too large"));
+        }
+        let n = stream.read(&mut piece).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&piece[..n]);
+    };
+    let text = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let rest = buf[end + 4..].to_vec();
+    let mut lines = text.split("\r\n");
+    let first = lines.next().unwrap_or_default().to_string();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    Ok((Head { first, headers }, rest))
+}
+
+impl Proxy {
+    fn choose(&self, path: &str) -> Option<Fault> {
+        if !path.contains(&self.args.r#match) {
+            return None;
+        }
+        let n = self.matched.fetch_add(1, Ordering::Relaxed);
+        if n < self.args.fail_first {
+            return Some(self.args.fail_first_fault);
+        }
+        let mut rng = self.rng.lock().unwrap();
+        if self.args.faults.is_empty() || rng.f64() >= self.args.fault_rate {
+            return None;
+        }
+        Some(self.args.faults[rng.usize(..self.args.faults.len())])
+    }
+
+    fn record(&self, method: &str, path: &str, fault: Option<Fault>) {
+        let n = self.requests.fetch_add(1, Ordering::Relaxed);
+        if let Some(log) = &self.log {
+            use std::io::Write as _;
+            let _ = writeln!(
+                log.lock().unwrap(),
+                "{n} {method} {path} {}",
+                fault.map_or("ok", Fault::name)
+            );
+        }
+    }
+
+    async fn serve(&self, mut client: TcpStream) -> std::io::Result<()> {
+        let (head, early_body) = read_head(&mut client).await?;
+        let mut parts = head.first.split(' ');
+        let method = parts.next().unwrap_or_default().to_string();
+        let path = parts.next().unwrap_or_default().to_string();
+        let fault = self.choose(&path);
+        self.record(&method, &path, fault);
+        let local = |status: &str, extra: String| {
+            format!("HTTP/1.1 {status}\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n")
+        };
+        match fault {
+            Some(Fault::Status500) => {
+                return client
+                    .write_all(local("500 Internal Server Error", String::new()).as_bytes())
+                    .await;
+            }
+            Some(Fault::Status503) => {
+                return client
+                    .write_all(
+                        local("503 Service Unavailable", "Retry-After: 1\r\n".into()).as_bytes(),
+                    )
+                    .await;
+            }
+            Some(Fault::Status429) => {
+                return client
+                    .write_all(
+                        local("429 Too Many Requests", "Retry-After: 1\r\n".into()).as_bytes(),
+                    )
+                    .await;
+            }
+            Some(Fault::RedirectDead) => {
+                let location = format!("Location: http://127.0.0.1:{}{path}\r\n", self.dead_port);
+                return client
+                    .write_all(local("307 Temporary Redirect", location).as_bytes())
+                    .await;
+            }
+            _ => {}
+        }
+        let mut upstream = TcpStream::connect(self.args.upstream).await?;
+        upstream.write_all(&head.encode()).await?;
+        upstream.write_all(&early_body).await?;
+        let (mut client_read, mut client_write) = client.into_split();
+        let (mut up_read, mut up_write) = upstream.into_split();
+        // Request bodies (uploads) pass through untouched.
+        let uploads = tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut client_read, &mut up_write).await;
+        });
+        let result = self
+            .respond(&mut up_read, &mut client_write, &method, fault)
+            .await;
+        uploads.abort();
+        result
+    }
+
+    /// Forwards the response, applying a body fault.
+    async fn respond(
+        &self,
+        upstream: &mut tokio::net::tcp::OwnedReadHalf,
+        client: &mut tokio::net::tcp::OwnedWriteHalf,
+        method: &str,
+        fault: Option<Fault>,
+    ) -> std::io::Result<()> {
+        // Read the response head through a small reassembly, as in read_head.
+        let mut buf = Vec::new();
+        let mut piece = vec![0u8; 64 << 10];
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w: &[u8]| w == b"\r\n\r\n") {
+                break i;
+            }
+            let n = upstream.read(&mut piece).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&piece[..n]);
+        };
+        let text = String::from_utf8_lossy(&buf[..end]).into_owned();
+        let mut lines = text.split("\r\n");
+        let head = Head {
+            first: lines.next().unwrap_or_default().to_string(),
+            headers: lines
+                .filter_map(|l| l.split_once(':'))
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .collect(),
+        };
+        client.write_all(&head.encode()).await?;
+        let mut body = buf[end + 4..].to_vec();
+        let len = head.content_length().unwrap_or(0);
+        // The byte where the fault strikes; a fault needs a body to strike in.
+        let at = match fault {
+            Some(_) if method != "HEAD" && len > 1 => Some(self.rng.lock().unwrap().u64(..len)),
+            _ => None,
+        };
+        let mut sent: u64 = 0;
+        loop {
+            if body.is_empty() {
+                let n = upstream.read(&mut piece).await?;
+                if n == 0 {
+                    return client.shutdown().await;
+                }
+                body.extend_from_slice(&piece[..n]);
+            }
+            let chunk = std::mem::take(&mut body);
+            let (from, to) = (sent, sent + chunk.len() as u64);
+            match (fault, at) {
+                (Some(f), Some(at)) if from <= at && at < to => {
+                    let split = (at - from) as usize;
+                    match f {
+                        Fault::Reset | Fault::Truncate => {
+                            client.write_all(&chunk[..split]).await?;
+                            if f == Fault::Reset {
+                                // SO_LINGER 0 turns the close into a RST.
+                                let _ = client.as_ref().set_zero_linger();
+                            } else {
+                                client.shutdown().await?;
+                            }
+                            return Ok(());
+                        }
+                        Fault::Flip => {
+                            let mut chunk = chunk;
+                            chunk[split] ^= 0xff;
+                            client.write_all(&chunk).await?;
+                        }
+                        Fault::Stall => {
+                            client.write_all(&chunk[..split]).await?;
+                            tokio::time::sleep(Duration::from_secs_f64(self.args.stall_secs)).await;
+                            client.write_all(&chunk[split..]).await?;
+                        }
+                        _ => client.write_all(&chunk).await?,
+                    }
+                }
+                _ => client.write_all(&chunk).await?,
+            }
+            sent = to;
+        }
+    }
+}
