@@ -406,6 +406,10 @@ mod tests {
                 "unknown entry type",
             ),
             (r#"{"entries":"#.to_string(), "not valid JSON"),
+            (
+                r#"{"entries":[{"name":"a\u0000b","type":"dir"}]}"#.to_string(),
+                "NUL",
+            ),
         ];
         for (json, needle) in cases {
             let err = convert_json(&json).err().expect(&json).to_string();

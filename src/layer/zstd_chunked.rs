@@ -135,4 +135,24 @@ mod tests {
         assert!(parse_position("1:2:3:x").is_err());
         assert!(parse_position("").is_err());
     }
+
+    #[test]
+    fn toc_sizes_are_bounds_not_promises() {
+        let layer = Digest::of(b"layer");
+        let json = br#"{"version":1,"entries":[{"name":"a","type":"dir"}]}"#;
+        let frame = zstd::encode_all(&json[..], 3).unwrap();
+        assert!(index_from_toc(&layer, &frame, json.len() as u64, 100).is_ok());
+        // An annotation claiming more than the cap is refused before anything is allocated.
+        let err = index_from_toc(&layer, &frame, MAX_TOC_BYTES + 1, 100).unwrap_err();
+        assert!(err.to_string().contains("exceeds the limit"), "{err}");
+        // One that disagrees with what the frame holds is refused either way.
+        for claimed in [json.len() as u64 - 1, json.len() as u64 + 1] {
+            let err = index_from_toc(&layer, &frame, claimed, 100).unwrap_err();
+            assert!(err.to_string().contains("decompresses to"), "{err}");
+        }
+        // A frame that inflates past the claimed size is cut off, not read to the end.
+        let bomb = zstd::encode_all(&vec![b' '; 8 << 20][..], 19).unwrap();
+        let err = index_from_toc(&layer, &bomb, 1000, 100).unwrap_err();
+        assert!(err.to_string().contains("decompresses to 1001"), "{err}");
+    }
 }
