@@ -546,6 +546,8 @@ async fn fetch_chunk(
 ) -> Result<Bytes, ContentError> {
     let layer = &info.descriptor.digest;
     let source = fetcher.source.as_ref();
+    // The slot stays taken while the source backs off between attempts: a registry that asks
+    // us to slow down (429, 503) then sees fewer requests from us, not the same number.
     let _permit = fetcher.scheduler.acquire_shared(priority).await;
     let (data, offset) = match chunk.source {
         ChunkSource::Zeros => return Ok(Bytes::from(vec![0u8; chunk.size as usize])),

@@ -848,6 +848,38 @@ mod tests {
         assert_eq!(parse_content_range(""), None);
     }
 
+    #[test]
+    fn retry_after_and_verdicts() {
+        assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
+        assert_eq!(
+            parse_retry_after("Thu, 01 Jan 1970 00:00:00 GMT"),
+            Some(Duration::ZERO),
+            "a date in the past means now"
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+        let status = |code: u16, retry_after| RegistryError::Status {
+            url: "u".into(),
+            status: StatusCode::from_u16(code).unwrap(),
+            body: String::new(),
+            retry_after,
+        };
+        let later = Some(Duration::from_secs(2));
+        assert_eq!(status(503, later).verdict(), Verdict::Retry(later));
+        assert_eq!(status(429, None).verdict(), Verdict::Retry(None));
+        assert_eq!(status(408, None).verdict(), Verdict::Retry(None));
+        assert_eq!(status(502, None).verdict(), Verdict::Retry(None));
+        for fatal in [400, 403, 404, 405, 416, 501] {
+            assert_eq!(status(fatal, None).verdict(), Verdict::Fatal, "{fatal}");
+        }
+    }
+
+    #[test]
+    fn shown_urls_lose_credentials_and_signatures() {
+        let url =
+            Url::parse("https://user:pw@bucket.s3.example/blob?X-Amz-Signature=secret#f").unwrap();
+        assert_eq!(shown(&url), "https://bucket.s3.example/blob");
+    }
+
     #[tokio::test]
     async fn range_body_skips_trims_and_reports_truncation() {
         let pieces: Vec<reqwest::Result<Bytes>> = vec![
