@@ -34,13 +34,16 @@ use crate::tree::{NodeKind, ResolveError};
     long_about = "lazylayer reads container images straight from an OCI registry (or a local OCI \
 layout), fetching only the bytes that are used.\n\n\
 Image references follow Docker's rules: `python:3.12` is docker.io/library/python:3.12, \
-`HOST:PORT/NAME[:TAG][@sha256:DIGEST]` names another registry, and `oci:PATH[:TAG]` an OCI \
-image layout directory.",
+`HOST:PORT/NAME[:TAG][@sha256:DIGEST]` names another registry, `oci:PATH[:TAG]` an OCI \
+image layout directory, and `s3://BUCKET/PREFIX[:TAG]` an OCI image layout in an S3 bucket \
+(credentials as the AWS tools find them: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE \
+and ~/.aws/credentials; --s3-endpoint for S3-compatible stores).",
     after_help = "Examples:\n  \
 lazylayer inspect python:3.12\n  \
 lazylayer inspect --json 127.0.0.1:5000/test/python-app:latest\n  \
 lazylayer inspect --platform linux/arm64 ghcr.io/OWNER/IMAGE:TAG\n  \
 lazylayer inspect oci:./images:python-app\n  \
+lazylayer ls --s3-endpoint http://127.0.0.1:9000 s3://images/python-app:latest /app\n  \
 lazylayer ls -l 127.0.0.1:5000/test/python-app:latest /app\n  \
 lazylayer cat 127.0.0.1:5000/test/python-app:latest /etc/os-release\n  \
 lazylayer mount --daemon 127.0.0.1:5000/test/python-app:latest /mnt/app\n\n\
@@ -343,6 +346,16 @@ pub struct RemoteArgs {
     #[arg(long, value_name = "SECONDS")]
     pub read_timeout: Option<f64>,
 
+    /// Endpoint of an S3-compatible store for s3:// references, e.g. http://127.0.0.1:9000
+    /// (path-style addressing) [default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else AWS].
+    #[arg(long, value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+
+    /// Region for s3:// references [default: $AWS_REGION, $AWS_DEFAULT_REGION, the profile's
+    /// region in ~/.aws/config, else us-east-1].
+    #[arg(long, value_name = "REGION")]
+    pub s3_region: Option<String>,
+
     /// Config file with defaults for these options (TOML, `[fetch]` section)
     /// [default: /etc/lazylayer/config.toml if it exists].
     #[arg(long, value_name = "FILE", env = "LAZYLAYER_CONFIG")]
@@ -473,6 +486,10 @@ impl RemoteArgs {
                 defaults.stall_timeout,
             )?,
             retry,
+            s3: crate::s3::S3Config {
+                endpoint: self.s3_endpoint.clone(),
+                region: self.s3_region.clone(),
+            },
             ..defaults
         };
         if let Some(path) = &self.docker_config {

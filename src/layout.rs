@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::digest::{Digest, DigestError};
-use crate::oci::{ANNOTATION_REF_NAME, Descriptor, ImageIndex, MAX_MANIFEST_BYTES};
+use crate::oci::{Descriptor, ImageIndex, MAX_MANIFEST_BYTES};
 use crate::reference::{LayoutRef, ManifestSelector};
 use crate::source::{ByteStream, FetchedManifest, ImageSource, SourceError};
 
@@ -100,35 +100,15 @@ impl LayoutSource {
         })
     }
 
-    fn tags(&self) -> Vec<String> {
-        self.index
-            .manifests
-            .iter()
-            .filter_map(|d| d.annotations.get(ANNOTATION_REF_NAME).cloned())
-            .collect()
-    }
-
-    fn entry_for_tag(&self, tag: &str) -> Option<&Descriptor> {
-        self.index
-            .manifests
-            .iter()
-            .find(|d| d.annotations.get(ANNOTATION_REF_NAME).map(String::as_str) == Some(tag))
-    }
-
     /// Which manifest a layout reference means: its digest, its tag, or the only image.
     pub fn selector(&self, reference: &LayoutRef) -> Result<ManifestSelector, LayoutError> {
-        match (&reference.digest, &reference.tag) {
-            (Some(d), _) => Ok(ManifestSelector::Digest(d.clone())),
-            (None, Some(t)) => Ok(ManifestSelector::Tag(t.clone())),
-            (None, None) => match self.index.manifests.as_slice() {
-                [only] => Ok(ManifestSelector::Digest(only.digest.clone())),
-                many => Err(LayoutError::Ambiguous {
-                    path: self.root.clone(),
-                    count: many.len(),
-                    available: self.tags(),
-                }),
-            },
-        }
+        self.index
+            .select(reference.tag.as_deref(), reference.digest.as_ref())
+            .map_err(|count| LayoutError::Ambiguous {
+                path: self.root.clone(),
+                count,
+                available: self.index.tags(),
+            })
     }
 
     fn blob_path(&self, digest: &Digest) -> PathBuf {
@@ -218,13 +198,14 @@ impl ImageSource for LayoutSource {
                 self.index.manifests.iter().find(|m| &m.digest == d),
             ),
             ManifestSelector::Tag(t) => {
-                let entry = self
-                    .entry_for_tag(t)
-                    .ok_or_else(|| LayoutError::TagNotFound {
-                        path: self.root.clone(),
-                        tag: t.clone(),
-                        available: self.tags(),
-                    })?;
+                let entry =
+                    self.index
+                        .entry_for_tag(t)
+                        .ok_or_else(|| LayoutError::TagNotFound {
+                            path: self.root.clone(),
+                            tag: t.clone(),
+                            available: self.index.tags(),
+                        })?;
                 (entry.digest.clone(), Some(entry))
             }
         };

@@ -33,6 +33,7 @@ pub mod profile;
 pub mod reference;
 pub mod registry;
 pub mod retry;
+pub mod s3;
 pub mod scheduler;
 pub mod source;
 pub mod stats;

@@ -91,6 +91,41 @@ pub struct ImageIndex {
     pub annotations: BTreeMap<String, String>,
 }
 
+/// Looking images up in the `index.json` of an OCI image layout (on disk or in a bucket).
+impl ImageIndex {
+    /// The tags (`org.opencontainers.image.ref.name`) of the layout's entries.
+    pub fn tags(&self) -> Vec<String> {
+        self.manifests
+            .iter()
+            .filter_map(|d| d.annotations.get(ANNOTATION_REF_NAME).cloned())
+            .collect()
+    }
+
+    pub fn entry_for_tag(&self, tag: &str) -> Option<&Descriptor> {
+        self.manifests
+            .iter()
+            .find(|d| d.annotations.get(ANNOTATION_REF_NAME).map(String::as_str) == Some(tag))
+    }
+
+    /// Which manifest a reference means: its digest, its tag, or the only entry. `Err` carries
+    /// the number of entries when there are several and the reference names none.
+    pub fn select(
+        &self,
+        tag: Option<&str>,
+        digest: Option<&Digest>,
+    ) -> Result<crate::reference::ManifestSelector, usize> {
+        use crate::reference::ManifestSelector;
+        match (digest, tag) {
+            (Some(d), _) => Ok(ManifestSelector::Digest(d.clone())),
+            (None, Some(t)) => Ok(ManifestSelector::Tag(t.to_string())),
+            (None, None) => match self.manifests.as_slice() {
+                [only] => Ok(ManifestSelector::Digest(only.digest.clone())),
+                many => Err(many.len()),
+            },
+        }
+    }
+}
+
 /// The parts of an image config that lazylayer reads. Everything else is kept by digest, not
 /// parsed, so unknown fields are fine.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]

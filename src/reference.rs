@@ -30,6 +30,17 @@ const MAX_TAG_LEN: usize = 128;
 pub enum ImageRef {
     Registry(RegistryRef),
     Layout(LayoutRef),
+    S3(S3Ref),
+}
+
+/// An OCI image layout stored under a prefix of an S3 bucket: `s3://BUCKET/PREFIX[:TAG][@DIGEST]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct S3Ref {
+    pub bucket: String,
+    /// Key prefix of the layout (`images/app`), without leading or trailing `/`; may be empty.
+    pub prefix: String,
+    pub tag: Option<String>,
+    pub digest: Option<Digest>,
 }
 
 /// An image in a registry, fully normalised.
@@ -66,7 +77,7 @@ pub enum ReferenceError {
     #[error("empty image reference")]
     Empty,
     #[error(
-        "invalid image reference `{reference}`: {reason} (expected [HOST[:PORT]/]NAME[:TAG][@sha256:DIGEST] or oci:PATH[:TAG])"
+        "invalid image reference `{reference}`: {reason} (expected [HOST[:PORT]/]NAME[:TAG][@sha256:DIGEST], oci:PATH[:TAG] or s3://BUCKET/PREFIX[:TAG])"
     )]
     Invalid { reference: String, reason: String },
     #[error("invalid digest in image reference `{reference}`: {source}")]
@@ -82,10 +93,13 @@ impl ImageRef {
         if s.is_empty() {
             return Err(ReferenceError::Empty);
         }
-        match s.strip_prefix("oci:") {
-            Some(rest) => LayoutRef::parse(s, rest).map(ImageRef::Layout),
-            None => RegistryRef::parse(s).map(ImageRef::Registry),
+        if let Some(rest) = s.strip_prefix("oci:") {
+            return LayoutRef::parse(s, rest).map(ImageRef::Layout);
         }
+        if let Some(rest) = s.strip_prefix("s3://") {
+            return S3Ref::parse(s, rest).map(ImageRef::S3);
+        }
+        RegistryRef::parse(s).map(ImageRef::Registry)
     }
 }
 
@@ -94,6 +108,7 @@ impl fmt::Display for ImageRef {
         match self {
             ImageRef::Registry(r) => r.fmt(f),
             ImageRef::Layout(l) => l.fmt(f),
+            ImageRef::S3(r) => r.fmt(f),
         }
     }
 }
@@ -319,29 +334,88 @@ impl LayoutRef {
         if rest.is_empty() {
             return Err(invalid(reference, "missing layout path after `oci:`"));
         }
-        let (path, digest) = match rest.split_once('@') {
-            Some((p, d)) => {
-                let digest = d.parse().map_err(|source| ReferenceError::Digest {
-                    reference: reference.to_string(),
-                    source,
-                })?;
-                (p, Some(digest))
-            }
-            None => (rest, None),
-        };
-        // `oci:dir:tag`; a `:` followed by something with a `/` is part of the path.
-        let (path, tag) = match path.rsplit_once(':') {
-            Some((p, t)) if !t.contains('/') && !p.is_empty() => {
-                validate_tag(reference, t)?;
-                (p, Some(t.to_string()))
-            }
-            _ => (path, None),
-        };
+        let (path, tag, digest) = split_tag_digest(reference, rest)?;
         Ok(LayoutRef {
             path: PathBuf::from(path),
             tag,
             digest,
         })
+    }
+}
+
+/// Splits `[:TAG][@DIGEST]` off the end of a layout location (a `:` followed by something with a
+/// `/` belongs to the location).
+fn split_tag_digest<'a>(
+    reference: &str,
+    rest: &'a str,
+) -> Result<(&'a str, Option<String>, Option<Digest>), ReferenceError> {
+    let (location, digest) = match rest.split_once('@') {
+        Some((p, d)) => {
+            let digest = d.parse().map_err(|source| ReferenceError::Digest {
+                reference: reference.to_string(),
+                source,
+            })?;
+            (p, Some(digest))
+        }
+        None => (rest, None),
+    };
+    match location.rsplit_once(':') {
+        Some((p, t)) if !t.contains('/') && !p.is_empty() => {
+            validate_tag(reference, t)?;
+            Ok((p, Some(t.to_string()), digest))
+        }
+        _ => Ok((location, None, digest)),
+    }
+}
+
+impl S3Ref {
+    fn parse(reference: &str, rest: &str) -> Result<S3Ref, ReferenceError> {
+        let (location, tag, digest) = split_tag_digest(reference, rest)?;
+        let (bucket, prefix) = location.split_once('/').unwrap_or((location, ""));
+        // S3's bucket naming rules, so a typo is reported here and not as a DNS failure.
+        let valid_bucket = (3..=63).contains(&bucket.len())
+            && bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+            && bucket.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && bucket.ends_with(|c: char| c.is_ascii_alphanumeric());
+        if !valid_bucket {
+            return Err(invalid(
+                reference,
+                format!(
+                    "`{bucket}` is not an S3 bucket name (3-63 lowercase letters, digits, `.` and `-`)"
+                ),
+            ));
+        }
+        let prefix = prefix.trim_matches('/');
+        if prefix.split('/').any(|c| c == ".." || c == ".") {
+            return Err(invalid(
+                reference,
+                "`.` and `..` are not allowed in the prefix",
+            ));
+        }
+        Ok(S3Ref {
+            bucket: bucket.to_string(),
+            prefix: prefix.to_string(),
+            tag,
+            digest,
+        })
+    }
+}
+
+impl fmt::Display for S3Ref {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "s3://{}", self.bucket)?;
+        if !self.prefix.is_empty() {
+            write!(f, "/{}", self.prefix)?;
+        }
+        if let Some(t) = &self.tag {
+            write!(f, ":{t}")?;
+        }
+        if let Some(d) = &self.digest {
+            write!(f, "@{d}")?;
+        }
+        Ok(())
     }
 }
 
@@ -454,6 +528,34 @@ mod tests {
         assert!(reg("[::1]:5000/a").is_loopback());
         assert!(!reg("python").is_loopback());
         assert!(!reg("example.com:5000/a").is_loopback());
+    }
+
+    #[test]
+    fn s3_references() {
+        let r = |s: &str| match ImageRef::parse(s).unwrap() {
+            ImageRef::S3(r) => r,
+            other => panic!("{other:?}"),
+        };
+        let a = r("s3://images/team/app:v1");
+        assert_eq!(
+            (a.bucket.as_str(), a.prefix.as_str()),
+            ("images", "team/app")
+        );
+        assert_eq!(a.tag.as_deref(), Some("v1"));
+        assert_eq!(a.to_string(), "s3://images/team/app:v1");
+        let b = r(&format!("s3://my.bucket-1@{D}"));
+        assert_eq!(b.prefix, "");
+        assert_eq!(b.digest.unwrap().to_string(), D);
+        assert_eq!(r("s3://bkt/a/b/").prefix, "a/b");
+        for bad in [
+            "s3://",
+            "s3://UPPER/x",
+            "s3://ab/x",
+            "s3://bkt/../x",
+            "s3://-bkt/x",
+        ] {
+            assert!(ImageRef::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -24,6 +24,7 @@ use crate::oci::Descriptor;
 use crate::reference::{ImageRef, ManifestSelector};
 use crate::registry::{Registry, RegistryConfig, RegistryError, Repository};
 use crate::retry::{RetryingSource, Transient, Verdict};
+use crate::s3::{S3Error, S3Source};
 
 /// A manifest as a source served it, already checked against its digest.
 #[derive(Clone, Debug)]
@@ -41,6 +42,8 @@ pub enum SourceError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Layout(#[from] LayoutError),
+    #[error(transparent)]
+    S3(#[from] S3Error),
     #[error(
         "{what}: no data for {secs:.0} s ({attempts} attempts); the source is down or unreachable \
          (raise --read-timeout to wait longer)"
@@ -60,6 +63,7 @@ impl Transient for SourceError {
             SourceError::Registry(e) => e.verdict(),
             // Local files: trying again reads the same bytes.
             SourceError::Layout(_) => Verdict::Fatal,
+            SourceError::S3(e) => e.verdict(),
             SourceError::TimedOut { .. } => Verdict::Fatal,
             SourceError::EndedEarly { .. } => Verdict::Retry(None),
         }
@@ -142,6 +146,20 @@ pub async fn open(
             Ok((
                 RetryingSource::wrap(repo, config.retry.clone()),
                 r.selector(),
+            ))
+        }
+        ImageRef::S3(r) => {
+            let what = || format!("s3://{}/{}", r.bucket, r.prefix);
+            let s3 = crate::retry::retry(&config.retry, what, || async {
+                S3Source::open(r, &config.s3, config.connect_timeout, config.stall_timeout)
+                    .await
+                    .map_err(SourceError::from)
+            })
+            .await?;
+            let selector = s3.selector(r)?;
+            Ok((
+                RetryingSource::wrap(Arc::new(s3), config.retry.clone()),
+                selector,
             ))
         }
         ImageRef::Layout(l) => {

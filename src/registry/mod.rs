@@ -64,6 +64,9 @@ pub struct RegistryConfig {
     pub redirect_ttl: Duration,
     /// How failed reads are retried; see [`RetryPolicy`].
     pub retry: RetryPolicy,
+    /// Where `s3://` references are read from (endpoint, region); the connect and stall
+    /// timeouts and the retry policy above apply to them too.
+    pub s3: crate::s3::S3Config,
 }
 
 impl Default for RegistryConfig {
@@ -76,6 +79,7 @@ impl Default for RegistryConfig {
             stall_timeout: Duration::from_secs(30),
             redirect_ttl: Duration::from_secs(300),
             retry: RetryPolicy::default(),
+            s3: crate::s3::S3Config::default(),
         }
     }
 }

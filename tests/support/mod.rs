@@ -12,6 +12,7 @@ pub mod containerd;
 pub mod http;
 pub mod mount;
 pub mod proxy;
+pub mod s3;
 pub mod token;
 
 use std::io::Read;

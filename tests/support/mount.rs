@@ -34,6 +34,16 @@ impl Mounted {
 
     /// As [`Mounted::with_cache`], with more `mount` options.
     pub fn with_args(reference: &str, cache_dir: &Path, extra: &[&str]) -> Mounted {
+        Mounted::with_env(reference, cache_dir, extra, &[])
+    }
+
+    /// As [`Mounted::with_args`], with more environment for the daemon (credentials).
+    pub fn with_env(
+        reference: &str,
+        cache_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Mounted {
         let dir = tempfile::tempdir().unwrap();
         let run_dir = tempfile::tempdir().unwrap();
         let mut args = vec![
@@ -44,10 +54,9 @@ impl Mounted {
         ];
         args.extend_from_slice(extra);
         args.extend([reference, dir.path().to_str().unwrap()]);
-        let run = lazylayer(
-            &args,
-            &[("LAZYLAYER_RUN_DIR", run_dir.path().to_str().unwrap())],
-        );
+        let mut envs = vec![("LAZYLAYER_RUN_DIR", run_dir.path().to_str().unwrap())];
+        envs.extend_from_slice(env);
+        let run = lazylayer(&args, &envs);
         assert!(
             run.status.success(),
             "mount {reference} failed: {}",

@@ -45,16 +45,30 @@ impl FaultProxy {
         }
     }
 
+    /// The logged requests: `(method, path, outcome, carried Authorization)`.
+    pub fn requests(&self) -> Vec<(String, String, String, bool)> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| {
+                let f: Vec<&str> = line.split(' ').collect();
+                (f.len() == 5).then(|| {
+                    (
+                        f[1].to_string(),
+                        f[2].to_string(),
+                        f[3].to_string(),
+                        f[4] == "auth",
+                    )
+                })
+            })
+            .collect()
+    }
+
     /// Requests seen so far, per outcome (`ok` or the fault's name).
     pub fn counts(&self) -> BTreeMap<String, usize> {
         let mut counts = BTreeMap::new();
-        for line in std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-        {
-            if let Some(outcome) = line.rsplit(' ').next() {
-                *counts.entry(outcome.to_string()).or_default() += 1;
-            }
+        for (_, _, outcome, _) in self.requests() {
+            *counts.entry(outcome).or_default() += 1;
         }
         counts
     }

@@ -15,8 +15,9 @@
 //! - `500`, `503`, `429`: answered by the proxy, 503 and 429 with `Retry-After: 1`;
 //! - `redirect-dead`: a 307 to a port on which nothing listens.
 //!
-//! Every request is logged to `--log` as one line: `N METHOD PATH FAULT`, so a test can count
-//! what was injected. On start the proxy prints `listening on ADDR` on stdout.
+//! Every request is logged to `--log` as one line: `N METHOD PATH FAULT AUTH`, where FAULT is
+//! `ok` or the fault's name and AUTH says whether the request carried an `Authorization` header
+//! (`auth` or `-`), so a test can count what was injected and check where credentials went. On start the proxy prints `listening on ADDR` on stdout.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -225,14 +226,15 @@ impl Proxy {
         Some(self.args.faults[rng.usize(..self.args.faults.len())])
     }
 
-    fn record(&self, method: &str, path: &str, fault: Option<Fault>) {
+    fn record(&self, method: &str, path: &str, fault: Option<Fault>, authorized: bool) {
         let n = self.requests.fetch_add(1, Ordering::Relaxed);
         if let Some(log) = &self.log {
             use std::io::Write as _;
             let _ = writeln!(
                 log.lock().unwrap(),
-                "{n} {method} {path} {}",
-                fault.map_or("ok", Fault::name)
+                "{n} {method} {path} {} {}",
+                fault.map_or("ok", Fault::name),
+                if authorized { "auth" } else { "-" }
             );
         }
     }
@@ -243,7 +245,11 @@ impl Proxy {
         let method = parts.next().unwrap_or_default().to_string();
         let path = parts.next().unwrap_or_default().to_string();
         let fault = self.choose(&path);
-        self.record(&method, &path, fault);
+        let authorized = head
+            .headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("authorization"));
+        self.record(&method, &path, fault, authorized);
         let local = |status: &str, extra: String| {
             format!("HTTP/1.1 {status}\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n")
         };

@@ -1,0 +1,146 @@
+//! S3 as an image source, against a real S3 server on loopback (`s3s-fs`, which checks SigV4
+//! signatures): the shared images and an eStargz python-app (written by ctr-remote, copied to an
+//! OCI layout by skopeo) stored as OCI layouts in a bucket read exactly like `umoci unpack` of
+//! the same images; the mounted eStargz app runs while fetching only part of the image; wrong
+//! credentials, a wrong prefix and an ambiguous layout get clear errors.
+
+mod support;
+
+use std::process::Command;
+
+use support::conformance::{assert_same_tree, disk_tree, umoci_unpack};
+use support::containerd::python_app_as_estargz;
+use support::mount::Mounted;
+use support::s3::S3Server;
+use support::{lazylayer, shared_images, shared_layer};
+
+fn env_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+#[test]
+fn images_in_a_bucket_read_like_umoci_and_the_mounted_app_runs() {
+    let s3 = S3Server::start();
+    s3.put_layout("images", "shared", &shared_images());
+    let (_registry, estargz) = python_app_as_estargz();
+    let esgz = tempfile::tempdir().unwrap();
+    let out = Command::new("skopeo")
+        .args(["copy", "--src-tls-verify=false"])
+        .arg(format!("docker://{estargz}"))
+        .arg(format!("oci:{}:python-app", esgz.path().display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "skopeo: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s3.put_layout("images", "esgz", esgz.path());
+    let env = s3.env();
+    let envs = env_refs(&env);
+    let work = tempfile::tempdir().unwrap();
+    let reference_root = umoci_unpack("python-app", work.path());
+
+    // inspect, ls and cat straight from the bucket.
+    let run = lazylayer(&["inspect", "s3://images/shared:python-app"], &envs);
+    assert!(run.status.success(), "inspect: {}", run.stderr);
+    assert!(
+        run.stdout.contains(&shared_layer("python-app", 2)[7..19]),
+        "{}",
+        run.stdout
+    );
+    let run = lazylayer(&["ls", "s3://images/esgz:python-app", "/app"], &envs);
+    assert!(run.status.success(), "ls: {}", run.stderr);
+    assert!(run.stdout.contains("main.py"), "{}", run.stdout);
+    let run = lazylayer(
+        &["cat", "s3://images/esgz:python-app", "/etc/os-release"],
+        &envs,
+    );
+    assert!(run.status.success(), "cat: {}", run.stderr);
+    assert_eq!(
+        run.stdout.as_bytes(),
+        std::fs::read(reference_root.join("etc/os-release")).unwrap()
+    );
+
+    // The plain gzip image, mounted, equals umoci's tree. The endpoint comes from the flag here.
+    let flag_env: Vec<(&str, &str)> = envs
+        .iter()
+        .copied()
+        .filter(|(k, _)| *k != "AWS_ENDPOINT_URL")
+        .collect();
+    let cache = tempfile::tempdir().unwrap();
+    let endpoint = s3.endpoint();
+    let mounted = Mounted::with_env(
+        "s3://images/shared:python-app",
+        cache.path(),
+        &["--s3-endpoint", &endpoint],
+        &flag_env,
+    );
+    assert_same_tree(
+        "gzip python-app from S3",
+        &disk_tree(&reference_root),
+        &disk_tree(mounted.path()),
+    );
+    drop(mounted);
+
+    // The eStargz image runs its app, fetching a fraction of it.
+    let cache = tempfile::tempdir().unwrap();
+    let mounted = Mounted::with_env(
+        "s3://images/esgz:python-app",
+        cache.path(),
+        &["--no-background-fetch"],
+        &envs,
+    );
+    let out = Command::new("chroot")
+        .arg(mounted.path())
+        .args(["python3", "/app/main.py"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("app ok"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats = mounted.stats();
+    let fetched = stats["fetched_bytes"].as_u64().unwrap();
+    let total: u64 = stats["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["size"].as_u64().unwrap())
+        .sum();
+    assert!(
+        fetched * 2 < total,
+        "fetched {fetched} of {total} bytes to run the app"
+    );
+}
+
+#[test]
+fn bad_credentials_prefix_or_tag_are_clear_errors() {
+    let s3 = S3Server::start();
+    s3.put_layout("images", "shared", &shared_images());
+    let env = s3.env();
+    let mut wrong = env.clone();
+    for (k, v) in wrong.iter_mut() {
+        if *k == "AWS_SECRET_ACCESS_KEY" {
+            *v = "not-the-secret".into();
+        }
+    }
+    lazylayer(
+        &["inspect", "s3://images/shared:python-app"],
+        &env_refs(&wrong),
+    )
+    .assert_error(&[
+        "s3://images/shared/index.json",
+        "refused",
+        "AWS_SECRET_ACCESS_KEY",
+    ]);
+    let envs = env_refs(&env);
+    lazylayer(&["inspect", "s3://images/elsewhere:python-app"], &envs)
+        .assert_error(&["s3://images/elsewhere/index.json", "not found"]);
+    lazylayer(&["inspect", "s3://images/shared"], &envs)
+        .assert_error(&["holds 3 images", "python-app"]);
+    lazylayer(&["inspect", "s3://images/shared:nope"], &envs)
+        .assert_error(&["no image tagged `nope`", "debian-bookworm"]);
+}
