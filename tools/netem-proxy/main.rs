@@ -1,5 +1,12 @@
-//! `netem-proxy`: an HTTP/1.1 reverse proxy that injects network faults, for testing how
-//! lazylayer behaves on a bad network against a real registry.
+//! `netem-proxy`: an HTTP/1.1 reverse proxy that emulates a network link (latency, bandwidth)
+//! and injects faults, for testing and benchmarking lazylayer against a real registry on
+//! loopback, where `tc netem` is not available.
+//!
+//! Link emulation: each request is held for half of `--rtt-ms` before it is forwarded, and
+//! every response byte is delivered half an RTT after it arrived (a delay line: bytes in flight
+//! do not slow the ones behind them), so a request costs one round trip, as on a kept-alive
+//! connection. Response bytes are paced by token buckets: `--bandwidth` (Mbit/s, shared by all
+//! connections) and `--conn-bandwidth` (per connection).
 //!
 //! Each client connection carries one request (the proxy answers `Connection: close`, which
 //! every HTTP client handles), forwarded to `--upstream` over a new connection. A request whose
@@ -69,6 +76,111 @@ struct Args {
     /// Append one line per request here.
     #[arg(long)]
     log: Option<PathBuf>,
+    /// Round-trip time to emulate, in milliseconds.
+    #[arg(long, default_value_t = 0.0)]
+    rtt_ms: f64,
+    /// Bandwidth of the whole link for responses, in Mbit/s (0: unlimited).
+    #[arg(long, default_value_t = 0.0)]
+    bandwidth: f64,
+    /// Bandwidth of each connection for responses, in Mbit/s (0: unlimited).
+    #[arg(long, default_value_t = 0.0)]
+    conn_bandwidth: f64,
+}
+
+/// A token bucket pacing bytes to a rate.
+struct Bucket {
+    bytes_per_sec: f64,
+    /// (tokens available, when last refilled)
+    state: Mutex<(f64, std::time::Instant)>,
+}
+
+impl Bucket {
+    /// A bucket for `mbit` Mbit/s, or none for 0. Bursts up to 64 KiB, a few TCP segments' worth.
+    fn new(mbit: f64) -> Option<Arc<Bucket>> {
+        (mbit > 0.0).then(|| {
+            Arc::new(Bucket {
+                bytes_per_sec: mbit * 1e6 / 8.0,
+                state: Mutex::new((0.0, std::time::Instant::now())),
+            })
+        })
+    }
+
+    async fn take(&self, n: usize) {
+        const BURST: f64 = 64.0 * 1024.0;
+        loop {
+            let wait = {
+                let mut state = self.state.lock().unwrap();
+                let now = std::time::Instant::now();
+                let refill = now.duration_since(state.1).as_secs_f64() * self.bytes_per_sec;
+                state.0 = (state.0 + refill).min(BURST.max(n as f64));
+                state.1 = now;
+                if state.0 >= n as f64 {
+                    state.0 -= n as f64;
+                    return;
+                }
+                (n as f64 - state.0) / self.bytes_per_sec
+            };
+            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+        }
+    }
+}
+
+/// What the delivery task does with the client connection, each at its release time.
+enum Deliver {
+    Data(Vec<u8>),
+    Pause(Duration),
+    /// Close with a TCP reset.
+    Reset,
+    /// Close in order.
+    Close,
+}
+
+/// Writes what it is sent to the client half an RTT after it was sent, paced by the buckets.
+fn delivery(
+    mut client: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+    buckets: Vec<Arc<Bucket>>,
+) -> (
+    tokio::sync::mpsc::UnboundedSender<Deliver>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Deliver)>();
+    let (stamped_tx, mut stamped_rx) = tokio::sync::mpsc::unbounded_channel::<Deliver>();
+    // Stamp each item with its release time when it is sent, not when the writer gets to it.
+    tokio::spawn(async move {
+        while let Some(item) = stamped_rx.recv().await {
+            if tx
+                .send((tokio::time::Instant::now() + delay, item))
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let writer = tokio::spawn(async move {
+        while let Some((release, item)) = rx.recv().await {
+            tokio::time::sleep_until(release).await;
+            match item {
+                Deliver::Data(bytes) => {
+                    for piece in bytes.chunks(16 << 10) {
+                        for bucket in &buckets {
+                            bucket.take(piece.len()).await;
+                        }
+                        client.write_all(piece).await?;
+                    }
+                }
+                Deliver::Pause(d) => tokio::time::sleep(d).await,
+                Deliver::Reset => {
+                    // SO_LINGER 0 turns the close into a RST.
+                    let _ = client.as_ref().set_zero_linger();
+                    return Ok(());
+                }
+                Deliver::Close => return client.shutdown().await,
+            }
+        }
+        client.shutdown().await
+    });
+    (stamped_tx, writer)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -109,6 +221,8 @@ struct Proxy {
     log: Option<Mutex<std::fs::File>>,
     /// A port with no listener, for `redirect-dead`.
     dead_port: u16,
+    /// The whole link's bandwidth, shared by every connection.
+    link: Option<Arc<Bucket>>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -136,6 +250,7 @@ async fn run(args: Args) -> std::io::Result<()> {
         None => None,
     };
     let proxy = Arc::new(Proxy {
+        link: Bucket::new(args.bandwidth),
         rng: Mutex::new(fastrand::Rng::with_seed(args.seed)),
         args,
         matched: AtomicU64::new(0),
@@ -281,30 +396,45 @@ impl Proxy {
             }
             _ => {}
         }
+        // The request's half of the round trip.
+        tokio::time::sleep(self.half_rtt()).await;
         let mut upstream = TcpStream::connect(self.args.upstream).await?;
         upstream.write_all(&head.encode()).await?;
         upstream.write_all(&early_body).await?;
-        let (mut client_read, mut client_write) = client.into_split();
+        let (mut client_read, client_write) = client.into_split();
         let (mut up_read, mut up_write) = upstream.into_split();
         // Request bodies (uploads) pass through untouched.
         let uploads = tokio::spawn(async move {
             let _ = tokio::io::copy(&mut client_read, &mut up_write).await;
         });
-        let result = self
-            .respond(&mut up_read, &mut client_write, &method, fault)
-            .await;
+        let mut buckets: Vec<Arc<Bucket>> =
+            Bucket::new(self.args.conn_bandwidth).into_iter().collect();
+        buckets.extend(self.link.clone());
+        let (out, writer) = delivery(client_write, self.half_rtt(), buckets);
+        let result = self.respond(&mut up_read, &out, &method, fault).await;
+        drop(out);
+        let delivered = writer.await.unwrap_or(Ok(()));
         uploads.abort();
-        result
+        result.and(delivered)
+    }
+
+    fn half_rtt(&self) -> Duration {
+        Duration::from_secs_f64(self.args.rtt_ms / 2000.0)
     }
 
     /// Forwards the response, applying a body fault.
     async fn respond(
         &self,
         upstream: &mut tokio::net::tcp::OwnedReadHalf,
-        client: &mut tokio::net::tcp::OwnedWriteHalf,
+        client: &tokio::sync::mpsc::UnboundedSender<Deliver>,
         method: &str,
         fault: Option<Fault>,
     ) -> std::io::Result<()> {
+        let send = |d: Deliver| {
+            client
+                .send(d)
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+        };
         // Read the response head through a small reassembly, as in read_head.
         let mut buf = Vec::new();
         let mut piece = vec![0u8; 64 << 10];
@@ -327,7 +457,7 @@ impl Proxy {
                 .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
                 .collect(),
         };
-        client.write_all(&head.encode()).await?;
+        send(Deliver::Data(head.encode()))?;
         let mut body = buf[end + 4..].to_vec();
         let len = head.content_length().unwrap_or(0);
         // The byte where the fault strikes; a fault needs a body to strike in.
@@ -340,7 +470,7 @@ impl Proxy {
             if body.is_empty() {
                 let n = upstream.read(&mut piece).await?;
                 if n == 0 {
-                    return client.shutdown().await;
+                    return send(Deliver::Close);
                 }
                 body.extend_from_slice(&piece[..n]);
             }
@@ -351,29 +481,29 @@ impl Proxy {
                     let split = (at - from) as usize;
                     match f {
                         Fault::Reset | Fault::Truncate => {
-                            client.write_all(&chunk[..split]).await?;
-                            if f == Fault::Reset {
-                                // SO_LINGER 0 turns the close into a RST.
-                                let _ = client.as_ref().set_zero_linger();
+                            send(Deliver::Data(chunk[..split].to_vec()))?;
+                            return send(if f == Fault::Reset {
+                                Deliver::Reset
                             } else {
-                                client.shutdown().await?;
-                            }
-                            return Ok(());
+                                Deliver::Close
+                            });
                         }
                         Fault::Flip => {
                             let mut chunk = chunk;
                             chunk[split] ^= 0xff;
-                            client.write_all(&chunk).await?;
+                            send(Deliver::Data(chunk))?;
                         }
                         Fault::Stall => {
-                            client.write_all(&chunk[..split]).await?;
-                            tokio::time::sleep(Duration::from_secs_f64(self.args.stall_secs)).await;
-                            client.write_all(&chunk[split..]).await?;
+                            send(Deliver::Data(chunk[..split].to_vec()))?;
+                            send(Deliver::Pause(Duration::from_secs_f64(
+                                self.args.stall_secs,
+                            )))?;
+                            send(Deliver::Data(chunk[split..].to_vec()))?;
                         }
-                        _ => client.write_all(&chunk).await?,
+                        _ => send(Deliver::Data(chunk))?,
                     }
                 }
-                _ => client.write_all(&chunk).await?,
+                _ => send(Deliver::Data(chunk))?,
             }
             sent = to;
         }
