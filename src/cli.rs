@@ -181,6 +181,12 @@ pub struct MountArgs {
     #[arg(long)]
     pub allow_other: bool,
 
+    /// Grow a read's request with the chunks that follow it in the layer, up to this many
+    /// compressed bytes (0: off). Start-up reads many small neighbouring files; one larger
+    /// request costs less than their round trips.
+    #[arg(long, value_name = "SIZE", default_value = "512K")]
+    pub amplify_io: String,
+
     /// Honour setuid bits and device nodes in the image. Off by default (nosuid,nodev): an
     /// image is untrusted input. Turn on only for a container rootfs you trust.
     #[arg(long)]
@@ -598,6 +604,7 @@ async fn mount(args: MountArgs) -> Result<(), CliError> {
             .then(|| seconds("profile-window", args.profile_window))
             .transpose()?,
         retry: resolved.retry,
+        amplify_bytes: size_flag("amplify-io", &args.amplify_io)?,
     };
     let fs = ImageFs::open_counted(resolved.source, resolved.stats, resolved.image, &options)
         .await

@@ -774,3 +774,65 @@ fn cat_prints_a_file_before_its_layer_has_finished_streaming() {
     );
     run.assert_error(&["timed out", "must not be trusted", &path]);
 }
+
+/// Read amplification: reading a file fetches the files that follow it in the blob in the same
+/// request (up to the budget), so reading the next one costs no request; with amplification
+/// off it costs one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_are_amplified_with_the_chunks_that_follow_in_the_blob() {
+    let (_registry, estargz) = python_app_as_estargz();
+    let budget = 512 << 10;
+    let amplified = open_with(
+        &estargz,
+        &ImageFsOptions {
+            amplify_bytes: budget,
+            ..ImageFsOptions::default()
+        },
+    )
+    .await;
+    // Two different small files whose compressed chunks lie back to back in one layer.
+    let mut by_start = std::collections::HashMap::new();
+    let mut files = Vec::new();
+    amplified.tree.walk(lazylayer::tree::ROOT, |_, ino| {
+        if let Some(NodeKind::File { layer, chunks, .. }) =
+            amplified.tree.node(ino).map(|n| &n.kind)
+            && let [only] = &chunks[..]
+            && let ChunkSource::Compressed { start, end, .. } = only.source
+        {
+            by_start.insert((*layer, start), ino);
+            files.push((ino, *layer, start, end));
+        }
+    });
+    let (first, second) = files
+        .iter()
+        .find_map(|&(ino, layer, start, end)| {
+            let next = *by_start.get(&(layer, end))?;
+            (next != ino && end - start < budget / 4).then_some((ino, next))
+        })
+        .expect("two neighbouring single-chunk files");
+    let requests = |fs: &ImageFs| FetchStats::get(&fs.stats().requests);
+
+    let before = requests(&amplified);
+    amplified.read(first, 0, 1 << 20).await.unwrap();
+    let after_first = requests(&amplified);
+    assert_eq!(after_first, before + 1, "the first file is one request");
+    amplified.read(second, 0, 1 << 20).await.unwrap();
+    assert_eq!(
+        requests(&amplified),
+        after_first,
+        "the neighbour came with the first request"
+    );
+
+    let plain = open_with(
+        &estargz,
+        &ImageFsOptions {
+            amplify_bytes: 0,
+            ..ImageFsOptions::default()
+        },
+    )
+    .await;
+    plain.read(first, 0, 1 << 20).await.unwrap();
+    let after_first = requests(&plain);
+    plain.read(second, 0, 1 << 20).await.unwrap();
+    assert_eq!(requests(&plain), after_first + 1, "without amplification");
+}
