@@ -32,6 +32,25 @@ use crate::tree::{Ino, Node, NodeKind};
 /// long-gone lookups on machines that never evict.
 const TTL: Duration = Duration::from_secs(24 * 3600);
 
+/// The attributes of a negative lookup reply; only the node id (0) matters to the kernel.
+const NEGATIVE_ENTRY: FileAttr = FileAttr {
+    ino: INodeNo(0),
+    size: 0,
+    blocks: 0,
+    atime: UNIX_EPOCH,
+    mtime: UNIX_EPOCH,
+    ctime: UNIX_EPOCH,
+    crtime: UNIX_EPOCH,
+    kind: FileType::RegularFile,
+    perm: 0,
+    nlink: 0,
+    uid: 0,
+    gid: 0,
+    rdev: 0,
+    blksize: BLOCK as u32,
+    flags: 0,
+};
+
 /// Largest read request we ask the kernel for (it derives `max_pages` from this): 1 MiB reads
 /// mean one request per MiB of a sequential read instead of eight at the default 128 KiB.
 pub const MAX_REQUEST_BYTES: u32 = 1 << 20;
@@ -172,8 +191,10 @@ impl Filesystem for ImageFilesystem {
                 reply.entry(&TTL, &self.attr(ino, node), Generation(0));
             }
             None if self.fs.tree.node(parent.0).is_some_and(Node::is_dir) => {
-                // Negative entries are cached too: the tree will not grow.
-                reply.error(Errno::ENOENT)
+                // A negative entry: node id 0 with a timeout makes the kernel cache the miss
+                // (an ENOENT error would be asked again on every lookup). The tree never grows,
+                // and interpreters probe many missing paths at start (Python's sys.path).
+                reply.entry(&TTL, &NEGATIVE_ENTRY, Generation(0))
             }
             None => reply.error(Errno::ENOTDIR),
         }
