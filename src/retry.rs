@@ -13,7 +13,9 @@
 //! - A read gives up after [`RetryPolicy::max_attempts`] failures in a row, or when it has gone
 //!   [`RetryPolicy::read_timeout`] without receiving a byte, whichever comes first. Both reset
 //!   when bytes arrive: a large transfer that keeps making progress through a flaky link is never
-//!   cut off, while a dead source fails a read within a bounded time.
+//!   cut off, while a dead source fails a read within a bounded time. A single attempt that
+//!   hangs is ended by the transfer's stall timeout (no byte for `--stall-timeout`), never by
+//!   a deadline on the whole transfer.
 //! - [`RetryingSource`] resumes a range read at the first byte not yet received, instead of
 //!   fetching the whole range again (moby's pull threw partial layers away; on a bad link that
 //!   turns one failure into a restart of the largest transfer).
@@ -162,25 +164,23 @@ impl<'a> Backoff<'a> {
     }
 }
 
-/// Runs `attempt` until it succeeds, fails fatally, or the policy gives up. Each attempt is
-/// bounded by the time left, so a hung attempt cannot outlive the read's deadline.
+/// Runs `attempt` until it succeeds, fails fatally, or the policy gives up. An attempt is not
+/// cut off here: a whole-object fetch or a layer stream that keeps receiving bytes may take as
+/// long as it needs, and one that stops receiving them is ended below by the stall timeout of
+/// its transfer. The read's deadline is checked between attempts.
 pub async fn retry<T, E, F, Fut>(
     policy: &RetryPolicy,
     what: impl Fn() -> String,
     mut attempt: F,
 ) -> Result<T, E>
 where
-    E: Transient + std::fmt::Display + From<SourceError>,
+    E: Transient + std::fmt::Display,
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
 {
     let mut backoff = Backoff::new(policy);
     loop {
-        let result = match tokio::time::timeout(backoff.remaining(), attempt()).await {
-            Ok(r) => r,
-            Err(_) => return Err(backoff.timed_out(what()).into()),
-        };
-        let err = match result {
+        let err = match attempt().await {
             Ok(v) => return Ok(v),
             Err(e) => e,
         };

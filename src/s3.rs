@@ -359,9 +359,27 @@ impl S3Source {
         }
     }
 
+    /// Waits for a response's head at most the stall timeout (object_store's own whole-request
+    /// timeout is off, so that long bodies are not cut off).
+    async fn within_stall<T>(
+        &self,
+        key: &KeyPath,
+        request: impl std::future::Future<Output = T>,
+    ) -> Result<T, S3Error> {
+        tokio::time::timeout(self.stall_timeout, request)
+            .await
+            .map_err(|_| S3Error::Stalled {
+                url: self.url(key),
+                secs: self.stall_timeout.as_secs_f64(),
+            })
+    }
+
     /// Reads a whole object of at most `limit` bytes.
     async fn read_whole(&self, key: &KeyPath, limit: u64) -> Result<Bytes, S3Error> {
-        let result = self.store.get(key).await.map_err(|e| self.error(key, e))?;
+        let result = self
+            .within_stall(key, self.store.get(key))
+            .await?
+            .map_err(|e| self.error(key, e))?;
         if result.meta.size > limit {
             return Err(S3Error::TooLarge {
                 url: self.url(key),
@@ -516,9 +534,8 @@ impl ImageSource for S3Source {
             ..GetOptions::default()
         };
         let result = self
-            .store
-            .get_opts(&key, options)
-            .await
+            .within_stall(&key, self.store.get_opts(&key, options))
+            .await?
             .map_err(|e| self.error(&key, e))?;
         if result.range.start != range.start {
             return Err(S3Error::Request {

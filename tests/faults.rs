@@ -243,3 +243,33 @@ fn read_all_in_parallel(root: &Path, threads: usize) -> Vec<(PathBuf, std::io::E
         .flat_map(|r| r.join().unwrap())
         .collect()
 }
+
+/// `--read-timeout` bounds a wait without bytes, not a transfer: listing a gzip image streams
+/// all of its layers (73 MB) through a 100 Mbit/s link, several times the timeout, and works.
+#[test]
+fn a_transfer_that_keeps_moving_outlives_the_read_timeout() {
+    let registry = Registry::start(RegistryAuth::None);
+    registry.push_shared("python-app", "test/app");
+    let link = FaultProxy::start(registry.port, &["--bandwidth", "100"]);
+    let started = Instant::now();
+    let run = lazylayer(
+        &[
+            "ls",
+            "--read-timeout",
+            "2",
+            "--stall-timeout",
+            "1",
+            &format!("127.0.0.1:{}/test/app:latest", link.port),
+            "/app",
+        ],
+        &[],
+    );
+    let took = started.elapsed();
+    assert!(run.status.success(), "{}", run.stderr);
+    assert!(run.stdout.contains("main.py"), "{}", run.stdout);
+    // Only a check that the case is the one described, not a speed assertion.
+    assert!(
+        took > Duration::from_secs(4),
+        "the transfer took {took:?}, too short to exceed the 2 s read timeout"
+    );
+}
