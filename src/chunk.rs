@@ -326,11 +326,10 @@ impl ContentReader {
             .iter()
             .take_while(|c| c.file_offset < end)
             .collect();
-        let first_missing = wanted.iter().find(|c| {
-            matches!(c.source, ChunkSource::Compressed { .. })
-                && !self.fetcher.holds(&self.layers[layer].descriptor.digest, c)
-        });
         let digest = &self.layers[layer].descriptor.digest;
+        let first_missing = wanted.iter().find(|c| {
+            matches!(c.source, ChunkSource::Compressed { .. }) && !self.fetcher.holds(digest, c)
+        });
         let extra = match (first_missing, wanted.last()) {
             (Some(first), Some(last)) if !self.fetcher.holds(digest, last) => {
                 self.amplification(layer, compressed_start(first), last)

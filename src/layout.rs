@@ -192,23 +192,14 @@ impl ImageSource for LayoutSource {
     }
 
     async fn manifest(&self, selector: &ManifestSelector) -> Result<FetchedManifest, SourceError> {
-        let (digest, entry) = match selector {
-            ManifestSelector::Digest(d) => (
-                d.clone(),
-                self.index.manifests.iter().find(|m| &m.digest == d),
-            ),
-            ManifestSelector::Tag(t) => {
-                let entry =
-                    self.index
-                        .entry_for_tag(t)
-                        .ok_or_else(|| LayoutError::TagNotFound {
-                            path: self.root.clone(),
-                            tag: t.clone(),
-                            available: self.index.tags(),
-                        })?;
-                (entry.digest.clone(), Some(entry))
-            }
-        };
+        let (digest, entry) =
+            self.index
+                .lookup(selector)
+                .ok_or_else(|| LayoutError::TagNotFound {
+                    path: self.root.clone(),
+                    tag: selector.to_string(),
+                    available: self.index.tags(),
+                })?;
         let bytes = self.read_verified(&digest, MAX_MANIFEST_BYTES)?;
         Ok(FetchedManifest {
             bytes,

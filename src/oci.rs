@@ -107,6 +107,24 @@ impl ImageIndex {
             .find(|d| d.annotations.get(ANNOTATION_REF_NAME).map(String::as_str) == Some(tag))
     }
 
+    /// The manifest digest `selector` names and its entry in the index, if it has one (a digest
+    /// may name a manifest the index does not list). `None` for a tag the index lacks.
+    pub fn lookup(
+        &self,
+        selector: &crate::reference::ManifestSelector,
+    ) -> Option<(Digest, Option<&Descriptor>)> {
+        use crate::reference::ManifestSelector;
+        match selector {
+            ManifestSelector::Digest(d) => {
+                Some((d.clone(), self.manifests.iter().find(|m| &m.digest == d)))
+            }
+            ManifestSelector::Tag(t) => {
+                let entry = self.entry_for_tag(t)?;
+                Some((entry.digest.clone(), Some(entry)))
+            }
+        }
+    }
+
     /// Which manifest a reference means: its digest, its tag, or the only entry. `Err` carries
     /// the number of entries when there are several and the reference names none.
     pub fn select(

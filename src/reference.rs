@@ -72,6 +72,16 @@ pub enum ManifestSelector {
     Digest(Digest),
 }
 
+/// As it appears in a registry URL and in messages: the tag, or the digest.
+impl fmt::Display for ManifestSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ManifestSelector::Tag(t) => f.write_str(t),
+            ManifestSelector::Digest(d) => d.fmt(f),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ReferenceError {
     #[error("empty image reference")]

@@ -216,13 +216,7 @@ impl ImageSource for RetryingSource {
     }
 
     async fn manifest(&self, selector: &ManifestSelector) -> Result<FetchedManifest, SourceError> {
-        let what = || {
-            let named = match selector {
-                ManifestSelector::Tag(t) => t.clone(),
-                ManifestSelector::Digest(d) => d.to_string(),
-            };
-            format!("manifest {named} from {}", self.inner.name())
-        };
+        let what = || format!("manifest {selector} from {}", self.inner.name());
         retry(&self.policy, what, || self.inner.manifest(selector)).await
     }
 

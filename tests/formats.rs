@@ -222,30 +222,13 @@ async fn mounted_python_app_runs_and_serves_concurrent_readers() {
             cache.path(),
             &["--no-background-fetch", "--amplify-io", "0"],
         );
-        let out = std::process::Command::new("chroot")
-            .arg(mounted.path())
-            .args(["python3", "/app/main.py"])
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            stdout.starts_with("app ok"),
-            "{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stats = mounted.stats();
-        let fetched = stats["fetched_bytes"].as_u64().unwrap();
-        let total: u64 = stats["layers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l["size"].as_u64().unwrap())
-            .sum();
+        mounted.run_app();
+        let (fetched, total) = mounted.fetched_and_total();
         assert!(
             fetched * 3 < total,
             "starting the app fetched {fetched} of {total} bytes"
         );
-        let first_misses = stats["cache_misses"].as_u64().unwrap();
+        let first_misses = mounted.stats()["cache_misses"].as_u64().unwrap();
         // Unmounting ends the daemon and removes its control socket.
         let run_dir = mounted.run_dir.path().to_path_buf();
         assert!(mounted.is_mounted());
@@ -306,12 +289,7 @@ async fn mounted_python_app_runs_and_serves_concurrent_readers() {
             prefetched * 2 > first_misses,
             "prefetched only {prefetched} chunks"
         );
-        let out = std::process::Command::new("chroot")
-            .arg(mounted.path())
-            .args(["python3", "/app/main.py"])
-            .output()
-            .unwrap();
-        assert!(String::from_utf8_lossy(&out.stdout).starts_with("app ok"));
+        mounted.run_app();
         let missed = mounted.stats()["cache_misses"].as_u64().unwrap() - prefetched;
         assert!(
             missed * 4 < first_misses,

@@ -94,25 +94,8 @@ fn images_in_a_bucket_read_like_umoci_and_the_mounted_app_runs() {
         &["--no-background-fetch"],
         &envs,
     );
-    let out = Command::new("chroot")
-        .arg(mounted.path())
-        .args(["python3", "/app/main.py"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.starts_with("app ok"),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stats = mounted.stats();
-    let fetched = stats["fetched_bytes"].as_u64().unwrap();
-    let total: u64 = stats["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["size"].as_u64().unwrap())
-        .sum();
+    mounted.run_app();
+    let (fetched, total) = mounted.fetched_and_total();
     assert!(
         fetched * 2 < total,
         "fetched {fetched} of {total} bytes to run the app"
@@ -178,17 +161,7 @@ fn registry_on_s3_redirects_and_credentials_stay_with_the_registry() {
         cache.path(),
         &["--no-background-fetch", "--user", "alice:wonderland"],
     );
-    let out = Command::new("chroot")
-        .arg(mounted.path())
-        .args(["python3", "/app/main.py"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.starts_with("app ok"),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    mounted.run_app();
 
     // The registry's own S3 calls are signed with its keys in a header; the client's are the
     // pre-signed URLs the registry handed out, and must carry nothing else.

@@ -489,10 +489,7 @@ impl Repository {
         &self,
         selector: &ManifestSelector,
     ) -> Result<FetchedManifest, RegistryError> {
-        let reference = match selector {
-            ManifestSelector::Tag(t) => t.clone(),
-            ManifestSelector::Digest(d) => d.to_string(),
-        };
+        let reference = selector.to_string();
         let url = self.url("manifests", &reference);
         let http = &self.registry.http;
         let resp = self

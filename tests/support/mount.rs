@@ -86,6 +86,34 @@ impl Mounted {
         .json()
     }
 
+    /// Runs python-app's `python3 /app/main.py` chrooted into the mount and asserts it prints
+    /// `app ok`.
+    pub fn run_app(&self) {
+        let out = Command::new("chroot")
+            .arg(self.path())
+            .args(["python3", "/app/main.py"])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.starts_with("app ok"),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Bytes fetched so far and the compressed size of all layers, from `stats`.
+    pub fn fetched_and_total(&self) -> (u64, u64) {
+        let stats = self.stats();
+        let total = stats["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["size"].as_u64().unwrap())
+            .sum();
+        (stats["fetched_bytes"].as_u64().unwrap(), total)
+    }
+
     /// Whether the kernel still lists the mount.
     pub fn is_mounted(&self) -> bool {
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();

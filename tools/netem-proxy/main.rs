@@ -298,7 +298,9 @@ impl Head {
 }
 
 /// Reads a head (up to the blank line); returns it and any bytes read past it.
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<(Head, Vec<u8>)> {
+async fn read_head(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> std::io::Result<(Head, Vec<u8>)> {
     let mut buf = Vec::new();
     let mut piece = [0u8; 8192];
     let end = loop {
@@ -435,30 +437,9 @@ impl Proxy {
                 .send(d)
                 .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
         };
-        // Read the response head through a small reassembly, as in read_head.
-        let mut buf = Vec::new();
-        let mut piece = vec![0u8; 64 << 10];
-        let end = loop {
-            if let Some(i) = buf.windows(4).position(|w: &[u8]| w == b"\r\n\r\n") {
-                break i;
-            }
-            let n = upstream.read(&mut piece).await?;
-            if n == 0 {
-                return Ok(());
-            }
-            buf.extend_from_slice(&piece[..n]);
-        };
-        let text = String::from_utf8_lossy(&buf[..end]).into_owned();
-        let mut lines = text.split("\r\n");
-        let head = Head {
-            first: lines.next().unwrap_or_default().to_string(),
-            headers: lines
-                .filter_map(|l| l.split_once(':'))
-                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-                .collect(),
-        };
+        let (head, mut body) = read_head(upstream).await?;
         send(Deliver::Data(head.encode()))?;
-        let mut body = buf[end + 4..].to_vec();
+        let mut piece = vec![0u8; 64 << 10];
         let len = head.content_length().unwrap_or(0);
         // The byte where the fault strikes; a fault needs a body to strike in.
         let at = match fault {
