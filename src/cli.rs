@@ -120,6 +120,99 @@ image and mount, plus the tables of contents and configs needed to remount witho
 
     /// Show or delete an image's learned start-up profile (the files its start read, in order).
     Profile(ProfileArgs),
+
+    /// Serve containerd's snapshots API: image layers are mounted lazily instead of unpacked.
+    #[command(
+        long_about = "Run a containerd snapshotter (a `[proxy_plugins]` entry of type \
+\"snapshot\") on the Unix socket --address. Layers that carry a lazy index (eStargz, \
+zstd:chunked) and are pulled with `lazylayer pull` (or by the CRI plugin with snapshot \
+annotations) are not downloaded: the snapshotter mounts the image's layers as one lazily \
+fetched filesystem and containers run on overlayfs over it. Other layers are unpacked by \
+containerd as usual.\n\n\
+Runs in the foreground until SIGTERM or Ctrl-C. Snapshots survive restarts: on start, the \
+mounts of existing snapshots are made again.",
+        after_help = "Examples:\n  \
+lazylayer snapshotter --address /run/lazylayer/snapshotter.sock --root /var/lib/lazylayer/snapshotter\n\n\
+containerd config (then restart containerd):\n  \
+[proxy_plugins]\n    [proxy_plugins.lazylayer]\n      type = \"snapshot\"\n      \
+address = \"/run/lazylayer/snapshotter.sock\"\n\n\
+Then: lazylayer pull REF && ctr run --snapshotter lazylayer --rm REF NAME CMD"
+    )]
+    Snapshotter(SnapshotterArgs),
+
+    /// Pull an image into containerd lazily (for `ctr run --snapshotter lazylayer`).
+    #[command(
+        long_about = "Resolve REF, and create it in containerd as `ctr pull` would, but unpack \
+through the lazylayer snapshotter with the labels that let it mount lazy layers instead of \
+downloading them. Layers without a lazy index are downloaded and unpacked by containerd. \
+Registry options are the same as for `inspect`.",
+        after_help = "Examples:\n  \
+lazylayer pull 127.0.0.1:5000/test/python-app:esgz\n  \
+ctr run --rm --snapshotter lazylayer 127.0.0.1:5000/test/python-app:esgz app1 python3 /app/main.py"
+    )]
+    Pull(PullArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SnapshotterArgs {
+    /// Unix socket to serve containerd's snapshots API on.
+    #[arg(
+        long,
+        value_name = "SOCKET",
+        default_value = "/run/lazylayer/snapshotter.sock"
+    )]
+    pub address: PathBuf,
+
+    /// Where snapshots and their metadata live (keep it across restarts).
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/lazylayer/snapshotter"
+    )]
+    pub root: PathBuf,
+
+    #[command(flatten)]
+    pub read: ReadArgs,
+
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct PullArgs {
+    /// Image reference: NAME[:TAG] or HOST[:PORT]/NAME[:TAG][@DIGEST].
+    pub reference: String,
+
+    /// containerd's socket.
+    #[arg(
+        long,
+        short = 'a',
+        value_name = "SOCKET",
+        env = "CONTAINERD_ADDRESS",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    pub address: PathBuf,
+
+    /// containerd namespace to create the image in.
+    #[arg(
+        long,
+        short = 'n',
+        value_name = "NAME",
+        env = "CONTAINERD_NAMESPACE",
+        default_value = "default"
+    )]
+    pub namespace: String,
+
+    /// Snapshotter to unpack into, as named in containerd's config.
+    #[arg(long, value_name = "NAME", default_value = "lazylayer")]
+    pub snapshotter: String,
+
+    /// Print nothing but errors.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 #[derive(Args, Debug)]
@@ -181,16 +274,34 @@ pub struct MountArgs {
     #[arg(long)]
     pub allow_other: bool,
 
+    /// Honour setuid bits and device nodes in the image. Off by default (nosuid,nodev): an
+    /// image is untrusted input. Turn on only for a container rootfs you trust.
+    #[arg(long)]
+    pub suid_dev: bool,
+
+    #[command(flatten)]
+    pub read: ReadArgs,
+
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// With --daemon: where the daemon writes its log [default: RUN_DIR/mount-ID.log].
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+/// How an image's contents are read and cached; shared by `mount` and `snapshotter`.
+#[derive(Args, Debug, Clone)]
+pub struct ReadArgs {
     /// Grow a read's request with the chunks that follow it in the layer, up to this many
     /// compressed bytes (0: off). Start-up reads many small neighbouring files; one larger
     /// request costs less than their round trips.
     #[arg(long, value_name = "SIZE", default_value = "512K")]
     pub amplify_io: String,
-
-    /// Honour setuid bits and device nodes in the image. Off by default (nosuid,nodev): an
-    /// image is untrusted input. Turn on only for a container rootfs you trust.
-    #[arg(long)]
-    pub suid_dev: bool,
 
     /// Memory for cached chunks, e.g. 512M or 2G.
     #[arg(long, value_name = "SIZE", default_value = "512M")]
@@ -217,21 +328,45 @@ pub struct MountArgs {
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub max_requests: usize,
 
-    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
-    #[arg(long, value_name = "ADDR")]
-    pub metrics_addr: Option<std::net::SocketAddr>,
-
     /// Seconds after mounting during which first reads are recorded as the image's start-up
     /// profile (prefetched on the next mount); 0 turns profiles off.
     #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
     pub profile_window: f64,
+}
 
-    /// With --daemon: where the daemon writes its log [default: RUN_DIR/mount-ID.log].
-    #[arg(long, value_name = "FILE")]
-    pub log_file: Option<PathBuf>,
+impl ReadArgs {
+    /// The disk cache these flags ask for (`None` for `--cache-dir none`).
+    pub fn disk_cache(&self) -> Result<Option<std::sync::Arc<DiskCache>>, CliError> {
+        if self.cache_dir.as_os_str() == "none" {
+            return Ok(None);
+        }
+        let budget = size_flag("cache-size", &self.cache_size)?;
+        Ok(Some(std::sync::Arc::new(open_cache(
+            &self.cache_dir,
+            budget,
+        )?)))
+    }
 
-    #[command(flatten)]
-    pub remote: RemoteArgs,
+    /// Options for opening an image with these flags, the given disk tier and retry policy.
+    pub fn image_fs_options(
+        &self,
+        disk: Option<std::sync::Arc<DiskCache>>,
+        retry: RetryPolicy,
+    ) -> Result<ImageFsOptions, CliError> {
+        let background = size_flag("background-bandwidth", &self.background_bandwidth)?;
+        Ok(ImageFsOptions {
+            cache_bytes: size_flag("memory-cache-size", &self.memory_cache_size)?,
+            disk,
+            request_slots: self.max_requests.max(1),
+            background_bytes_per_second: (!self.no_background_fetch && background > 0)
+                .then_some(background),
+            profile_window: (self.profile_window > 0.0)
+                .then(|| seconds("profile-window", self.profile_window))
+                .transpose()?,
+            retry,
+            amplify_bytes: size_flag("amplify-io", &self.amplify_io)?,
+        })
+    }
 }
 
 #[derive(Args, Debug)]
@@ -424,6 +559,15 @@ pub enum CliError {
     },
     #[error("starting the background daemon: {0}")]
     Daemon(String),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshotter::SnapshotError),
+    #[error(transparent)]
+    Pull(#[from] crate::pull::PullError),
+    #[error("--address {address}: {source}")]
+    Serve {
+        address: String,
+        source: std::io::Error,
+    },
     #[error("writing to standard output: {0}")]
     Output(std::io::Error),
 }
@@ -523,6 +667,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Stats(args) => stats(args).await,
         Command::Cache(args) => cache(args),
         Command::Profile(args) => profile(args).await,
+        Command::Snapshotter(args) => snapshotter(args).await,
+        Command::Pull(args) => pull(args).await,
     }
 }
 
@@ -570,20 +716,12 @@ fn cache_dir_error(dir: &std::path::Path) -> impl Fn(std::io::Error) -> CliError
 const READY_ENV: &str = "LAZYLAYER_REPORT_READY";
 
 async fn mount(args: MountArgs) -> Result<(), CliError> {
-    let cache_bytes = size_flag("memory-cache-size", &args.memory_cache_size)?;
-    let disk_bytes = size_flag("cache-size", &args.cache_size)?;
-    let background = size_flag("background-bandwidth", &args.background_bandwidth)?;
+    // Bad sizes are reported before a daemon is started.
+    args.read.image_fs_options(None, RetryPolicy::default())?;
     if args.daemon {
         return daemonize(&args);
     }
-    let disk = if args.cache_dir.as_os_str() == "none" {
-        None
-    } else {
-        Some(std::sync::Arc::new(open_cache(
-            &args.cache_dir,
-            disk_bytes,
-        )?))
-    };
+    let disk = args.read.disk_cache()?;
     let metrics_listener = match args.metrics_addr {
         Some(addr) => Some(
             crate::mount::metrics::bind(addr)
@@ -594,18 +732,7 @@ async fn mount(args: MountArgs) -> Result<(), CliError> {
     };
     let resolved = resolve_image(&args.reference, &args.remote, disk.clone()).await?;
     let name = resolved.name.clone();
-    let options = ImageFsOptions {
-        cache_bytes,
-        disk,
-        request_slots: args.max_requests.max(1),
-        background_bytes_per_second: (!args.no_background_fetch && background > 0)
-            .then_some(background),
-        profile_window: (args.profile_window > 0.0)
-            .then(|| seconds("profile-window", args.profile_window))
-            .transpose()?,
-        retry: resolved.retry,
-        amplify_bytes: size_flag("amplify-io", &args.amplify_io)?,
-    };
+    let options = args.read.image_fs_options(disk, resolved.retry)?;
     let fs = ImageFs::open_counted(resolved.source, resolved.stats, resolved.image, &options)
         .await
         .map_err(|source| CliError::Open {
@@ -624,28 +751,13 @@ async fn mount(args: MountArgs) -> Result<(), CliError> {
         &mount_options,
         tokio::runtime::Handle::current(),
     )?;
-    let socket = crate::mount::control_socket(&args.dir);
-    let control = tokio::spawn({
-        let (socket, fs, dir) = (socket.clone(), fs.clone(), args.dir.clone());
-        async move {
-            if let Err(e) = crate::mount::control::serve(&socket, fs, dir).await {
-                tracing::warn!("stats socket {}: {e}", socket.display());
-            }
-        }
-    });
+    let companions = crate::mount::Companions::start(fs.clone(), &args.dir);
     let metrics = metrics_listener.map(|listener| {
         let fs = fs.clone();
         tokio::spawn(async move {
             if let Err(e) = crate::mount::metrics::serve(listener, fs).await {
                 tracing::error!("metrics endpoint: {e}");
             }
-        })
-    });
-    let profile_timer = fs.profile_window().map(|window| {
-        let fs = fs.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(window).await;
-            fs.save_profile();
         })
     });
     if std::env::var_os(READY_ENV).is_some() {
@@ -674,15 +786,74 @@ async fn mount(args: MountArgs) -> Result<(), CliError> {
         // dead mount point behind. An ordinary `umount` already removed it; that error is moot.
         let _ = crate::mount::unmount(&args.dir);
     }
-    control.abort();
     if let Some(metrics) = metrics {
         metrics.abort();
     }
-    if let Some(timer) = profile_timer {
-        timer.abort();
+    companions.stop();
+    Ok(())
+}
+
+async fn snapshotter(args: SnapshotterArgs) -> Result<(), CliError> {
+    use crate::snapshotter::{Snapshotter, SnapshotterConfig, service};
+    let disk = args.read.disk_cache()?;
+    let registry = args.remote.registry_config()?;
+    let config = SnapshotterConfig {
+        root: args.root.clone(),
+        platform: args.remote.platform()?,
+        image_fs: args.read.image_fs_options(disk, registry.retry.clone())?,
+        registry,
+    };
+    let snapshotter = std::sync::Arc::new(Snapshotter::open(config).await?);
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| CliError::Daemon(e.to_string()))?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+    };
+    eprintln!(
+        "lazylayer: snapshotter serving on {} (root {})",
+        args.address.display(),
+        args.root.display()
+    );
+    let served = service::serve(snapshotter.clone(), &args.address, shutdown).await;
+    snapshotter.close().await;
+    served.map_err(|source| CliError::Serve {
+        address: args.address.display().to_string(),
+        source,
+    })
+}
+
+async fn pull(args: PullArgs) -> Result<(), CliError> {
+    use crate::pull::{LayerOutcome, PullOptions};
+    let options = PullOptions {
+        address: args.address.clone(),
+        namespace: args.namespace.clone(),
+        snapshotter: args.snapshotter.clone(),
+        registry: args.remote.registry_config()?,
+        platform: args.remote.platform()?,
+    };
+    let report = crate::pull::pull(&args.reference, &options).await?;
+    if !args.quiet {
+        for (i, (digest, outcome)) in report.layers.iter().enumerate() {
+            let how = match outcome {
+                LayerOutcome::Lazy => "lazy (fetched on demand)",
+                LayerOutcome::Unpacked => "downloaded and unpacked (no lazy index)",
+                LayerOutcome::Present => "already present",
+            };
+            println!(
+                "layer {}/{} {}: {how}",
+                i + 1,
+                report.layers.len(),
+                digest.short()
+            );
+        }
+        println!(
+            "{} ({}) pulled into namespace {} for snapshotter {} in {:.2} s",
+            report.image, report.manifest, args.namespace, args.snapshotter, report.seconds
+        );
     }
-    fs.save_profile();
-    let _ = std::fs::remove_file(&socket);
     Ok(())
 }
 

@@ -122,8 +122,65 @@ fn set_read_ahead(dir: &Path, kb: u32) {
     }
 }
 
+/// The tasks that serve a mounted image besides FUSE: its stats socket (so `lazylayer stats DIR`
+/// answers) and the timer that saves its start-up profile when the profile window closes.
+pub struct Companions {
+    socket: PathBuf,
+    fs: Arc<ImageFs>,
+    control: tokio::task::JoinHandle<()>,
+    profile_timer: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Companions {
+    /// Starts them for `fs` mounted at `dir`; call on the tokio runtime.
+    pub fn start(fs: Arc<ImageFs>, dir: &Path) -> Companions {
+        let socket = control_socket(dir);
+        let control = tokio::spawn({
+            let (socket, fs, dir) = (socket.clone(), fs.clone(), dir.to_path_buf());
+            async move {
+                if let Err(e) = control::serve(&socket, fs, dir).await {
+                    tracing::warn!("stats socket {}: {e}", socket.display());
+                }
+            }
+        });
+        let profile_timer = fs.profile_window().map(|window| {
+            let fs = fs.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(window).await;
+                fs.save_profile();
+            })
+        });
+        Companions {
+            socket,
+            fs,
+            control,
+            profile_timer,
+        }
+    }
+
+    /// Stops them, saving the profile recorded so far.
+    pub fn stop(self) {
+        self.control.abort();
+        if let Some(timer) = self.profile_timer {
+            timer.abort();
+        }
+        self.fs.save_profile();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Detaches whatever is mounted at `dir` (`umount -l`): it disappears from the tree at once and
+/// is released when its last user goes. This also clears a mount whose daemon died.
+pub fn detach(dir: &Path) -> Result<(), MountError> {
+    umount(dir, libc::MNT_DETACH)
+}
+
 /// Unmounts whatever is mounted at `dir` (as `umount DIR` would).
 pub fn unmount(dir: &Path) -> Result<(), MountError> {
+    umount(dir, 0)
+}
+
+fn umount(dir: &Path, flags: libc::c_int) -> Result<(), MountError> {
     let err = |source| MountError::Unmount {
         dir: dir.display().to_string(),
         source,
@@ -131,7 +188,7 @@ pub fn unmount(dir: &Path) -> Result<(), MountError> {
     let path = CString::new(dir.as_os_str().as_bytes())
         .map_err(|_| err(io::Error::from(io::ErrorKind::InvalidInput)))?;
     // SAFETY: `path` is a valid NUL-terminated string that outlives the call.
-    if unsafe { libc::umount2(path.as_ptr(), 0) } == 0 {
+    if unsafe { libc::umount2(path.as_ptr(), flags) } == 0 {
         return Ok(());
     }
     let e = io::Error::last_os_error();

@@ -39,11 +39,21 @@ impl LazyFormat {
 
 impl Containerd {
     pub fn start() -> Containerd {
+        Containerd::start_with(None)
+    }
+
+    /// Starts containerd with a `[proxy_plugins]` entry named `lazylayer` of type `snapshot`
+    /// for the snapshotter listening on `snapshotter`.
+    pub fn with_snapshotter(snapshotter: &std::path::Path) -> Containerd {
+        Containerd::start_with(Some(snapshotter))
+    }
+
+    fn start_with(snapshotter: Option<&std::path::Path>) -> Containerd {
         require_tool("containerd");
         require_tool("ctr-remote");
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("containerd.sock");
-        let config = format!(
+        let mut config = format!(
             "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
              disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
              [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n",
@@ -51,6 +61,13 @@ impl Containerd {
             state = dir.path().join("state").display(),
             sock = socket.display(),
         );
+        if let Some(address) = snapshotter {
+            config += &format!(
+                "[proxy_plugins]\n  [proxy_plugins.lazylayer]\n    type = \"snapshot\"\n    \
+                 address = \"{}\"\n",
+                address.display()
+            );
+        }
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config).unwrap();
         let log = std::fs::File::create(dir.path().join("containerd.log")).unwrap();
@@ -76,7 +93,7 @@ impl Containerd {
         );
     }
 
-    fn ctr(&self, args: &[&str]) -> std::process::Output {
+    pub fn ctr(&self, args: &[&str]) -> std::process::Output {
         Command::new("ctr-remote")
             .arg("-a")
             .arg(&self.socket)
@@ -85,13 +102,27 @@ impl Containerd {
             .unwrap()
     }
 
-    fn ctr_ok(&self, args: &[&str]) {
+    /// Runs `ctr-remote ARGS` and returns its standard output; panics with its errors.
+    pub fn ctr_ok(&self, args: &[&str]) -> String {
         let out = self.ctr(args);
         assert!(
             out.status.success(),
-            "ctr-remote {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+            "ctr-remote {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
         );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The end of containerd's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let log =
+            std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        format!(
+            "\n--- containerd log (last 30 lines) ---\n{}",
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        )
     }
 
     /// Pulls `REPO:latest` from `registry`, converts it with `ctr-remote image convert` to
@@ -121,4 +152,121 @@ pub fn python_app_as_estargz() -> (Registry, String) {
     let containerd = Containerd::start();
     let estargz = containerd.convert(&registry, "test/app", LazyFormat::Estargz);
     (registry, estargz)
+}
+
+/// `lazylayer snapshotter` on its own socket and root, with its own cache; killed on drop.
+pub struct Snapshotter {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+}
+
+impl Snapshotter {
+    pub fn start() -> Snapshotter {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("snapshotter.sock");
+        let mut snapshotter = Snapshotter {
+            child: None,
+            dir,
+            socket,
+        };
+        snapshotter.restart();
+        snapshotter
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    /// Starts the process (again), and waits until its socket accepts connections.
+    pub fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("snapshotter.log"))
+            .unwrap();
+        let _ = std::fs::remove_file(&self.socket);
+        let child = Command::new(env!("CARGO_BIN_EXE_lazylayer"))
+            .arg("snapshotter")
+            .arg("--address")
+            .arg(&self.socket)
+            .arg("--root")
+            .arg(self.root())
+            .arg("--cache-dir")
+            .arg(self.dir.path().join("cache"))
+            .args(["--no-background-fetch", "--profile-window", "0"])
+            .env("LAZYLAYER_CONFIG", "/dev/null")
+            .env("LAZYLAYER_RUN_DIR", self.dir.path().join("run"))
+            .env("DOCKER_CONFIG", self.dir.path().join("docker"))
+            .env("LAZYLAYER_LOG", "lazylayer=debug,info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start lazylayer snapshotter");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "snapshotter did not start: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the process with SIGKILL, leaving its mounts behind as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("snapshotter.log")).unwrap_or_default()
+    }
+
+    /// Mount points of our FUSE mounts under this snapshotter's root.
+    pub fn fuse_mounts(&self) -> Vec<PathBuf> {
+        let root = self.root();
+        std::fs::read_to_string("/proc/self/mounts")
+            .unwrap()
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split(' ');
+                let (source, dir) = (fields.next()?, fields.next()?);
+                (source.starts_with("lazylayer:") && dir.starts_with(root.to_str()?))
+                    .then(|| PathBuf::from(dir))
+            })
+            .collect()
+    }
+
+    /// Runs `lazylayer ARGS` with this snapshotter's run directory (for `stats`).
+    pub fn lazylayer(&self, args: &[&str]) -> super::Run {
+        let run_dir = self.dir.path().join("run");
+        super::lazylayer(args, &[("LAZYLAYER_RUN_DIR", run_dir.to_str().unwrap())])
+    }
+}
+
+impl Drop for Snapshotter {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGTERM: it unmounts what it mounted.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for dir in self.fuse_mounts() {
+            let path = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
+            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
 }
