@@ -80,6 +80,7 @@ fn lazily_pulled_estargz_image_runs_shares_its_mount_survives_a_restart_and_is_c
 
     run_app(&containerd, &estargz, "first");
     let (fetched, total) = fetched_and_total(&snapshotter);
+    eprintln!("python-app start through the snapshotter fetched {fetched} of {total} bytes");
     assert!(
         fetched * 2 < total,
         "the app's start fetched {fetched} of {total} bytes"

@@ -51,6 +51,14 @@ const NEGATIVE_ENTRY: FileAttr = FileAttr {
     flags: 0,
 };
 
+/// Whether an image's extended attribute is shown. overlayfs keeps its own metadata in
+/// `trusted.overlay.*` attributes of its layers (opaque directories, redirects, metacopy); when
+/// a mount is a container's lower layer (the snapshotter), such attributes carried in by an
+/// image would be read by overlayfs as instructions, so they are not part of the image we serve.
+fn visible_xattr(name: &[u8]) -> bool {
+    !name.starts_with(b"trusted.overlay.")
+}
+
 /// Largest read request we ask the kernel for (it derives `max_pages` from this): 1 MiB reads
 /// mean one request per MiB of a sequential read instead of eight at the default 128 KiB.
 pub const MAX_REQUEST_BYTES: u32 = 1 << 20;
@@ -344,7 +352,12 @@ impl Filesystem for ImageFilesystem {
             Ok(node) => node,
             Err(e) => return reply.error(e),
         };
-        match node.meta.xattrs.iter().find(|(k, _)| k == name.as_bytes()) {
+        let found = node
+            .meta
+            .xattrs
+            .iter()
+            .find(|(k, _)| k == name.as_bytes() && visible_xattr(k));
+        match found {
             None => reply.error(Errno::ENODATA),
             Some((_, value)) if size == 0 => reply.size(value.len() as u32),
             Some((_, value)) if value.len() > size as usize => reply.error(Errno::ERANGE),
@@ -358,7 +371,7 @@ impl Filesystem for ImageFilesystem {
             Err(e) => return reply.error(e),
         };
         let mut names = Vec::new();
-        for (k, _) in &node.meta.xattrs {
+        for (k, _) in node.meta.xattrs.iter().filter(|(k, _)| visible_xattr(k)) {
             names.extend_from_slice(k);
             names.push(0);
         }
@@ -433,5 +446,14 @@ mod tests {
         assert_eq!(super::makedev(1, 3), 0x103);
         assert_eq!(super::makedev(5, 1), 0x501);
         assert_eq!(super::makedev(8, 0x12345), 0x12300845);
+    }
+
+    #[test]
+    fn overlayfs_metadata_in_an_image_is_not_served() {
+        assert!(!super::visible_xattr(b"trusted.overlay.opaque"));
+        assert!(!super::visible_xattr(b"trusted.overlay.redirect"));
+        assert!(super::visible_xattr(b"security.capability"));
+        assert!(super::visible_xattr(b"user.overlay.opaque"));
+        assert!(super::visible_xattr(b"trusted.overlayx"));
     }
 }
