@@ -140,6 +140,23 @@ Then: lazylayer pull REF && ctr run --snapshotter lazylayer --rm REF NAME CMD"
     )]
     Snapshotter(SnapshotterArgs),
 
+    /// Rewrite an image as eStargz so that it can be mounted lazily (deterministic output).
+    #[command(
+        long_about = "Read image SRC (registry reference, oci:PATH[:TAG] or s3://...), rewrite \
+every layer as eStargz (gzip members per chunk plus a table of contents) and write the result \
+to DST: an OCI layout (oci:PATH[:TAG]) or a registry reference (pushed). The result is still an \
+ordinary tar+gzip image that every client pulls and runs; lazylayer, stargz-snapshotter and \
+other eStargz readers fetch it chunk by chunk.\n\n\
+Converting the same input twice gives byte-identical layers, config and manifest.\n\n\
+--prioritize FILE lists paths (one per line) that the image needs at start-up: they are put \
+first in their layer, followed by the prefetch landmark, and a mount fetches them at once.",
+        after_help = "Examples:\n  \
+lazylayer convert oci:../shared/images:python-app oci:/tmp/out:python-app-esgz\n  \
+lazylayer convert 127.0.0.1:5000/test/app:latest 127.0.0.1:5000/test/app:esgz\n  \
+lazylayer convert --prioritize startup.txt python:3.12 registry.example.com/python:3.12-esgz"
+    )]
+    Convert(ConvertArgs),
+
     /// Pull an image into containerd lazily (for `ctr run --snapshotter lazylayer`).
     #[command(
         long_about = "Resolve REF, and create it in containerd as `ctr pull` would, but unpack \
@@ -176,6 +193,36 @@ pub struct SnapshotterArgs {
 
     #[command(flatten)]
     pub remote: RemoteArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// Image to convert: NAME[:TAG], HOST[:PORT]/NAME[:TAG][@DIGEST], oci:PATH[:TAG], s3://...
+    pub source: String,
+
+    /// Where to write it: oci:PATH[:TAG] (an OCI layout) or HOST[:PORT]/NAME[:TAG] (pushed).
+    pub destination: String,
+
+    /// Layer format to write.
+    #[arg(long, value_enum, default_value = "estargz")]
+    pub format: ConvertFormat,
+
+    /// File listing the paths needed at start-up, one per line: written first, before the
+    /// prefetch landmark.
+    #[arg(long, value_name = "FILE")]
+    pub prioritize: Option<PathBuf>,
+
+    /// Print nothing but errors.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum ConvertFormat {
+    Estargz,
 }
 
 #[derive(Args, Debug)]
@@ -563,6 +610,10 @@ pub enum CliError {
     Snapshot(#[from] crate::snapshotter::SnapshotError),
     #[error(transparent)]
     Pull(#[from] crate::pull::PullError),
+    #[error(transparent)]
+    Convert(#[from] crate::convert::ConvertError),
+    #[error("--prioritize {path}: {reason}")]
+    Prioritize { path: String, reason: String },
     #[error("--address {address}: {source}")]
     Serve {
         address: String,
@@ -669,6 +720,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Profile(args) => profile(args).await,
         Command::Snapshotter(args) => snapshotter(args).await,
         Command::Pull(args) => pull(args).await,
+        Command::Convert(args) => convert(args).await,
     }
 }
 
@@ -823,6 +875,78 @@ async fn snapshotter(args: SnapshotterArgs) -> Result<(), CliError> {
         address: args.address.display().to_string(),
         source,
     })
+}
+
+/// Prints one line per converted layer.
+struct ConvertProgress {
+    started: std::time::Instant,
+}
+
+impl crate::convert::Progress for ConvertProgress {
+    fn layer_done(
+        &self,
+        index: usize,
+        count: usize,
+        source: &crate::oci::Descriptor,
+        new: &crate::oci::Descriptor,
+    ) {
+        let mb = |n: u64| n as f64 / 1e6;
+        eprintln!(
+            "layer {}/{count} {} ({:.1} MB) -> {} ({:.1} MB), {:.1} s",
+            index + 1,
+            source.digest.short(),
+            mb(source.size),
+            new.digest.short(),
+            mb(new.size),
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+}
+
+async fn convert(args: ConvertArgs) -> Result<(), CliError> {
+    let ConvertFormat::Estargz = args.format;
+    let destination = ImageRef::parse(&args.destination)?;
+    let mut options = crate::convert::ConvertOptions::default();
+    if let Some(path) = &args.prioritize {
+        let bad = |reason: String| CliError::Prioritize {
+            path: path.display().to_string(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        options.prioritize = crate::convert::parse_prioritize(&text).map_err(bad)?;
+    }
+    let config = args.remote.registry_config()?;
+    let progress: Box<dyn crate::convert::Progress> = if args.quiet {
+        Box::new(crate::convert::Silent)
+    } else {
+        Box::new(ConvertProgress {
+            started: std::time::Instant::now(),
+        })
+    };
+    let image = crate::convert::convert(
+        &args.source,
+        &config,
+        &args.remote.platform()?,
+        &options,
+        progress.as_ref(),
+    )
+    .await?;
+    match &destination {
+        ImageRef::Layout(layout) => crate::convert::output::write_layout(&image, layout)?,
+        ImageRef::Registry(target) => crate::convert::output::push(&image, target, &config).await?,
+        ImageRef::S3(_) => {
+            return Err(CliError::Convert(crate::convert::ConvertError::Output(
+                format!(
+                    "{}: writing to S3 is not supported; write an OCI layout (oci:DIR) and upload it",
+                    args.destination
+                ),
+            )));
+        }
+    }
+    if !args.quiet {
+        println!("{} {}", destination, image.manifest_digest);
+    }
+    Ok(())
 }
 
 async fn pull(args: PullArgs) -> Result<(), CliError> {

@@ -19,6 +19,7 @@
 pub mod chunk;
 pub mod cli;
 pub mod config;
+pub mod convert;
 pub mod digest;
 pub mod disk_cache;
 pub mod image;

@@ -273,3 +273,29 @@ fn a_transfer_that_keeps_moving_outlives_the_read_timeout() {
         "the transfer took {took:?}, too short to exceed the 2 s read timeout"
     );
 }
+
+/// What crossed the link, as the benchmark reads it: `/_netem/stats` counts forwarded requests
+/// and response body bytes, and is itself neither forwarded nor counted.
+#[test]
+fn link_stats_count_requests_and_body_bytes() {
+    use std::io::{Read, Write};
+    use support::http::{HttpServer, Response};
+    let body = vec![7u8; 100_000];
+    let server = HttpServer::start(move |_| Response::new(200).body(body.clone()));
+    let proxy = FaultProxy::start(server.port, &[]);
+    let get = |path: &str| {
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+        write!(conn, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut response = Vec::new();
+        conn.read_to_end(&mut response).unwrap();
+        String::from_utf8_lossy(&response).into_owned()
+    };
+    get("/v2/a");
+    get("/v2/b");
+    let stats = get("/_netem/stats");
+    let json = &stats[stats.find('{').unwrap()..];
+    let json: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(json["requests"], 2, "{stats}");
+    assert_eq!(json["body_bytes"], 200_000, "{stats}");
+    assert_eq!(proxy.requests().len(), 2);
+}

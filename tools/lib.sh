@@ -37,10 +37,12 @@ YAML
   return 1
 }
 
-# start_containerd DIR: runs containerd with root, state and socket under DIR in the background,
-# waits until it answers, and prints its PID. The socket is DIR/containerd.sock.
+# start_containerd DIR [SNAPSHOTTER_SOCKET]: runs containerd with root, state and socket under DIR
+# in the background, waits until it answers, and prints its PID. The socket is
+# DIR/containerd.sock. With a second argument, the lazylayer snapshotter listening there is a
+# proxy plugin named `lazylayer`.
 start_containerd() {
-  local dir=$1
+  local dir=$1 snapshotter=${2:-}
   mkdir -p "$dir"
   cat > "$dir/config.toml" <<TOML
 version = 2
@@ -52,6 +54,14 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [ttrpc]
   address = "$dir/containerd.sock.ttrpc"
 TOML
+  if [ -n "$snapshotter" ]; then
+    cat >> "$dir/config.toml" <<TOML
+[proxy_plugins]
+  [proxy_plugins.lazylayer]
+    type = "snapshot"
+    address = "$snapshotter"
+TOML
+  fi
   containerd --config "$dir/config.toml" > "$dir/containerd.log" 2>&1 &
   local pid=$!
   for _ in $(seq 100); do

@@ -21,6 +21,7 @@
 //!   large but progressing transfer. Retries with backoff are layered on top by the fetcher.
 
 pub mod auth;
+mod push;
 
 use std::collections::HashMap;
 use std::ops::Range;

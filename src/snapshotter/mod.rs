@@ -45,7 +45,7 @@ use crate::digest::Digest;
 use crate::disk_cache::DiskBackedSource;
 use crate::image::{self, ResolvedImage};
 use crate::imagefs::{CountingSource, ImageFs, ImageFsOptions};
-use crate::layer::tar_stream::StreamObserver;
+use crate::layer::tar_stream::Ignore;
 use crate::mount::{Companions, MountOptions, detach};
 use crate::oci::Platform;
 use crate::reference::{ImageRef, ManifestSelector};
@@ -137,10 +137,6 @@ pub struct SnapshotInfo {
     pub name: String,
     pub record: Record,
 }
-
-/// Ignores a streamed layer's entries (remote layers are checked by their index alone).
-struct Ignore;
-impl StreamObserver for Ignore {}
 
 impl Snapshotter {
     /// Opens (or creates) the snapshotter at `config.root`, detaches mount points a previous

@@ -25,6 +25,11 @@
 //! Every request is logged to `--log` as one line: `N METHOD PATH FAULT AUTH`, where FAULT is
 //! `ok` or the fault's name and AUTH says whether the request carried an `Authorization` header
 //! (`auth` or `-`), so a test can count what was injected and check where credentials went. On start the proxy prints `listening on ADDR` on stdout.
+//!
+//! `GET /_netem/stats` is answered by the proxy itself (never forwarded, never counted) with
+//! `{"requests": N, "body_bytes": M}`: requests forwarded and response body bytes received from
+//! upstream so far. A benchmark reads it before and after a run to learn what the run cost on
+//! the link, whatever the client.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -218,6 +223,8 @@ struct Proxy {
     rng: Mutex<fastrand::Rng>,
     matched: AtomicU64,
     requests: AtomicU64,
+    /// Response body bytes received from upstream (for `/_netem/stats`).
+    body_bytes: AtomicU64,
     log: Option<Mutex<std::fs::File>>,
     /// A port with no listener, for `redirect-dead`.
     dead_port: u16,
@@ -255,6 +262,7 @@ async fn run(args: Args) -> std::io::Result<()> {
         args,
         matched: AtomicU64::new(0),
         requests: AtomicU64::new(0),
+        body_bytes: AtomicU64::new(0),
         log,
         dead_port,
     });
@@ -361,6 +369,19 @@ impl Proxy {
         let mut parts = head.first.split(' ');
         let method = parts.next().unwrap_or_default().to_string();
         let path = parts.next().unwrap_or_default().to_string();
+        if path == "/_netem/stats" {
+            let body = format!(
+                "{{\"requests\": {}, \"body_bytes\": {}}}",
+                self.requests.load(Ordering::Relaxed),
+                self.body_bytes.load(Ordering::Relaxed)
+            );
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{body}",
+                body.len()
+            );
+            return client.write_all(response.as_bytes()).await;
+        }
         let fault = self.choose(&path);
         let authorized = head
             .headers
@@ -438,6 +459,8 @@ impl Proxy {
                 .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
         };
         let (head, mut body) = read_head(upstream).await?;
+        self.body_bytes
+            .fetch_add(body.len() as u64, Ordering::Relaxed);
         send(Deliver::Data(head.encode()))?;
         let mut piece = vec![0u8; 64 << 10];
         let len = head.content_length().unwrap_or(0);
@@ -453,6 +476,7 @@ impl Proxy {
                 if n == 0 {
                     return send(Deliver::Close);
                 }
+                self.body_bytes.fetch_add(n as u64, Ordering::Relaxed);
                 body.extend_from_slice(&piece[..n]);
             }
             let chunk = std::mem::take(&mut body);

@@ -1,0 +1,225 @@
+//! `lazylayer convert`: every shared image rewritten as eStargz reads back equal to `umoci
+//! unpack` of the original, byte-identically on a second run; a converted image pushed to the
+//! real registry is pulled and run by plain containerd, its TOCs are read by stargz-snapshotter's
+//! own tooling (`ctr-remote image get-toc-digest`), and `--prioritize` files are prefetched at
+//! mount through the landmark.
+
+mod support;
+
+use std::io::Read;
+use std::path::Path;
+use std::sync::Arc;
+
+use lazylayer::image;
+use lazylayer::imagefs::{ImageFs, ImageFsOptions};
+use lazylayer::layer::LayerFormat;
+use lazylayer::oci::Platform;
+use lazylayer::reference::ImageRef;
+use lazylayer::registry::RegistryConfig;
+use lazylayer::source;
+use lazylayer::stats::FetchStats;
+use support::conformance::{assert_same_tree, disk_tree, image_tree, umoci_unpack};
+use support::containerd::Containerd;
+use support::mount::Mounted;
+use support::{Registry, RegistryAuth, lazylayer, shared_images};
+
+fn convert(src: &str, dst: &str, extra: &[&str]) -> String {
+    let mut args = vec!["convert", "--plain-http"];
+    args.extend_from_slice(extra);
+    args.extend([src, dst]);
+    let run = lazylayer(&args, &[]);
+    assert!(run.status.success(), "convert {src} {dst}: {}", run.stderr);
+    run.stdout
+}
+
+async fn open(reference: &str) -> Arc<ImageFs> {
+    let reference = ImageRef::parse(reference).unwrap();
+    let (source, selector) = source::open(&reference, &RegistryConfig::default())
+        .await
+        .unwrap();
+    let image = image::resolve(source.as_ref(), &selector, &Platform::host())
+        .await
+        .unwrap();
+    Arc::new(
+        ImageFs::open(source, image, &ImageFsOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("open {reference}: {e}")),
+    )
+}
+
+/// Every file of an OCI layout, by path relative to it, with its bytes.
+fn layout_files(root: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                let name = path.strip_prefix(root).unwrap().display().to_string();
+                files.insert(name, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    files
+}
+
+/// The config's diff IDs must be the digests of the layers' uncompressed tar streams.
+fn assert_diff_ids_match(layout: &Path, manifest: &serde_json::Value) {
+    let blob = |digest: &str| {
+        std::fs::read(
+            layout
+                .join("blobs/sha256")
+                .join(digest.trim_start_matches("sha256:")),
+        )
+        .unwrap()
+    };
+    let config: serde_json::Value =
+        serde_json::from_slice(&blob(manifest["config"]["digest"].as_str().unwrap())).unwrap();
+    let diff_ids = config["rootfs"]["diff_ids"].as_array().unwrap();
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(diff_ids.len(), layers.len());
+    for (layer, diff_id) in layers.iter().zip(diff_ids) {
+        let compressed = blob(layer["digest"].as_str().unwrap());
+        let mut tar = Vec::new();
+        flate2::read::MultiGzDecoder::new(&compressed[..])
+            .read_to_end(&mut tar)
+            .unwrap();
+        assert_eq!(
+            format!("sha256:{}", support::sha256_hex(&tar)),
+            diff_id.as_str().unwrap()
+        );
+        let toc = layer["annotations"]["containerd.io/snapshot/stargz/toc.digest"].as_str();
+        assert!(toc.is_some_and(|t| t.starts_with("sha256:")), "{layer}");
+    }
+}
+
+fn manifest_of(layout: &Path, tag: &str) -> serde_json::Value {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let entry = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        .unwrap()
+        .clone();
+    let digest = entry["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:");
+    serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(digest)).unwrap())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shared_images_as_estargz_match_umoci_and_convert_identically_twice() {
+    let work = tempfile::tempdir().unwrap();
+    let (first, second) = (work.path().join("first"), work.path().join("second"));
+    for tag in ["debian-bookworm", "python3", "python-app"] {
+        let src = format!("oci:{}:{tag}", shared_images().display());
+        let dst = format!("oci:{}:{tag}", first.display());
+        let printed = convert(&src, &dst, &["-q"]);
+        assert!(printed.is_empty(), "--quiet printed {printed}");
+        convert(&src, &format!("oci:{}:{tag}", second.display()), &["-q"]);
+
+        let manifest = manifest_of(&first, tag);
+        assert_diff_ids_match(&first, &manifest);
+
+        let fs = open(&dst).await;
+        for layer in &fs.layers {
+            assert_eq!(
+                layer.format,
+                LayerFormat::Estargz,
+                "{dst}: {}",
+                layer.digest
+            );
+        }
+        let compressed: u64 = fs.layers.iter().map(|l| l.size).sum();
+        let opened_with = FetchStats::get(&fs.stats().bytes);
+        assert!(
+            opened_with * 10 < compressed,
+            "{dst}: opening fetched {opened_with} of {compressed} bytes"
+        );
+        let expected = disk_tree(&umoci_unpack(tag, work.path()));
+        assert_same_tree(
+            &format!("{tag} converted"),
+            &expected,
+            &image_tree(&fs).await,
+        );
+        drop(fs);
+        if tag == "python-app" {
+            let mounted = Mounted::new(&dst);
+            let through_fuse = tokio::task::block_in_place(|| disk_tree(mounted.path()));
+            assert_same_tree("python-app converted, mounted", &expected, &through_fuse);
+        }
+    }
+    let (a, b) = (layout_files(&first), layout_files(&second));
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "the two conversions wrote different blobs"
+    );
+    for (name, bytes) in &a {
+        assert!(bytes == &b[name], "{name} differs between two conversions");
+    }
+}
+
+#[test]
+fn pushed_conversion_runs_under_plain_containerd_and_prefetches_prioritised_files() {
+    let registry = Registry::start(RegistryAuth::None);
+    registry.push_shared("python-app", "test/app");
+    let src = format!("{}/test/app:latest", registry.host());
+    let dst = format!("{}/test/app:converted", registry.host());
+    let work = tempfile::tempdir().unwrap();
+    let list = work.path().join("startup.txt");
+    let prioritised = ["app/main.py", "usr/bin/python3.11", "etc/debian_version"];
+    std::fs::write(
+        &list,
+        format!("# what the app reads first\n/{}\n", prioritised.join("\n/")),
+    )
+    .unwrap();
+    let printed = convert(&src, &dst, &["--prioritize", list.to_str().unwrap()]);
+    assert!(printed.contains(&dst), "{printed}");
+
+    // Plain containerd (overlayfs snapshotter, full pull) runs it.
+    let containerd = Containerd::start();
+    containerd.ctr_ok(&["images", "pull", "--plain-http", &dst]);
+    let out = containerd.ctr_ok(&["run", "--rm", &dst, "converted", "python3", "/app/main.py"]);
+    assert!(out.contains("app ok"), "{out}");
+
+    // stargz-snapshotter's reader finds every layer's TOC and agrees on its digest.
+    let inspect = lazylayer(&["inspect", "--json", &dst], &[]).json();
+    for layer in inspect["layers"].as_array().unwrap() {
+        let digest = layer["digest"].as_str().unwrap();
+        let toc = containerd.ctr_ok(&["images", "get-toc-digest", digest]);
+        let annotated = layer["lazy_index"]["toc_digest"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no TOC annotation: {layer}"));
+        assert_eq!(toc.trim(), annotated, "layer {digest}");
+    }
+
+    // The prioritised files are fetched at mount, before anyone reads them.
+    let mounted = Mounted::new(&dst);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while mounted.stats()["profile_prefetched"] != true {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "landmark prefetch did not finish"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let before = mounted.stats()["requests"].as_u64().unwrap();
+    for path in prioritised {
+        std::fs::read(mounted.join(path)).unwrap();
+    }
+    assert_eq!(
+        mounted.stats()["requests"].as_u64().unwrap(),
+        before,
+        "reading prioritised files made requests"
+    );
+    // A file that was not prioritised is not there yet.
+    std::fs::read(mounted.join("usr/lib/python3.11/zipfile.py")).unwrap();
+    assert!(mounted.stats()["requests"].as_u64().unwrap() > before);
+}
