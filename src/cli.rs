@@ -140,13 +140,14 @@ Then: lazylayer pull REF && ctr run --snapshotter lazylayer --rm REF NAME CMD"
     )]
     Snapshotter(SnapshotterArgs),
 
-    /// Rewrite an image as eStargz so that it can be mounted lazily (deterministic output).
+    /// Rewrite an image as eStargz or zstd:chunked so that it can be mounted lazily.
     #[command(
         long_about = "Read image SRC (registry reference, oci:PATH[:TAG] or s3://...), rewrite \
-every layer as eStargz (gzip members per chunk plus a table of contents) and write the result \
-to DST: an OCI layout (oci:PATH[:TAG]) or a registry reference (pushed). The result is still an \
-ordinary tar+gzip image that every client pulls and runs; lazylayer, stargz-snapshotter and \
-other eStargz readers fetch it chunk by chunk.\n\n\
+every layer as eStargz (gzip members per chunk plus a table of contents; the default) or \
+zstd:chunked (--format zstd-chunked: zstd frames per chunk) and write the result to DST: an \
+OCI layout (oci:PATH[:TAG]) or a registry reference (pushed). The result is still an ordinary \
+tar+gzip (tar+zstd) image that every client pulls and runs; lazylayer, stargz-snapshotter and \
+other lazy readers fetch it chunk by chunk.\n\n\
 Converting the same input twice gives byte-identical layers, config and manifest.\n\n\
 --prioritize FILE lists paths (one per line) that the image needs at start-up: they are put \
 first in their layer, followed by the prefetch landmark, and a mount fetches them at once.",
@@ -222,7 +223,10 @@ pub struct ConvertArgs {
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum ConvertFormat {
+    /// gzip members per chunk and a TOC at the end (stargz-snapshotter, lazylayer).
     Estargz,
+    /// zstd frames per chunk and a TOC in a skippable frame (containers/storage, lazylayer).
+    ZstdChunked,
 }
 
 #[derive(Args, Debug)]
@@ -904,9 +908,11 @@ impl crate::convert::Progress for ConvertProgress {
 }
 
 async fn convert(args: ConvertArgs) -> Result<(), CliError> {
-    let ConvertFormat::Estargz = args.format;
     let destination = ImageRef::parse(&args.destination)?;
-    let mut options = crate::convert::ConvertOptions::default();
+    let mut options = crate::convert::ConvertOptions::new(match args.format {
+        ConvertFormat::Estargz => crate::convert::Format::Estargz,
+        ConvertFormat::ZstdChunked => crate::convert::Format::ZstdChunked,
+    });
     if let Some(path) = &args.prioritize {
         let bad = |reason: String| CliError::Prioritize {
             path: path.display().to_string(),

@@ -37,6 +37,8 @@ pub struct LayerReport {
     pub compression: Option<LayerCompression>,
     /// The lazy index the layer carries; `null` for a plain layer.
     pub lazy_index: Option<LazyIndex>,
+    /// The layer descriptor's annotations, as the manifest has them.
+    pub annotations: std::collections::BTreeMap<String, String>,
 }
 
 impl InspectReport {
@@ -63,6 +65,7 @@ impl InspectReport {
                     diff_id: l.diff_id.clone(),
                     compression: l.compression().ok(),
                     lazy_index: l.lazy_index.clone(),
+                    annotations: l.descriptor.annotations.clone(),
                 })
                 .collect(),
         }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use lazylayer::image;
 use lazylayer::imagefs::{ImageFs, ImageFsOptions};
 use lazylayer::layer::LayerFormat;
-use lazylayer::oci::Platform;
+use lazylayer::oci::{ANNOTATION_ESTARGZ_TOC as ESTARGZ_TOC, Platform};
 use lazylayer::reference::ImageRef;
 use lazylayer::registry::RegistryConfig;
 use lazylayer::source;
@@ -83,9 +83,16 @@ fn assert_diff_ids_match(layout: &Path, manifest: &serde_json::Value) {
     for (layer, diff_id) in layers.iter().zip(diff_ids) {
         let compressed = blob(layer["digest"].as_str().unwrap());
         let mut tar = Vec::new();
-        flate2::read::MultiGzDecoder::new(&compressed[..])
-            .read_to_end(&mut tar)
-            .unwrap();
+        if layer["mediaType"].as_str().unwrap().ends_with("+zstd") {
+            zstd::stream::read::Decoder::new(&compressed[..])
+                .unwrap()
+                .read_to_end(&mut tar)
+                .unwrap();
+        } else {
+            flate2::read::MultiGzDecoder::new(&compressed[..])
+                .read_to_end(&mut tar)
+                .unwrap();
+        }
         assert_eq!(
             format!("sha256:{}", support::sha256_hex(&tar)),
             diff_id.as_str().unwrap()
@@ -115,26 +122,31 @@ fn manifest_of(layout: &Path, tag: &str) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shared_images_as_estargz_match_umoci_and_convert_identically_twice() {
+    shared_images_convert_to("estargz", LayerFormat::Estargz).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shared_images_as_zstd_chunked_match_umoci_and_convert_identically_twice() {
+    shared_images_convert_to("zstd-chunked", LayerFormat::ZstdChunked).await;
+}
+
+async fn shared_images_convert_to(flag: &str, format: LayerFormat) {
     let work = tempfile::tempdir().unwrap();
     let (first, second) = (work.path().join("first"), work.path().join("second"));
     for tag in ["debian-bookworm", "python3", "python-app"] {
         let src = format!("oci:{}:{tag}", shared_images().display());
         let dst = format!("oci:{}:{tag}", first.display());
-        let printed = convert(&src, &dst, &["-q"]);
+        let printed = convert(&src, &dst, &["-q", "--format", flag]);
         assert!(printed.is_empty(), "--quiet printed {printed}");
-        convert(&src, &format!("oci:{}:{tag}", second.display()), &["-q"]);
+        let again = format!("oci:{}:{tag}", second.display());
+        convert(&src, &again, &["-q", "--format", flag]);
 
         let manifest = manifest_of(&first, tag);
         assert_diff_ids_match(&first, &manifest);
 
         let fs = open(&dst).await;
         for layer in &fs.layers {
-            assert_eq!(
-                layer.format,
-                LayerFormat::Estargz,
-                "{dst}: {}",
-                layer.digest
-            );
+            assert_eq!(layer.format, format, "{dst}: {}", layer.digest);
         }
         let compressed: u64 = fs.layers.iter().map(|l| l.size).sum();
         let opened_with = FetchStats::get(&fs.stats().bytes);
@@ -182,22 +194,29 @@ fn pushed_conversion_runs_under_plain_containerd_and_prefetches_prioritised_file
     .unwrap();
     let printed = convert(&src, &dst, &["--prioritize", list.to_str().unwrap()]);
     assert!(printed.contains(&dst), "{printed}");
+    let zstd = format!("{}/test/app:converted-zstd", registry.host());
+    convert(&src, &zstd, &["-q", "--format", "zstd-chunked"]);
 
-    // Plain containerd (overlayfs snapshotter, full pull) runs it.
+    // Plain containerd (overlayfs snapshotter, full pull) runs both.
     let containerd = Containerd::start();
-    containerd.ctr_ok(&["images", "pull", "--plain-http", &dst]);
-    let out = containerd.ctr_ok(&["run", "--rm", &dst, "converted", "python3", "/app/main.py"]);
-    assert!(out.contains("app ok"), "{out}");
+    for (reference, id) in [(&dst, "converted"), (&zstd, "converted-zstd")] {
+        containerd.ctr_ok(&["images", "pull", "--plain-http", reference]);
+        let out = containerd.ctr_ok(&["run", "--rm", reference, id, "python3", "/app/main.py"]);
+        assert!(out.contains("app ok"), "{reference}: {out}");
+    }
 
-    // stargz-snapshotter's reader finds every layer's TOC and agrees on its digest.
-    let inspect = lazylayer(&["inspect", "--json", &dst], &[]).json();
-    for layer in inspect["layers"].as_array().unwrap() {
-        let digest = layer["digest"].as_str().unwrap();
-        let toc = containerd.ctr_ok(&["images", "get-toc-digest", digest]);
-        let annotated = layer["lazy_index"]["toc_digest"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no TOC annotation: {layer}"));
-        assert_eq!(toc.trim(), annotated, "layer {digest}");
+    // stargz-snapshotter's readers find every layer's TOC and agree on its digest.
+    for (reference, flags) in [(&dst, &[][..]), (&zstd, &["--zstdchunked"][..])] {
+        let inspect = lazylayer(&["inspect", "--json", reference], &[]).json();
+        for layer in inspect["layers"].as_array().unwrap() {
+            let digest = layer["digest"].as_str().unwrap();
+            let mut args = vec!["images", "get-toc-digest"];
+            args.extend_from_slice(flags);
+            args.push(digest);
+            let toc = containerd.ctr_ok(&args);
+            let annotated = layer["annotations"][ESTARGZ_TOC].as_str();
+            assert_eq!(Some(toc.trim()), annotated, "{reference} layer {digest}");
+        }
     }
 
     // The prioritised files are fetched at mount, before anyone reads them.

@@ -10,10 +10,8 @@ use std::path::Path;
 
 use super::{ConvertError, ConvertedImage};
 use crate::digest::Digest;
-use crate::oci::MEDIA_OCI_MANIFEST;
+use crate::oci::{ANNOTATION_REF_NAME as REF_NAME, MEDIA_OCI_MANIFEST};
 use crate::reference::LayoutRef;
-
-const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> ConvertError + '_ {
     move |e| ConvertError::Output(format!("{}: {e}", path.display()))

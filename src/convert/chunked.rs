@@ -1,6 +1,10 @@
-//! Writing eStargz: a gzip tar whose chunks can each be inflated alone, plus a table of contents.
+//! Writing eStargz and zstd:chunked: a compressed tar whose chunks can each be decompressed
+//! alone, plus a table of contents.
 //!
-//! Layout (the format `layer::estargz` reads, as stargz-snapshotter writes it):
+//! Both formats cut the compressed stream the same way and share the TOC; they differ in the
+//! compressor and in where the TOC goes.
+//!
+//! eStargz (the format `layer::estargz` reads, as stargz-snapshotter writes it):
 //! - every chunk of file content (at most the chunk size, 4 MiB by default) starts a new gzip
 //!   member; its TOC entry records where that member starts in the blob. Tar headers and padding
 //!   travel in whatever member is open, so a member holds one chunk and then the headers of
@@ -15,6 +19,13 @@
 //! So the blob is still an ordinary tar+gzip: any client can pull and unpack it (and finds the
 //! two extra files `stargz.index.json` and the landmark, which lazy readers hide).
 //!
+//! zstd:chunked (as containers/storage and `ctr-remote --zstdchunked` write it): every chunk is
+//! a zstd frame instead of a gzip member, and chunk entries also record `endOffset`. The tar ends
+//! with its end-of-archive blocks; the TOC, zstd-compressed, is a skippable frame after it (the
+//! layer's annotations give its position and checksum), and a last skippable frame repeats that
+//! position with a magic for readers without the annotations. A plain zstd reader
+//! skips both frames, so the blob is an ordinary tar+zstd.
+//!
 //! Determinism: gzip headers carry no time or name, compression level and chunk size are fixed,
 //! the TOC is serialised with a fixed field order, so the same entries give the same bytes.
 
@@ -24,6 +35,13 @@ use base64::Engine;
 use flate2::Compression;
 use flate2::write::GzEncoder;
 use serde::Serialize;
+
+use super::Format;
+use crate::oci::{
+    ANNOTATION_ESTARGZ_TOC, ANNOTATION_ESTARGZ_UNCOMPRESSED_SIZE, ANNOTATION_ZSTD_CHUNKED_CHECKSUM,
+    ANNOTATION_ZSTD_CHUNKED_POSITION, MEDIA_OCI_LAYER_GZIP, MEDIA_OCI_LAYER_ZSTD,
+};
+use std::collections::BTreeMap;
 
 use super::TarWriter;
 use crate::digest::{Digest, DigestHasher};
@@ -146,24 +164,62 @@ pub struct Written {
     pub digest: Digest,
     pub size: u64,
     pub diff_id: Digest,
-    pub uncompressed_size: u64,
-    pub toc_digest: Digest,
+    pub media_type: &'static str,
+    /// What lazy readers need to find and check the TOC.
+    pub annotations: BTreeMap<String, String>,
 }
 
-pub struct EstargzWriter<W: Write> {
+/// One independently decompressible piece of the blob being written.
+enum Member {
+    Gzip(GzEncoder<Vec<u8>>),
+    Zstd(zstd::Encoder<'static, Vec<u8>>),
+}
+
+impl Member {
+    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Member::Gzip(e) => e.write_all(bytes),
+            Member::Zstd(e) => e.write_all(bytes),
+        }
+    }
+
+    fn finish(self) -> io::Result<Vec<u8>> {
+        match self {
+            Member::Gzip(e) => e.finish(),
+            Member::Zstd(e) => e.finish(),
+        }
+    }
+}
+
+/// zstd's skippable frame magic (the first of the 16 allowed values), as containers/storage uses.
+const SKIPPABLE_MAGIC: u32 = 0x184D_2A50;
+/// Ends the zstd:chunked footer. Writers disagree on one letter: containers/storage writes
+/// `GNUlInUx`, stargz-snapshotter (Debian's `ctr-remote`, the reference our tests read with)
+/// `GnUlInUx`, and each one's footer parser accepts only its own. Readers of both projects find
+/// the TOC through the layer's annotations first, which we always write, so the footer matters
+/// only to stargz-snapshotter's annotation-less paths (`ctr-remote images get-toc-digest`).
+const ZSTD_CHUNKED_MAGIC: &[u8; 8] = b"GnUlInUx";
+/// The zstd:chunked TOC type: the CRFS-style JSON.
+const MANIFEST_TYPE_CRFS: u64 = 1;
+
+pub struct ChunkedWriter<W: Write> {
+    format: Format,
     out: Counted<W>,
-    member: Option<GzEncoder<Vec<u8>>>,
+    member: Option<Member>,
     /// The uncompressed tar stream: its digest is the layer's diff ID.
     tar: DigestHasher,
     tar_size: u64,
     entries: Vec<TocEntry>,
+    /// zstd:chunked: the entry of the chunk whose frame is open, to record where it ends.
+    open_chunk: Option<usize>,
     chunk_size: u64,
     level: u32,
 }
 
-impl<W: Write> EstargzWriter<W> {
-    pub fn new(out: W, chunk_size: u64, level: u32) -> EstargzWriter<W> {
-        EstargzWriter {
+impl<W: Write> ChunkedWriter<W> {
+    pub fn new(format: Format, out: W, chunk_size: u64, level: u32) -> ChunkedWriter<W> {
+        ChunkedWriter {
+            format,
             out: Counted {
                 inner: out,
                 written: 0,
@@ -173,80 +229,95 @@ impl<W: Write> EstargzWriter<W> {
             tar: DigestHasher::default(),
             tar_size: 0,
             entries: Vec::new(),
+            open_chunk: None,
             chunk_size: chunk_size.max(1),
             level,
         }
     }
 
-    /// Ends the open gzip member, if any, writing it out.
+    /// Ends the open member, if any, writing it out; the chunk that started it (zstd:chunked)
+    /// learns where it ends.
     fn close_member(&mut self) -> io::Result<()> {
         if let Some(member) = self.member.take() {
             let bytes = member.finish()?;
             self.out.write_all(&bytes)?;
         }
+        if let Some(chunk) = self.open_chunk.take() {
+            self.entries[chunk].end_offset = Some(self.out.written);
+        }
         Ok(())
     }
 
-    fn open_member(&mut self) -> &mut GzEncoder<Vec<u8>> {
-        let level = Compression::new(self.level);
-        self.member
-            .get_or_insert_with(|| flate2::GzBuilder::new().write(Vec::new(), level))
-    }
-
-    /// Appends uncompressed tar bytes to the open member.
+    /// Appends uncompressed tar bytes to the open member (opening one if needed).
     fn write_tar(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.tar.update(bytes);
         self.tar_size += bytes.len() as u64;
-        self.open_member().write_all(bytes)
+        if self.member.is_none() {
+            self.member = Some(match self.format {
+                Format::Estargz => Member::Gzip(
+                    flate2::GzBuilder::new().write(Vec::new(), Compression::new(self.level)),
+                ),
+                Format::ZstdChunked => {
+                    let mut encoder = zstd::Encoder::new(Vec::new(), self.level as i32)?;
+                    // The frame's size is unknown when it starts; a checksum lets a reader
+                    // of the frame alone detect damage, as containers/storage writes it.
+                    encoder.include_checksum(true)?;
+                    Member::Zstd(encoder)
+                }
+            });
+        }
+        self.member.as_mut().expect("opened above").write_all(bytes)
     }
 
     /// Appends one entry; `content` yields a regular file's bytes (exactly its size).
     pub fn append(&mut self, entry: &LayerEntry, content: &mut dyn io::Read) -> io::Result<()> {
         let header = TarWriter::header_bytes(entry)?;
         self.write_tar(&header)?;
-        let mut toc = toc_entry(entry);
+        let toc = toc_entry(entry);
         let EntryKind::File { size, .. } = entry.kind else {
             self.entries.push(toc);
             return Ok(());
         };
+        let file = self.entries.len();
+        self.entries.push(toc);
         let mut done = 0u64;
         let mut whole = DigestHasher::default();
-        let mut chunk_entries = Vec::new();
         let mut buf = Vec::new();
         while done < size {
             let len = self.chunk_size.min(size - done);
             buf.resize(len as usize, 0);
             content.read_exact(&mut buf)?;
             whole.update(&buf);
-            // Each chunk starts a member of its own, so it can be inflated alone.
+            // Each chunk starts a member of its own, so it can be decompressed alone.
             self.close_member()?;
             let offset = self.out.written;
             self.write_tar(&buf)?;
             let chunk_digest = Digest::of(&buf).to_string();
+            let chunk_size = if len < size { len } else { 0 };
             if done == 0 {
-                toc.offset = offset;
-                toc.chunk_size = if len < size { len } else { 0 };
-                toc.chunk_digest = chunk_digest;
+                let e = &mut self.entries[file];
+                (e.offset, e.chunk_size, e.chunk_digest) = (offset, chunk_size, chunk_digest);
             } else {
-                chunk_entries.push(TocEntry {
-                    name: toc.name.clone(),
+                self.entries.push(TocEntry {
+                    name: self.entries[file].name.clone(),
                     kind: "chunk",
                     offset,
                     chunk_offset: done,
-                    chunk_size: if done + len < size { len } else { 0 },
+                    chunk_size,
                     chunk_digest,
                     ..TocEntry::default()
                 });
+            }
+            if self.format == Format::ZstdChunked {
+                self.open_chunk = Some(self.entries.len() - 1);
             }
             done += len;
         }
         let padding = (512 - size % 512) % 512;
         self.write_tar(&vec![0u8; padding as usize])?;
         if size > 0 {
-            toc.digest = whole.finish().to_string();
+            self.entries[file].digest = whole.finish().to_string();
         }
-        self.entries.push(toc);
-        self.entries.extend(chunk_entries);
         Ok(())
     }
 
@@ -275,27 +346,74 @@ impl<W: Write> EstargzWriter<W> {
             entries: &self.entries,
         })
         .map_err(io::Error::other)?;
-        let toc_digest = Digest::of(&json);
         self.close_member()?;
-        let toc_offset = self.out.written;
-        let toc_entry = LayerEntry {
-            path: TOC_NAME.as_bytes().to_vec(),
-            kind: EntryKind::File {
-                size: json.len() as u64,
-                chunks: std::sync::Arc::from(Vec::new()),
-            },
-            meta: crate::layer::Meta {
-                mode: 0o644,
-                ..Default::default()
-            },
-        };
-        self.write_tar(&TarWriter::header_bytes(&toc_entry)?)?;
-        self.write_tar(&json)?;
-        let padding = (512 - json.len() % 512) % 512;
-        self.write_tar(&vec![0u8; padding])?;
-        self.write_tar(&[0u8; 1024])?;
-        self.close_member()?;
-        self.out.write_all(&footer(toc_offset))?;
+        let mut annotations = BTreeMap::from([(
+            ANNOTATION_ESTARGZ_TOC.to_string(),
+            Digest::of(&json).to_string(),
+        )]);
+        match self.format {
+            Format::Estargz => {
+                let toc_offset = self.out.written;
+                let toc_entry = LayerEntry {
+                    path: TOC_NAME.as_bytes().to_vec(),
+                    kind: EntryKind::File {
+                        size: json.len() as u64,
+                        chunks: std::sync::Arc::from(Vec::new()),
+                    },
+                    meta: crate::layer::Meta {
+                        mode: 0o644,
+                        ..Default::default()
+                    },
+                };
+                self.write_tar(&TarWriter::header_bytes(&toc_entry)?)?;
+                self.write_tar(&json)?;
+                let padding = (512 - json.len() % 512) % 512;
+                self.write_tar(&vec![0u8; padding])?;
+                self.write_tar(&[0u8; 1024])?;
+                self.close_member()?;
+                self.out.write_all(&footer(toc_offset))?;
+            }
+            Format::ZstdChunked => {
+                self.write_tar(&[0u8; 1024])?;
+                self.close_member()?;
+                let compressed = zstd::encode_all(&json[..], self.level as i32)?;
+                let length = u32::try_from(compressed.len())
+                    .map_err(|_| io::Error::other("TOC too large for a skippable frame"))?;
+                self.out.write_all(&SKIPPABLE_MAGIC.to_le_bytes())?;
+                self.out.write_all(&length.to_le_bytes())?;
+                let toc_offset = self.out.written;
+                self.out.write_all(&compressed)?;
+                let mut footer = Vec::with_capacity(48);
+                footer.extend_from_slice(&SKIPPABLE_MAGIC.to_le_bytes());
+                footer.extend_from_slice(&40u32.to_le_bytes());
+                for n in [
+                    toc_offset,
+                    compressed.len() as u64,
+                    json.len() as u64,
+                    MANIFEST_TYPE_CRFS,
+                ] {
+                    footer.extend_from_slice(&n.to_le_bytes());
+                }
+                footer.extend_from_slice(ZSTD_CHUNKED_MAGIC);
+                self.out.write_all(&footer)?;
+                annotations.insert(
+                    ANNOTATION_ZSTD_CHUNKED_CHECKSUM.to_string(),
+                    Digest::of(&compressed).to_string(),
+                );
+                annotations.insert(
+                    ANNOTATION_ZSTD_CHUNKED_POSITION.to_string(),
+                    format!(
+                        "{toc_offset}:{}:{}:{MANIFEST_TYPE_CRFS}",
+                        compressed.len(),
+                        json.len()
+                    ),
+                );
+            }
+        }
+        annotations.insert(
+            ANNOTATION_ESTARGZ_UNCOMPRESSED_SIZE.to_string(),
+            self.tar_size.to_string(),
+        );
         self.out.flush()?;
         let Counted {
             inner,
@@ -308,8 +426,11 @@ impl<W: Write> EstargzWriter<W> {
                 digest: hasher.finish(),
                 size: written,
                 diff_id: self.tar.finish(),
-                uncompressed_size: self.tar_size,
-                toc_digest,
+                media_type: match self.format {
+                    Format::Estargz => MEDIA_OCI_LAYER_GZIP,
+                    Format::ZstdChunked => MEDIA_OCI_LAYER_ZSTD,
+                },
+                annotations,
             },
         ))
     }
