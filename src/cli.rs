@@ -881,12 +881,37 @@ async fn snapshotter(args: SnapshotterArgs) -> Result<(), CliError> {
     })
 }
 
-/// Prints one line per converted layer.
+/// A progress bar per layer on a terminal (bytes read and rate); one line per finished layer
+/// when standard error is not a terminal.
 struct ConvertProgress {
-    started: std::time::Instant,
+    bars: indicatif::MultiProgress,
+    layers: std::sync::Mutex<std::collections::HashMap<usize, indicatif::ProgressBar>>,
 }
 
 impl crate::convert::Progress for ConvertProgress {
+    fn layer_started(&self, index: usize, count: usize, source: &crate::oci::Descriptor) {
+        let bar = self.bars.add(indicatif::ProgressBar::new_spinner());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix} {spinner} {bytes} read ({bytes_per_sec}) {elapsed}",
+            )
+            .expect("static template"),
+        );
+        bar.set_prefix(format!(
+            "layer {}/{count} {}",
+            index + 1,
+            source.digest.short()
+        ));
+        bar.enable_steady_tick(std::time::Duration::from_millis(100));
+        self.layers.lock().unwrap().insert(index, bar);
+    }
+
+    fn layer_read(&self, index: usize, bytes: u64) {
+        if let Some(bar) = self.layers.lock().unwrap().get(&index) {
+            bar.inc(bytes);
+        }
+    }
+
     fn layer_done(
         &self,
         index: usize,
@@ -895,15 +920,23 @@ impl crate::convert::Progress for ConvertProgress {
         new: &crate::oci::Descriptor,
     ) {
         let mb = |n: u64| n as f64 / 1e6;
-        eprintln!(
+        let Some(bar) = self.layers.lock().unwrap().remove(&index) else {
+            return;
+        };
+        let line = format!(
             "layer {}/{count} {} ({:.1} MB) -> {} ({:.1} MB), {:.1} s",
             index + 1,
             source.digest.short(),
             mb(source.size),
             new.digest.short(),
             mb(new.size),
-            self.started.elapsed().as_secs_f64()
+            bar.elapsed().as_secs_f64()
         );
+        if self.bars.is_hidden() {
+            eprintln!("{line}");
+        }
+        bar.set_style(indicatif::ProgressStyle::with_template("{msg}").expect("static template"));
+        bar.finish_with_message(line);
     }
 }
 
@@ -922,11 +955,12 @@ async fn convert(args: ConvertArgs) -> Result<(), CliError> {
         options.prioritize = crate::convert::parse_prioritize(&text).map_err(bad)?;
     }
     let config = args.remote.registry_config()?;
-    let progress: Box<dyn crate::convert::Progress> = if args.quiet {
-        Box::new(crate::convert::Silent)
+    let progress: std::sync::Arc<dyn crate::convert::Progress> = if args.quiet {
+        std::sync::Arc::new(crate::convert::Silent)
     } else {
-        Box::new(ConvertProgress {
-            started: std::time::Instant::now(),
+        std::sync::Arc::new(ConvertProgress {
+            bars: indicatif::MultiProgress::new(),
+            layers: Default::default(),
         })
     };
     let image = crate::convert::convert(
@@ -934,7 +968,7 @@ async fn convert(args: ConvertArgs) -> Result<(), CliError> {
         &config,
         &args.remote.platform()?,
         &options,
-        progress.as_ref(),
+        progress,
     )
     .await?;
     match &destination {

@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use containerd_client::services::v1 as api;
 use containerd_client::services::v1::snapshots as snap;
@@ -122,6 +122,31 @@ impl Client {
 
     fn content(&self) -> api::content_client::ContentClient<Channel> {
         api::content_client::ContentClient::new(self.channel.clone())
+    }
+}
+
+/// How long calls that reach the snapshotter are tried again while containerd answers
+/// `unavailable`: containerd redials a proxy snapshotter that restarted with backoff (up to 3 s
+/// between attempts in 1.6) and fails calls at once meanwhile.
+const SNAPSHOTTER_REDIAL: Duration = Duration::from_secs(15);
+
+/// Runs `call` until it gives something other than `unavailable`, or [`SNAPSHOTTER_REDIAL`] has
+/// passed. A call refused that way never reached the snapshotter, so trying it again is safe.
+async fn until_available<T, Fut>(mut call: impl FnMut() -> Fut) -> Result<T, Status>
+where
+    Fut: std::future::Future<Output = Result<T, Status>>,
+{
+    let deadline = Instant::now() + SNAPSHOTTER_REDIAL;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match call().await {
+            Err(status) if status.code() == Code::Unavailable && Instant::now() < deadline => {
+                tracing::debug!("containerd: {}; trying again", status.message());
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            other => return other,
+        }
     }
 }
 
@@ -325,13 +350,16 @@ async fn unpack_layer(
     parent: &str,
     options: &PullOptions,
 ) -> Result<LayerOutcome, PullError> {
-    let mut snapshots = client.snapshots();
-    let stat = snapshots
-        .stat(client.request(snap::StatSnapshotRequest {
+    let snapshots = client.snapshots();
+    let stat = until_available(|| {
+        let mut snapshots = snapshots.clone();
+        let request = client.request(snap::StatSnapshotRequest {
             snapshotter: options.snapshotter.clone(),
             key: chain.to_string(),
-        }))
-        .await;
+        });
+        async move { snapshots.stat(request).await }
+    })
+    .await;
     match stat {
         Ok(_) => return Ok(LayerOutcome::Present),
         Err(status) if status.code() == Code::NotFound => {}
@@ -355,14 +383,17 @@ async fn unpack_layer(
     ]);
     let nanos = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
     let key = format!("extract-{nanos}-{chain}");
-    let prepared = snapshots
-        .prepare(client.request(snap::PrepareSnapshotRequest {
+    let prepared = until_available(|| {
+        let mut snapshots = snapshots.clone();
+        let request = client.request(snap::PrepareSnapshotRequest {
             snapshotter: options.snapshotter.clone(),
             key: key.clone(),
             parent: parent.to_string(),
-            labels,
-        }))
-        .await;
+            labels: labels.clone(),
+        });
+        async move { snapshots.prepare(request).await }
+    })
+    .await;
     let mounts: Vec<Mount> = match prepared {
         Err(status) if status.code() == Code::AlreadyExists => return Ok(LayerOutcome::Lazy),
         Err(status) => return Err(failed(format!("preparing layer {digest}"))(status)),
@@ -390,7 +421,8 @@ async fn unpack_layer(
             }))
             .await
             .map_err(failed(format!("applying layer {digest}")))?;
-        snapshots
+        client
+            .snapshots()
             .commit(client.request(snap::CommitSnapshotRequest {
                 snapshotter: options.snapshotter.clone(),
                 name: chain.to_string(),

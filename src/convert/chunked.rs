@@ -454,7 +454,203 @@ pub fn footer(toc_offset: u64) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layer::estargz::parse_footer;
+    use crate::layer::estargz::{index_from_json, parse_footer, toc_json};
+    use crate::layer::tar_stream::{Ignore, index_reader};
+    use crate::layer::zstd_chunked::index_from_toc;
+    use crate::layer::{ChunkSource, Codec, LayerIndex, Meta};
+    use crate::oci::LayerCompression;
+    use std::io::Read;
+    use std::sync::Arc;
+
+    /// Entries of every kind, a long name, an xattr and a file split into several chunks.
+    fn sample() -> Vec<(LayerEntry, Vec<u8>)> {
+        let meta = |mode| Meta {
+            mode,
+            uid: 1000,
+            gid: 100,
+            mtime: 1_700_000_000,
+            xattrs: Vec::new(),
+        };
+        let file = |path: &str, data: &[u8]| {
+            (
+                LayerEntry {
+                    path: path.as_bytes().to_vec(),
+                    kind: EntryKind::File {
+                        size: data.len() as u64,
+                        chunks: Arc::from(Vec::new()),
+                    },
+                    meta: meta(0o644),
+                },
+                data.to_vec(),
+            )
+        };
+        let other = |path: &str, kind| {
+            (
+                LayerEntry {
+                    path: path.as_bytes().to_vec(),
+                    kind,
+                    meta: meta(0o755),
+                },
+                Vec::new(),
+            )
+        };
+        let long = format!("usr/{}/deep.txt", "d".repeat(150));
+        let mut capped = file("usr/bin/ping", b"ping!");
+        capped.0.meta.xattrs = vec![(b"security.capability".to_vec(), vec![1, 0, 0, 2])];
+        vec![
+            other("usr", EntryKind::Dir),
+            other("usr/bin", EntryKind::Dir),
+            file("usr/bin/big", &(0..100u8).collect::<Vec<_>>()),
+            file("empty", b""),
+            capped,
+            file(&long, b"far down"),
+            other(
+                "usr/bin/link",
+                EntryKind::Symlink {
+                    target: format!("../{}", "t".repeat(120)).into_bytes(),
+                },
+            ),
+            other(
+                "usr/bin/hard",
+                EntryKind::Hardlink {
+                    target: b"usr/bin/ping".to_vec(),
+                },
+            ),
+            other("dev-null", EntryKind::Char { major: 1, minor: 3 }),
+            other("pipe", EntryKind::Fifo),
+        ]
+    }
+
+    fn write(format: Format) -> (Vec<u8>, Written) {
+        let mut writer = ChunkedWriter::new(format, Vec::new(), 30, 6);
+        writer.landmark(false).unwrap();
+        for (entry, data) in sample() {
+            writer.append(&entry, &mut &data[..]).unwrap();
+        }
+        let (blob, written) = writer.finish().unwrap();
+        assert_eq!(written.digest, Digest::of(&blob));
+        assert_eq!(written.size, blob.len() as u64);
+        (blob, written)
+    }
+
+    /// What a reader makes of the blob through its TOC equals the input, and every chunk,
+    /// decompressed alone from its offset, holds the file's bytes.
+    fn check_toc_index(index: &LayerIndex, blob: &[u8], codec: Codec) {
+        let expected = sample();
+        let entries: Vec<_> = index.entries.iter().collect();
+        assert_eq!(entries.len(), expected.len());
+        for (got, (want, data)) in entries.iter().zip(&expected) {
+            assert_eq!(got.path, want.path);
+            assert_eq!(
+                got.meta,
+                want.meta,
+                "{:?}",
+                String::from_utf8_lossy(&got.path)
+            );
+            let EntryKind::File { size, chunks } = &got.kind else {
+                assert_eq!(got.kind, want.kind);
+                continue;
+            };
+            assert_eq!(*size, data.len() as u64);
+            let mut content = Vec::new();
+            for chunk in chunks.iter() {
+                let ChunkSource::Compressed {
+                    start,
+                    end,
+                    inner_offset,
+                    ..
+                } = chunk.source
+                else {
+                    panic!("not a compressed chunk");
+                };
+                let piece = &blob[start as usize..end as usize];
+                let mut out = Vec::new();
+                match codec {
+                    Codec::Gzip => flate2::read::GzDecoder::new(piece)
+                        .read_to_end(&mut out)
+                        .map(|_| ()),
+                    _ => zstd::stream::read::Decoder::new(piece)
+                        .unwrap()
+                        .read_to_end(&mut out)
+                        .map(|_| ()),
+                }
+                .unwrap();
+                let bytes = &out[inner_offset as usize..][..chunk.size as usize];
+                assert_eq!(Some(Digest::of(bytes)), chunk.digest);
+                content.extend_from_slice(bytes);
+            }
+            assert_eq!(&content, data);
+            assert!(chunks.len() > 1 || data.len() <= 30);
+        }
+    }
+
+    /// A plain reader of the blob (one tar stream) finds the same entries, and the diff ID is
+    /// that stream's digest.
+    fn check_plain_tar(blob: &[u8], written: &Written, compression: LayerCompression) {
+        let index =
+            index_reader(blob, &written.digest, written.size, compression, &Ignore).unwrap();
+        let names: Vec<String> = index
+            .entries
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e.path).into_owned())
+            .filter(|n| n != TOC_NAME && n != NO_LANDMARK)
+            .collect();
+        let expected: Vec<String> = sample()
+            .iter()
+            .map(|(e, _)| String::from_utf8_lossy(&e.path).into_owned())
+            .collect();
+        assert_eq!(names, expected);
+        let mut tar = Vec::new();
+        match compression {
+            LayerCompression::Gzip => flate2::read::MultiGzDecoder::new(blob).read_to_end(&mut tar),
+            _ => zstd::stream::read::Decoder::new(blob)
+                .unwrap()
+                .read_to_end(&mut tar),
+        }
+        .unwrap();
+        assert_eq!(Digest::of(&tar), written.diff_id);
+    }
+
+    #[test]
+    fn estargz_output_reads_back_through_its_toc_and_as_plain_tar() {
+        let (blob, written) = write(Format::Estargz);
+        let (toc_offset, footer_size) = parse_footer(&blob).unwrap();
+        assert_eq!(footer_size, 51);
+        let json = toc_json(&written.digest, &blob[toc_offset as usize..blob.len() - 51]).unwrap();
+        assert_eq!(
+            written.annotations[ANNOTATION_ESTARGZ_TOC],
+            Digest::of(&json).to_string()
+        );
+        let index = index_from_json(&written.digest, &json, toc_offset).unwrap();
+        check_toc_index(&index, &blob, Codec::Gzip);
+        check_plain_tar(&blob, &written, LayerCompression::Gzip);
+    }
+
+    #[test]
+    fn zstd_chunked_output_reads_back_through_its_toc_and_as_plain_tar() {
+        let (blob, written) = write(Format::ZstdChunked);
+        let position = &written.annotations[ANNOTATION_ZSTD_CHUNKED_POSITION];
+        let (offset, length, uncompressed, _) =
+            crate::layer::zstd_chunked::parse_position(position).unwrap();
+        let compressed = &blob[offset as usize..(offset + length) as usize];
+        assert_eq!(
+            written.annotations[ANNOTATION_ZSTD_CHUNKED_CHECKSUM],
+            Digest::of(compressed).to_string()
+        );
+        let index = index_from_toc(&written.digest, compressed, uncompressed, offset - 8).unwrap();
+        check_toc_index(&index, &blob, Codec::Zstd);
+        check_plain_tar(&blob, &written, LayerCompression::Zstd);
+        // The footer repeats the position for readers without annotations.
+        let footer = &blob[blob.len() - 40..];
+        assert_eq!(&footer[32..], ZSTD_CHUNKED_MAGIC);
+        assert_eq!(u64::from_le_bytes(footer[..8].try_into().unwrap()), offset);
+    }
+
+    #[test]
+    fn the_same_entries_give_the_same_bytes() {
+        assert_eq!(write(Format::Estargz).0, write(Format::Estargz).0);
+        assert_eq!(write(Format::ZstdChunked).0, write(Format::ZstdChunked).0);
+    }
 
     #[test]
     fn the_footer_is_what_the_reader_parses() {

@@ -107,8 +107,11 @@ pub struct ConvertedImage {
     pub layers: Vec<ConvertedLayer>,
 }
 
-/// Progress of a conversion, for the command line to show.
+/// Progress of a conversion, for the command line to show. Layers are numbered from 0.
 pub trait Progress: Send + Sync {
+    fn layer_started(&self, _index: usize, _count: usize, _source: &Descriptor) {}
+    /// `bytes` more of the layer's uncompressed file data have streamed in.
+    fn layer_read(&self, _index: usize, _bytes: u64) {}
     fn layer_done(&self, _index: usize, _count: usize, _source: &Descriptor, _new: &Descriptor) {}
 }
 
@@ -117,6 +120,8 @@ impl Progress for Silent {}
 
 /// Keeps the file data of a streamed layer in a temporary file, by tar stream offset.
 struct Spool {
+    progress: Arc<dyn Progress>,
+    layer: usize,
     file: Mutex<(std::fs::File, u64)>,
     /// Tar stream offset of a chunk → where it is in the spool file.
     at: Mutex<HashMap<u64, u64>>,
@@ -133,6 +138,7 @@ impl StreamObserver for Spool {
         }
         file.1 += data.len() as u64;
         self.at.lock().unwrap().insert(offset, position);
+        self.progress.layer_read(self.layer, data.len() as u64);
     }
 
     fn cancelled(&self) -> bool {
@@ -238,8 +244,9 @@ fn write_order(entries: &[LayerEntry], prioritize: &[Vec<u8>]) -> (Vec<usize>, u
 async fn convert_layer(
     source: Arc<dyn ImageSource>,
     image_name: &str,
-    layer: &image::Layer,
+    (index, layer): (usize, &image::Layer),
     options: &ConvertOptions,
+    progress: Arc<dyn Progress>,
 ) -> Result<ConvertedLayer, ConvertError> {
     let digest = layer.descriptor.digest.clone();
     let write_error = |source: io::Error| ConvertError::Write {
@@ -249,6 +256,8 @@ async fn convert_layer(
     };
     let spool_file = tempfile::tempfile().map_err(write_error)?;
     let spool = Arc::new(Spool {
+        progress,
+        layer: index,
         file: Mutex::new((spool_file, 0)),
         at: Mutex::new(HashMap::new()),
         failed: Mutex::new(None),
@@ -340,7 +349,7 @@ pub async fn convert(
     registry: &RegistryConfig,
     platform: &Platform,
     options: &ConvertOptions,
-    progress: &dyn Progress,
+    progress: Arc<dyn Progress>,
 ) -> Result<ConvertedImage, ConvertError> {
     let parsed = ImageRef::parse(reference)?;
     let (source, selector) = source::open(&parsed, registry).await?;
@@ -351,7 +360,9 @@ pub async fn convert(
         .await?;
     let mut layers = Vec::with_capacity(image.layers.len());
     for (i, layer) in image.layers.iter().enumerate() {
-        let converted = convert_layer(source.clone(), &name, layer, options).await?;
+        progress.layer_started(i, image.layers.len(), &layer.descriptor);
+        let converted =
+            convert_layer(source.clone(), &name, (i, layer), options, progress.clone()).await?;
         progress.layer_done(
             i,
             image.layers.len(),

@@ -124,7 +124,13 @@ pub struct Snapshotter {
     /// By snapshot name: the remote snapshots whose directory is a live FUSE mount. Held while a
     /// mount is being made, so two containers starting together mount once.
     mounts: tokio::sync::Mutex<HashMap<String, LazyMount>>,
+    /// Images resolved by (reference, manifest digest), with the source that reads them.
+    images:
+        std::sync::Mutex<lru::LruCache<(String, Digest), (Arc<dyn ImageSource>, ResolvedImage)>>,
 }
+
+/// Resolved images remembered: a few pulls' worth (an entry is a manifest and a config).
+const REMEMBERED_IMAGES: usize = 64;
 
 /// What a snapshot's lower directories are, before remote ones are mounted.
 enum Lower {
@@ -158,6 +164,9 @@ impl Snapshotter {
             config,
             store: std::sync::Mutex::new(store),
             mounts: tokio::sync::Mutex::new(HashMap::new()),
+            images: std::sync::Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(REMEMBERED_IMAGES).expect("non-zero"),
+            )),
         };
         for key in active {
             match snapshotter.mounts(&key).await {
@@ -404,7 +413,9 @@ impl Snapshotter {
     }
 
     /// Resolves the image a remote layer belongs to, with a source that counts what it fetches
-    /// and keeps indexes in the disk cache.
+    /// and keeps indexes in the disk cache. Images pinned by manifest digest are resolved once
+    /// and remembered: every layer of a pull asks for the same image, and each resolution costs
+    /// two round trips (manifest, config) before the layer's own TOC.
     async fn resolve(
         &self,
         remote: &RemoteLayer,
@@ -414,21 +425,41 @@ impl Snapshotter {
             layer: remote.layer.clone(),
             reason,
         };
-        let reference = ImageRef::parse(&remote.image).map_err(|e| failed(e.to_string()))?;
-        let (source, mut selector) = source::open(&reference, &self.config.registry)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        if let Some(manifest) = &remote.manifest {
-            selector = ManifestSelector::Digest(manifest.clone());
-        }
-        let (source, stats) = CountingSource::wrap(source);
+        let pinned = remote
+            .manifest
+            .clone()
+            .map(|manifest| (remote.image.clone(), manifest));
+        let remembered = pinned
+            .as_ref()
+            .and_then(|key| self.images.lock().unwrap().get(key).cloned());
+        let (raw, image) = match remembered {
+            Some(found) => found,
+            None => {
+                let reference =
+                    ImageRef::parse(&remote.image).map_err(|e| failed(e.to_string()))?;
+                let (raw, mut selector) = source::open(&reference, &self.config.registry)
+                    .await
+                    .map_err(|e| failed(e.to_string()))?;
+                if let Some(manifest) = &remote.manifest {
+                    selector = ManifestSelector::Digest(manifest.clone());
+                }
+                let image = image::resolve(raw.as_ref(), &selector, &self.config.platform)
+                    .await
+                    .map_err(|e| failed(e.to_string()))?;
+                if let Some(key) = pinned {
+                    self.images
+                        .lock()
+                        .unwrap()
+                        .put(key, (raw.clone(), image.clone()));
+                }
+                (raw, image)
+            }
+        };
+        let (source, stats) = CountingSource::wrap(raw);
         let source = match &self.config.image_fs.disk {
             Some(disk) => DiskBackedSource::wrap(source, disk.clone()),
             None => source,
         };
-        let image = image::resolve(source.as_ref(), &selector, &self.config.platform)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
         Ok((source, stats, image))
     }
 
