@@ -125,9 +125,11 @@ pub struct Snapshotter {
     /// mount is being made, so two containers starting together mount once.
     mounts: tokio::sync::Mutex<HashMap<String, LazyMount>>,
     /// Images resolved by (reference, manifest digest), with the source that reads them.
-    images:
-        std::sync::Mutex<lru::LruCache<(String, Digest), (Arc<dyn ImageSource>, ResolvedImage)>>,
+    images: std::sync::Mutex<lru::LruCache<(String, Digest), RemoteImage>>,
 }
+
+/// A resolved image and the (uncounted) source it came from.
+type RemoteImage = (Arc<dyn ImageSource>, ResolvedImage);
 
 /// Resolved images remembered: a few pulls' worth (an entry is a manifest and a config).
 const REMEMBERED_IMAGES: usize = 64;
