@@ -942,6 +942,14 @@ impl crate::convert::Progress for ConvertProgress {
 
 async fn convert(args: ConvertArgs) -> Result<(), CliError> {
     let destination = ImageRef::parse(&args.destination)?;
+    if let ImageRef::S3(_) = destination {
+        return Err(CliError::Convert(crate::convert::ConvertError::Output(
+            format!(
+                "{}: writing to S3 is not supported; write an OCI layout (oci:DIR) and upload it",
+                args.destination
+            ),
+        )));
+    }
     let mut options = crate::convert::ConvertOptions::new(match args.format {
         ConvertFormat::Estargz => crate::convert::Format::Estargz,
         ConvertFormat::ZstdChunked => crate::convert::Format::ZstdChunked,
@@ -974,14 +982,7 @@ async fn convert(args: ConvertArgs) -> Result<(), CliError> {
     match &destination {
         ImageRef::Layout(layout) => crate::convert::output::write_layout(&image, layout)?,
         ImageRef::Registry(target) => crate::convert::output::push(&image, target, &config).await?,
-        ImageRef::S3(_) => {
-            return Err(CliError::Convert(crate::convert::ConvertError::Output(
-                format!(
-                    "{}: writing to S3 is not supported; write an OCI layout (oci:DIR) and upload it",
-                    args.destination
-                ),
-            )));
-        }
+        ImageRef::S3(_) => unreachable!("refused before converting"),
     }
     if !args.quiet {
         println!("{} {}", destination, image.manifest_digest);

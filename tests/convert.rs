@@ -242,3 +242,31 @@ fn pushed_conversion_runs_under_plain_containerd_and_prefetches_prioritised_file
     std::fs::read(mounted.join("usr/lib/python3.11/zipfile.py")).unwrap();
     assert!(mounted.stats()["requests"].as_u64().unwrap() > before);
 }
+
+#[test]
+fn bad_input_gets_errors_that_name_it() {
+    let shared = format!("oci:{}:python-app", shared_images().display());
+    let work = tempfile::tempdir().unwrap();
+    let dst = format!("oci:{}:out", work.path().display());
+    lazylayer(&["convert", "oci:/nonexistent/layout:x", &dst], &[])
+        .assert_error(&["/nonexistent/layout"]);
+    let hostile = work.path().join("list.txt");
+    std::fs::write(&hostile, "app/main.py\n../../etc/shadow\n").unwrap();
+    lazylayer(
+        &[
+            "convert",
+            "--prioritize",
+            hostile.to_str().unwrap(),
+            &shared,
+            &dst,
+        ],
+        &[],
+    )
+    .assert_error(&["--prioritize", "../../etc/shadow", "`..`"]);
+    lazylayer(&["convert", &shared, "s3://bucket/prefix:tag"], &[])
+        .assert_error(&["s3://bucket/prefix:tag", "oci:"]);
+    assert!(
+        !work.path().join("index.json").exists(),
+        "nothing is written on failure"
+    );
+}
