@@ -273,6 +273,18 @@ impl ContentReader {
         self
     }
 
+    /// `chunks` (of one layer, sorted in blob order) plus every chunk lying between two of them
+    /// that are at most `max_gap` compressed bytes apart, so that the whole stretch is one
+    /// request: a prefetch of files that sit close together but rarely back to back (a start-up
+    /// profile's) then costs a few large requests instead of one per file, and a small gap costs
+    /// less to carry along than the round trip it saves.
+    pub fn fill_gaps(&self, layer: usize, chunks: &[ChunkRef], max_gap: u64) -> Vec<ChunkRef> {
+        match self.neighbours.get(layer) {
+            Some(list) => fill_gaps(list, chunks, max_gap),
+            None => chunks.to_vec(),
+        }
+    }
+
     /// The missing chunks that follow `last` back to back in its layer's blob, within the
     /// amplification budget counted from `first_start`.
     fn amplification(&self, layer: usize, first_start: u64, last: &ChunkRef) -> Vec<ChunkRef> {
@@ -514,6 +526,25 @@ impl ContentReader {
     }
 }
 
+/// `chunks` with the chunks of `list` (a layer's, in blob order) that lie in gaps of at most
+/// `max_gap` bytes between two of them; see [`ContentReader::fill_gaps`].
+fn fill_gaps(list: &[ChunkRef], chunks: &[ChunkRef], max_gap: u64) -> Vec<ChunkRef> {
+    let mut out: Vec<ChunkRef> = Vec::with_capacity(chunks.len());
+    for c in chunks {
+        if let (Some(prev), ChunkSource::Compressed { start, .. }) = (out.last(), &c.source)
+            && let ChunkSource::Compressed { end: prev_end, .. } = prev.source
+            && prev_end < *start
+            && start - prev_end <= max_gap
+        {
+            let from = list.partition_point(|n| compressed_start(n) < prev_end);
+            let to = list.partition_point(|n| compressed_start(n) < *start);
+            out.extend(list[from..to].iter().cloned());
+        }
+        out.push(c.clone());
+    }
+    out
+}
+
 /// Where a compressed chunk starts in its blob (0 for others, which are never amplified).
 fn compressed_start(c: &ChunkRef) -> u64 {
     match c.source {
@@ -738,6 +769,29 @@ mod tests {
         cache.remove_layer(&Digest::of(b"layer"));
         assert_eq!(cache.bytes(), 0);
         assert_eq!(&held[..], b"aaaa");
+    }
+
+    #[test]
+    fn small_gaps_between_prefetched_chunks_are_filled() {
+        let chunk = |start: u64, end: u64| ChunkRef {
+            file_offset: 0,
+            size: 1,
+            source: ChunkSource::Compressed {
+                start,
+                end,
+                inner_offset: 0,
+                codec: Codec::Gzip,
+            },
+            digest: None,
+        };
+        // A layer of back-to-back chunks; two wanted ones 20 bytes apart, then a far one.
+        let list: Vec<ChunkRef> = (0..10).map(|i| chunk(i * 10, i * 10 + 10)).collect();
+        let wanted = [chunk(0, 10), chunk(30, 40), chunk(90, 100)];
+        let filled = fill_gaps(&list, &wanted, 25);
+        let starts: Vec<u64> = filled.iter().map(compressed_start).collect();
+        assert_eq!(starts, [0, 10, 20, 30, 90]);
+        assert_eq!(fill_gaps(&list, &wanted, 0).len(), 3);
+        assert_eq!(fill_gaps(&[], &wanted, 1000).len(), 3);
     }
 
     #[test]

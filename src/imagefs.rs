@@ -535,6 +535,10 @@ fn profile_work(tree: &MergedTree, profile: &Profile) -> Vec<(usize, Vec<ChunkRe
 /// groups go in the profile's order, so what is needed first arrives first.
 const PROFILE_GROUP: usize = 32;
 
+/// Compressed bytes between two prioritised chunks that are fetched along rather than split
+/// into two requests: 256 KiB take 10 ms at 200 Mbit/s, half a 20 ms round trip.
+const PREFETCH_GAP: u64 = 256 << 10;
+
 /// Fetches prioritised files, group by group, at prefetch priority.
 async fn prefetch_files(
     content: Arc<ContentReader>,
@@ -555,6 +559,7 @@ async fn prefetch_files(
                 for (layer, mut chunks) in per_layer {
                     chunks.sort_by_key(blob_order);
                     chunks.dedup();
+                    let chunks = content.fill_gaps(layer, &chunks, PREFETCH_GAP);
                     let missing = content.missing(layer, &chunks);
                     if !missing.is_empty()
                         && let Err(e) = content
