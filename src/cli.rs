@@ -860,6 +860,10 @@ async fn snapshotter(args: SnapshotterArgs) -> Result<(), CliError> {
         registry,
     };
     let snapshotter = std::sync::Arc::new(Snapshotter::open(config).await?);
+    let recovery = tokio::spawn({
+        let snapshotter = snapshotter.clone();
+        async move { snapshotter.recover().await }
+    });
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| CliError::Daemon(e.to_string()))?;
     let shutdown = async move {
@@ -874,6 +878,7 @@ async fn snapshotter(args: SnapshotterArgs) -> Result<(), CliError> {
         args.root.display()
     );
     let served = service::serve(snapshotter.clone(), &args.address, shutdown).await;
+    recovery.abort();
     snapshotter.close().await;
     served.map_err(|source| CliError::Serve {
         address: args.address.display().to_string(),

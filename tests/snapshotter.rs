@@ -142,11 +142,38 @@ fn lazily_pulled_estargz_image_runs_shares_its_mount_survives_a_restart_and_is_c
         ctr(&containerd, &["containers", "rm", id]);
     }
 
-    // A crash leaves a dead mount; the restarted snapshotter mounts again and runs containers.
+    // A crash leaves a dead mount; the restarted snapshotter mounts again what an existing
+    // container stands on, by itself, and runs new containers.
+    ctr(
+        &containerd,
+        &[
+            "containers",
+            "create",
+            "--snapshotter",
+            "lazylayer",
+            &estargz,
+            "idle",
+        ],
+    );
     snapshotter.kill();
     snapshotter.restart();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while snapshotter.fuse_mounts().len() != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restarted snapshotter did not mount the idle container's layers again: {}",
+            snapshotter.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let idle_root = snapshotter.fuse_mounts()[0].join("app/main.py");
+    assert!(
+        std::fs::read(&idle_root).is_ok(),
+        "recovered mount does not serve"
+    );
     wait_until_containerd_reconnects(&containerd);
     run_app(&containerd, &estargz, "after-restart");
+    ctr(&containerd, &["containers", "rm", "idle"]);
 
     // Removing the image lets containerd's GC remove every snapshot: mounts and directories go.
     ctr(&containerd, &["images", "rm", "--sync", &estargz]);

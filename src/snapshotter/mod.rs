@@ -29,8 +29,9 @@
 //! `Prepare`, a `View`) and shared by every container on top of the same snapshot.
 //!
 //! Restarts: the metadata file survives, FUSE mounts do not. On start, mount points left by a
-//! previous process are detached and every active snapshot's lower mounts are made again, so new
-//! containers work at once; see kernel-notes/ for what happens to containers that were running.
+//! previous process are detached and, while the service already answers, every active
+//! snapshot's lower mounts are made again; see kernel-notes/ for what happens to containers that
+//! were running.
 
 pub mod service;
 pub mod store;
@@ -147,8 +148,9 @@ pub struct SnapshotInfo {
 }
 
 impl Snapshotter {
-    /// Opens (or creates) the snapshotter at `config.root`, detaches mount points a previous
-    /// process left behind and mounts again what active snapshots stand on.
+    /// Opens (or creates) the snapshotter at `config.root` and detaches mount points a previous
+    /// process left behind; [`Snapshotter::recover`] then mounts again what active snapshots
+    /// stand on.
     pub async fn open(config: SnapshotterConfig) -> Result<Snapshotter, SnapshotError> {
         let snapshots = config.root.join("snapshots");
         std::fs::create_dir_all(&snapshots).map_err(io_error(snapshots.display()))?;
@@ -157,26 +159,32 @@ impl Snapshotter {
             // A killed daemon leaves its mounts behind, answering ENOTCONN.
             let _ = detach(&snapshots.join(record.id.to_string()).join("fs"));
         }
-        let active: Vec<String> = store
-            .iter()
-            .filter(|(_, r)| r.kind != Kind::Committed)
-            .map(|(k, _)| k.clone())
-            .collect();
-        let snapshotter = Snapshotter {
+        Ok(Snapshotter {
             config,
             store: std::sync::Mutex::new(store),
             mounts: tokio::sync::Mutex::new(HashMap::new()),
             images: std::sync::Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(REMEMBERED_IMAGES).expect("non-zero"),
             )),
-        };
+        })
+    }
+
+    /// Mounts again the remote layers every active snapshot and view stands on. Runs while the
+    /// service already answers (a registry that is slow or down must not keep containerd
+    /// waiting for the socket); a request that needs a mount first makes it itself.
+    pub async fn recover(&self) {
+        let active: Vec<String> = self
+            .store()
+            .iter()
+            .filter(|(_, r)| r.kind != Kind::Committed)
+            .map(|(k, _)| k.clone())
+            .collect();
         for key in active {
-            match snapshotter.mounts(&key).await {
+            match self.mounts(&key).await {
                 Ok(_) => tracing::info!("recovered the mounts of snapshot {key}"),
                 Err(e) => tracing::warn!("snapshot {key}: cannot mount its layers again: {e}"),
             }
         }
-        Ok(snapshotter)
     }
 
     fn store(&self) -> std::sync::MutexGuard<'_, Store> {
