@@ -381,7 +381,7 @@ async fn unpack_layer(
             image.manifest_digest.to_string(),
         ),
     ]);
-    let nanos = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
+    let nanos = crate::snapshotter::store::now_nanos();
     let key = format!("extract-{nanos}-{chain}");
     let prepared = until_available(|| {
         let mut snapshots = snapshots.clone();
@@ -477,7 +477,7 @@ async fn write_content(
             .map_err(failed(format!("labelling {}", descriptor.digest)))?;
         return Ok(());
     }
-    let nanos = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
+    let nanos = crate::snapshotter::store::now_nanos();
     let write_ref = format!("lazylayer-pull-{nanos}-{}", descriptor.digest.hex());
     let total = descriptor.size as i64;
     let (sender, receiver) = tokio::sync::mpsc::channel(4);

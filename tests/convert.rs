@@ -221,14 +221,7 @@ fn pushed_conversion_runs_under_plain_containerd_and_prefetches_prioritised_file
 
     // The prioritised files are fetched at mount, before anyone reads them.
     let mounted = Mounted::new(&dst);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while mounted.stats()["profile_prefetched"] != true {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "landmark prefetch did not finish"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    mounted.wait_until_prefetched(std::time::Duration::from_secs(30));
     let before = mounted.stats()["requests"].as_u64().unwrap();
     for path in prioritised {
         std::fs::read(mounted.join(path)).unwrap();

@@ -276,14 +276,7 @@ async fn mounted_python_app_runs_and_serves_concurrent_readers() {
             second.path(),
             &["--no-background-fetch", "--amplify-io", "0"],
         );
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-        while mounted.stats()["profile_prefetched"] != true {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "profile prefetch did not finish"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+        mounted.wait_until_prefetched(std::time::Duration::from_secs(120));
         let prefetched = mounted.stats()["cache_misses"].as_u64().unwrap();
         assert!(
             prefetched * 2 > first_misses,

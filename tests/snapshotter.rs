@@ -59,13 +59,7 @@ fn fetched_and_total(snapshotter: &Snapshotter) -> (u64, u64) {
     let stats = snapshotter
         .lazylayer(&["stats", "--json", mounts[0].to_str().unwrap()])
         .json();
-    let total = stats["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["size"].as_u64().unwrap())
-        .sum();
-    (stats["fetched_bytes"].as_u64().unwrap(), total)
+    support::mount::fetched_and_total(&stats)
 }
 
 #[test]

@@ -371,11 +371,7 @@ impl Snapshotter {
                 store.chain(name).len(),
             )
         };
-        let failed = |reason: String| SnapshotError::Remote {
-            image: remote.image.clone(),
-            layer: remote.layer.clone(),
-            reason,
-        };
+        let failed = |reason: String| remote.failed(reason);
         let (source, stats, mut image) = self.resolve(&remote).await?;
         let position = layer_position(&image, &remote).map_err(failed)?;
         if position + 1 != depth {
@@ -430,11 +426,7 @@ impl Snapshotter {
         &self,
         remote: &RemoteLayer,
     ) -> Result<(Arc<dyn ImageSource>, Arc<FetchStats>, ResolvedImage), SnapshotError> {
-        let failed = |reason: String| SnapshotError::Remote {
-            image: remote.image.clone(),
-            layer: remote.layer.clone(),
-            reason,
-        };
+        let failed = |reason: String| remote.failed(reason);
         let pinned = remote
             .manifest
             .clone()
@@ -475,11 +467,7 @@ impl Snapshotter {
 
     /// Fetches and verifies a remote layer's lazy index: the layer can then be mounted lazily.
     async fn check_remote(&self, remote: &RemoteLayer) -> Result<(), SnapshotError> {
-        let failed = |reason: String| SnapshotError::Remote {
-            image: remote.image.clone(),
-            layer: remote.layer.clone(),
-            reason,
-        };
+        let failed = |reason: String| remote.failed(reason);
         let (source, _, image) = self.resolve(remote).await?;
         let layer = &image.layers[layer_position(&image, remote).map_err(failed)?];
         if layer.lazy_index.is_none() {
@@ -646,6 +634,17 @@ impl Snapshotter {
     pub async fn close(&self) {
         for (_, mounted) in self.mounts.lock().await.drain() {
             unmount(mounted).await;
+        }
+    }
+}
+
+impl RemoteLayer {
+    /// The error for this layer failing for `reason`.
+    fn failed(&self, reason: String) -> SnapshotError {
+        SnapshotError::Remote {
+            image: self.image.clone(),
+            layer: self.layer.clone(),
+            reason,
         }
     }
 }

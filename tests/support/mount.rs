@@ -104,14 +104,20 @@ impl Mounted {
 
     /// Bytes fetched so far and the compressed size of all layers, from `stats`.
     pub fn fetched_and_total(&self) -> (u64, u64) {
-        let stats = self.stats();
-        let total = stats["layers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l["size"].as_u64().unwrap())
-            .sum();
-        (stats["fetched_bytes"].as_u64().unwrap(), total)
+        fetched_and_total(&self.stats())
+    }
+
+    /// Waits until the mount reports its prioritised files (landmark, learned profile)
+    /// prefetched; fails the test after `timeout`.
+    pub fn wait_until_prefetched(&self, timeout: std::time::Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.stats()["profile_prefetched"] != true {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "prefetch of prioritised files did not finish in {timeout:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 
     /// Whether the kernel still lists the mount.
@@ -151,4 +157,15 @@ impl Drop for Mounted {
             let _ = Command::new("umount").arg("-l").arg(self.path()).status();
         }
     }
+}
+
+/// Bytes fetched and the compressed size of all layers, from a `lazylayer stats --json` report.
+pub fn fetched_and_total(stats: &Value) -> (u64, u64) {
+    let total = stats["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["size"].as_u64().unwrap())
+        .sum();
+    (stats["fetched_bytes"].as_u64().unwrap(), total)
 }
