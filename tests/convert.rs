@@ -219,8 +219,10 @@ fn pushed_conversion_runs_under_plain_containerd_and_prefetches_prioritised_file
         }
     }
 
-    // The prioritised files are fetched at mount, before anyone reads them.
-    let mounted = Mounted::new(&dst);
+    // The prioritised files are fetched at mount, before anyone reads them. No background
+    // fill: it would add requests of its own while the test counts.
+    let cache = tempfile::tempdir().unwrap();
+    let mounted = Mounted::with_args(&dst, cache.path(), &["--no-background-fetch"]);
     mounted.wait_until_prefetched(std::time::Duration::from_secs(30));
     let before = mounted.stats()["requests"].as_u64().unwrap();
     for path in prioritised {
