@@ -25,6 +25,7 @@ use lru::LruCache;
 
 use crate::digest::Digest;
 use crate::disk_cache::DiskCache;
+use crate::layer::gzip_index::{self, Checkpoints};
 use crate::layer::{ChunkRef, ChunkSource, Codec, LayerError, LayerFormat, tar_stream};
 use crate::oci::{Descriptor, LayerCompression};
 use crate::retry::{self, RetryPolicy, Transient, Verdict};
@@ -179,6 +180,8 @@ type InFlight = (SharedFetch, SharedPriority);
 pub struct LayerInfo {
     pub descriptor: Descriptor,
     pub format: LayerFormat,
+    /// Where inflating can start, for a layer read through a gzip seek index.
+    pub checkpoints: Option<Checkpoints>,
 }
 
 /// Reads file content of one image through the cache.
@@ -285,32 +288,41 @@ impl ContentReader {
         }
     }
 
-    /// The missing chunks that follow `last` back to back in its layer's blob, within the
-    /// amplification budget counted from `first_start`.
+    /// The missing chunks that share `last`'s compressed span (a gzip seek index's span holds
+    /// many files: inflated once, all of them are had for free) and those that follow it back to
+    /// back in its layer's blob, within the amplification budget counted from `first_start`.
     fn amplification(&self, layer: usize, first_start: u64, last: &ChunkRef) -> Vec<ChunkRef> {
-        let (ChunkSource::Compressed { end, .. }, Some(list)) =
+        let (ChunkSource::Compressed { start, end, .. }, Some(list)) =
             (&last.source, self.neighbours.get(layer))
         else {
             return Vec::new();
         };
-        if self.amplify == 0 {
-            return Vec::new();
-        }
         let digest = &self.layers[layer].descriptor.digest;
-        let from = list.partition_point(|c| compressed_start(c) < *end);
+        let from = list.partition_point(|c| compressed_start(c) < *start);
         let mut out = Vec::new();
         let mut reach = *end;
         for c in &list[from..] {
-            let ChunkSource::Compressed { start, end, .. } = c.source else {
+            let ChunkSource::Compressed {
+                start: c_start,
+                end: c_end,
+                ..
+            } = c.source
+            else {
                 break;
             };
-            if start != reach || end - first_start > self.amplify {
+            let same_span = c_start == *start;
+            if !same_span
+                && (self.amplify == 0 || c_start > reach || c_end - first_start > self.amplify)
+            {
                 break;
             }
-            if self.fetcher.holds(digest, c) {
+            if self.fetcher.holds(digest, c) || c == last {
+                if same_span {
+                    continue;
+                }
                 break;
             }
-            reach = end;
+            reach = reach.max(c_end);
             out.push(c.clone());
         }
         out
@@ -380,6 +392,8 @@ impl ContentReader {
         let mut inflight = self.inflight.lock().unwrap();
         let mut groups: Vec<Vec<ChunkRef>> = Vec::new();
         let mut run: Vec<ChunkRef> = Vec::new();
+        // The furthest blob byte the current run needs.
+        let mut run_reach = 0u64;
         for &c in wanted {
             let key = ChunkKey::of(&info.descriptor.digest, c);
             let missing = key.as_ref().is_some_and(|k| !inflight.contains_key(k))
@@ -392,16 +406,18 @@ impl ContentReader {
                 groups.push(std::mem::take(&mut run));
                 continue;
             };
-            let extends = run.last().zip(run.first()).is_some_and(|(last, first)| {
-                matches!(
-                    (&last.source, &first.source),
-                    (ChunkSource::Compressed { end: prev_end, .. }, ChunkSource::Compressed { start: run_start, .. })
-                        if *prev_end == start && end - run_start <= MAX_MERGED_SPAN
-                )
+            // Back to back, or overlapping (chunks of one gzip-index span share theirs).
+            let extends = run.first().is_some_and(|first| {
+                let run_start = compressed_start(first);
+                run_start <= start
+                    && start <= run_reach
+                    && end.max(run_reach) - run_start <= MAX_MERGED_SPAN
             });
             if !extends {
                 groups.push(std::mem::take(&mut run));
+                run_reach = 0;
             }
+            run_reach = run_reach.max(end);
             run.push(c.clone());
         }
         groups.push(run);
@@ -547,9 +563,14 @@ fn fill_gaps(list: &[ChunkRef], chunks: &[ChunkRef], max_gap: u64) -> Vec<ChunkR
 
 /// Where a compressed chunk starts in its blob (0 for others, which are never amplified).
 fn compressed_start(c: &ChunkRef) -> u64 {
+    compressed_span(c).0
+}
+
+/// The blob bytes a compressed chunk is inflated from (empty for others).
+fn compressed_span(c: &ChunkRef) -> (u64, u64) {
     match c.source {
-        ChunkSource::Compressed { start, .. } => start,
-        _ => 0,
+        ChunkSource::Compressed { start, end, .. } => (start, end),
+        _ => (0, 0),
     }
 }
 
@@ -577,16 +598,34 @@ async fn fetch_run(
     };
     let started = Instant::now();
     let base = span(&run[0]).0;
-    let last = span(&run[run.len() - 1]).1;
+    let last = run
+        .iter()
+        .map(|c| span(c).1)
+        .max()
+        .expect("a run is not empty");
+    // Chunks sharing a compressed span (one gzip-index span holds many files) are inflated
+    // together, once, as far as the furthest of them reaches.
+    let mut wanted_len: HashMap<u64, u64> = HashMap::new();
+    for c in &run {
+        let (start, _, inner, _) = span(c);
+        let len = wanted_len.entry(start).or_default();
+        *len = (*len).max(inner + c.size);
+    }
     let out = refetching(&fetcher, &info, run[0].file_offset, || async {
         let permit = fetcher.scheduler.acquire_shared(&priority).await;
         let compressed = fetcher.source.read_range(layer, base..last).await?;
         drop(permit);
         let mut out = Vec::with_capacity(run.len());
+        let mut inflated: Option<(u64, Bytes)> = None;
         for c in &run {
             let (start, end, inner, codec) = span(c);
-            let piece = compressed.slice((start - base) as usize..(end - base) as usize);
-            let data = inflate(layer, start, &piece, codec, inner, c.size)?;
+            if inflated.as_ref().is_none_or(|(at, _)| *at != start) {
+                let piece = compressed.slice((start - base) as usize..(end - base) as usize);
+                let data = inflate(&info, start, &piece, codec, 0, wanted_len[&start])?;
+                inflated = Some((start, data));
+            }
+            let (_, span_data) = inflated.as_ref().expect("inflated above");
+            let data = span_data.slice(inner as usize..(inner + c.size) as usize);
             verify(layer, start, c, &data)?;
             out.push(data);
         }
@@ -675,7 +714,7 @@ async fn fetch_chunk(
         } => {
             let compressed = source.read_range(layer, start..end).await?;
             (
-                inflate(layer, start, &compressed, codec, inner_offset, chunk.size)?,
+                inflate(info, start, &compressed, codec, inner_offset, chunk.size)?,
                 start,
             )
         }
@@ -699,7 +738,7 @@ async fn fetch_chunk(
 }
 
 fn inflate(
-    layer: &Digest,
+    info: &LayerInfo,
     offset: u64,
     compressed: &Bytes,
     codec: Codec,
@@ -707,7 +746,7 @@ fn inflate(
     size: u64,
 ) -> Result<Bytes, ContentError> {
     let err = |reason: String| ContentError::Decompress {
-        layer: layer.clone(),
+        layer: info.descriptor.digest.clone(),
         offset,
         reason,
     };
@@ -721,6 +760,16 @@ fn inflate(
                 )));
             }
             return Ok(compressed.slice(from..to));
+        }
+        Codec::Deflate { checkpoint } => {
+            let point = info
+                .checkpoints
+                .as_ref()
+                .and_then(|points| points.get(checkpoint as usize))
+                .ok_or_else(|| err(format!("no checkpoint {checkpoint} in the gzip index")))?;
+            let data = gzip_index::inflate_from(point, compressed, (skip + size) as usize)
+                .map_err(|e| err(e.to_string()))?;
+            return Ok(Bytes::from(data).slice(skip as usize..));
         }
         // One member holds the chunk; anything after it (the next entries' headers) is unused.
         Codec::Gzip => Box::new(flate2::read::GzDecoder::new(&compressed[..])),
@@ -796,7 +845,19 @@ mod tests {
 
     #[test]
     fn inflate_checks_lengths() {
-        let layer = Digest::of(b"x");
+        let layer = LayerInfo {
+            descriptor: Descriptor {
+                media_type: crate::oci::MEDIA_OCI_LAYER_GZIP.into(),
+                digest: Digest::of(b"x"),
+                size: 1,
+                platform: None,
+                annotations: Default::default(),
+                urls: Vec::new(),
+                artifact_type: None,
+            },
+            format: LayerFormat::Estargz,
+            checkpoints: None,
+        };
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         std::io::Write::write_all(&mut gz, b"hello world").unwrap();
         let gz = Bytes::from(gz.finish().unwrap());

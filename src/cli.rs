@@ -158,6 +158,15 @@ lazylayer convert --prioritize startup.txt python:3.12 registry.example.com/pyth
     )]
     Convert(ConvertArgs),
 
+    /// Publish seek indexes for an image's gzip layers, so that it mounts lazily as it is.
+    #[command(
+        long_about = "For every plain gzip layer of REF (an image in a registry), stream the layer once and build a seek index: checkpoints of the gzip decompressor (with their 32 KiB windows) every --span bytes of output, and the layer's file table with a digest per chunk. The indexes are pushed as one OCI artifact whose subject is REF's manifest; the image itself is not changed, so its digest and every client that pulls it are unaffected.\n\n`mount`, `pull` and the snapshotter find the artifact through the registry's referrers API, or the `sha256-HEX` fallback tag written for registries without it, and read those layers lazily: a file costs one ranged request for the span around it. Layers that are already eStargz or zstd:chunked are left alone. Running it twice publishes the same bytes.",
+        after_help = "Examples:\n  \
+lazylayer index 127.0.0.1:5000/test/app:latest\n  \
+lazylayer mount 127.0.0.1:5000/test/app:latest /mnt/app   # now lazy"
+    )]
+    Index(IndexArgs),
+
     /// Pull an image into containerd lazily (for `ctr run --snapshotter lazylayer`).
     #[command(
         long_about = "Resolve REF, and create it in containerd as `ctr pull` would, but unpack \
@@ -212,6 +221,24 @@ pub struct ConvertArgs {
     /// prefetch landmark.
     #[arg(long, value_name = "FILE")]
     pub prioritize: Option<PathBuf>,
+
+    /// Print nothing but errors.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct IndexArgs {
+    /// Image to index: NAME[:TAG] or HOST[:PORT]/NAME[:TAG][@DIGEST].
+    pub reference: String,
+
+    /// Uncompressed bytes between checkpoints. A cold read fetches and inflates the span around
+    /// it; smaller spans fetch less per read and make a bigger index (32 KiB per checkpoint).
+    #[arg(long, value_name = "SIZE", default_value = "2M")]
+    pub span: String,
 
     /// Print nothing but errors.
     #[arg(long, short = 'q')]
@@ -725,6 +752,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Snapshotter(args) => snapshotter(args).await,
         Command::Pull(args) => pull(args).await,
         Command::Convert(args) => convert(args).await,
+        Command::Index(args) => index(args).await,
     }
 }
 
@@ -991,6 +1019,47 @@ async fn convert(args: ConvertArgs) -> Result<(), CliError> {
     }
     if !args.quiet {
         println!("{} {}", destination, image.manifest_digest);
+    }
+    Ok(())
+}
+
+async fn index(args: IndexArgs) -> Result<(), CliError> {
+    let span = size_flag("span", &args.span)?;
+    if span < 64 << 10 {
+        return Err(CliError::Size(
+            "--span: at least 64K (each checkpoint stores a 32 KiB window)".into(),
+        ));
+    }
+    let config = args.remote.registry_config()?;
+    let progress: std::sync::Arc<dyn crate::convert::Progress> = if args.quiet {
+        std::sync::Arc::new(crate::convert::Silent)
+    } else {
+        std::sync::Arc::new(ConvertProgress {
+            bars: indicatif::MultiProgress::new(),
+            layers: Default::default(),
+        })
+    };
+    let published = crate::convert::seek_index::index(
+        &args.reference,
+        &config,
+        &args.remote.platform()?,
+        span,
+        progress,
+    )
+    .await?;
+    if args.quiet {
+        return Ok(());
+    }
+    for (layer, why) in &published.skipped {
+        println!("layer {}: skipped, {why}", layer.digest.short());
+    }
+    match &published.artifact {
+        Some(artifact) => println!(
+            "{} gzip layer(s) indexed; index artifact {artifact} refers to {}",
+            published.indexed.len(),
+            args.reference
+        ),
+        None => println!("{}: no gzip layer needs an index", args.reference),
     }
     Ok(())
 }

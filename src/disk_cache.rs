@@ -292,6 +292,13 @@ impl ImageSource for DiskBackedSource {
     ) -> Result<ByteStream, SourceError> {
         self.inner.blob_range(digest, range).await
     }
+    async fn referrers(
+        &self,
+        subject: &Digest,
+        artifact_type: &str,
+    ) -> Result<Vec<Descriptor>, SourceError> {
+        self.inner.referrers(subject, artifact_type).await
+    }
 }
 
 /// Maps a file read-only into `Bytes` (an empty file is read normally: it cannot be mapped).

@@ -74,6 +74,8 @@ pub struct ResolvedImage {
     /// The index the reference pointed to, outermost first, when it pointed to one.
     pub indexes: Vec<ResolvedIndex>,
     pub manifest_digest: Digest,
+    /// Length of the manifest's bytes (what a descriptor of it says).
+    pub manifest_size: u64,
     pub manifest_media_type: String,
     pub manifest: ImageManifest,
     pub config: ImageConfig,
@@ -179,10 +181,29 @@ pub async fn resolve(
                 lazy_index,
             })
         })
-        .collect::<Result<Vec<_>, ImageError>>()?;
+        .collect::<Result<Vec<Layer>, ImageError>>()?;
+    let mut layers = layers;
+    let unindexed_gzip =
+        |l: &Layer| l.lazy_index.is_none() && l.compression().ok() == Some(LayerCompression::Gzip);
+    if layers.iter().any(unindexed_gzip) {
+        match find_gzip_indexes(source, &fetched.digest).await {
+            Ok(found) => {
+                for layer in layers.iter_mut().filter(|l| unindexed_gzip(l)) {
+                    if let Some(index) = found.get(&layer.descriptor.digest) {
+                        layer.lazy_index = Some(LazyIndex::GzipIndex {
+                            index: index.clone(),
+                        });
+                    }
+                }
+            }
+            // The layers still read correctly, streamed whole.
+            Err(e) => tracing::warn!(%image, "looking for gzip seek indexes: {e}"),
+        }
+    }
     Ok(ResolvedImage {
         source: image,
         indexes,
+        manifest_size: fetched.bytes.len() as u64,
         manifest_digest: fetched.digest,
         manifest_media_type,
         platform: chosen_platform.unwrap_or_else(|| config.platform().normalized()),
@@ -190,4 +211,42 @@ pub async fn resolve(
         config,
         layers,
     })
+}
+
+/// The gzip seek index blobs published as referrers of `manifest` (by `lazylayer index`), by
+/// the digest of the layer each indexes. Later artifacts win over earlier ones for a layer.
+async fn find_gzip_indexes(
+    source: &dyn ImageSource,
+    manifest: &Digest,
+) -> Result<std::collections::HashMap<Digest, Descriptor>, ImageError> {
+    use crate::layer::gzip_index::{ANNOTATION_LAYER, ARTIFACT_TYPE, MEDIA_INDEX_BLOB};
+    let mut found = std::collections::HashMap::new();
+    for referrer in source.referrers(manifest, ARTIFACT_TYPE).await? {
+        let fetched = source
+            .manifest(&ManifestSelector::Digest(referrer.digest.clone()))
+            .await?;
+        let Ok(Manifest::Image(artifact)) =
+            Manifest::parse(&fetched.bytes, fetched.media_type.as_deref())
+        else {
+            continue;
+        };
+        let ours = artifact.artifact_type.as_deref() == Some(ARTIFACT_TYPE)
+            && artifact
+                .subject
+                .as_ref()
+                .is_some_and(|s| s.digest == *manifest);
+        if !ours {
+            continue;
+        }
+        for blob in artifact.layers {
+            let layer = blob
+                .annotations
+                .get(ANNOTATION_LAYER)
+                .and_then(|d| d.parse::<Digest>().ok());
+            if let (Some(layer), true) = (layer, blob.media_type == MEDIA_INDEX_BLOB) {
+                found.insert(layer, blob);
+            }
+        }
+    }
+    Ok(found)
 }

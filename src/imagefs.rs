@@ -90,6 +90,8 @@ pub struct OpenedLayer {
     pub format: LayerFormat,
     pub size: u64,
     pub prefetch_end: Option<u64>,
+    /// A gzip seek index's checkpoints, which its layer's chunks are inflated from.
+    pub checkpoints: Option<crate::layer::gzip_index::Checkpoints>,
 }
 
 /// First read-ahead window of a sequential streak, and the largest one.
@@ -168,6 +170,13 @@ impl ImageSource for CountingSource {
                 stats.record_bytes(&digest, bytes.len() as u64);
             }
         })))
+    }
+    async fn referrers(
+        &self,
+        subject: &Digest,
+        artifact_type: &str,
+    ) -> Result<Vec<Descriptor>, SourceError> {
+        self.inner.referrers(subject, artifact_type).await
     }
 }
 
@@ -251,6 +260,7 @@ impl ImageFs {
                 format: index.format,
                 size: layer.descriptor.size,
                 prefetch_end: index.prefetch_end,
+                checkpoints: index.checkpoints.clone(),
             })
             .collect();
         let tree = MergedTree::build(indexes.into_iter().map(|i| (i.digest, i.entries)))?;
@@ -261,6 +271,7 @@ impl ImageFs {
             .map(|(layer, opened)| LayerInfo {
                 descriptor: layer.descriptor.clone(),
                 format: opened.format,
+                checkpoints: opened.checkpoints.clone(),
             })
             .collect();
         // Every compressed chunk in blob order: the neighbours a read is amplified with, what

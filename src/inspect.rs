@@ -110,6 +110,9 @@ impl InspectReport {
                         format!("estargz (toc {})", toc_digest.short())
                     }
                     Some(z @ LazyIndex::ZstdChunked { .. }) => z.kind().to_string(),
+                    Some(LazyIndex::GzipIndex { index }) => {
+                        format!("gzip index (artifact blob {})", index.digest.short())
+                    }
                 };
                 [
                     (i + 1).to_string(),

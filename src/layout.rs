@@ -222,4 +222,12 @@ impl ImageSource for LayoutSource {
             async move { Ok(bytes) },
         )))
     }
+    /// Referrers live in registries only.
+    async fn referrers(
+        &self,
+        _subject: &Digest,
+        _artifact_type: &str,
+    ) -> Result<Vec<Descriptor>, SourceError> {
+        Ok(Vec::new())
+    }
 }

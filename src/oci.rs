@@ -65,6 +65,9 @@ pub struct Descriptor {
     pub annotations: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub urls: Vec<String>,
+    /// What an artifact manifest is (entries of a referrers index carry it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
 }
 
 /// An image manifest (OCI or Docker schema 2).
@@ -74,6 +77,9 @@ pub struct ImageManifest {
     pub schema_version: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media_type: Option<String>,
+    /// Set on artifact manifests (OCI 1.1), such as a gzip seek index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
     pub config: Descriptor,
     pub layers: Vec<Descriptor>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -403,6 +409,9 @@ pub enum LazyIndex {
         manifest_checksum: Digest,
         manifest_position: String,
     },
+    /// Plain gzip with a seek index blob published as a referrer of the image manifest (found
+    /// at resolution, not in the layer's annotations).
+    GzipIndex { index: Descriptor },
 }
 
 impl LazyIndex {
@@ -442,6 +451,7 @@ impl LazyIndex {
         match self {
             LazyIndex::Estargz { .. } => "estargz",
             LazyIndex::ZstdChunked { .. } => "zstd:chunked",
+            LazyIndex::GzipIndex { .. } => "gzip index",
         }
     }
 }
@@ -463,6 +473,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             urls: vec![],
+            artifact_type: None,
         }
     }
 

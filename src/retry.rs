@@ -225,6 +225,18 @@ impl ImageSource for RetryingSource {
         retry(&self.policy, what, || self.inner.blob(descriptor, limit)).await
     }
 
+    async fn referrers(
+        &self,
+        subject: &Digest,
+        artifact_type: &str,
+    ) -> Result<Vec<Descriptor>, SourceError> {
+        let what = || format!("referrers of {subject} in {}", self.inner.name());
+        retry(&self.policy, what, || {
+            self.inner.referrers(subject, artifact_type)
+        })
+        .await
+    }
+
     async fn blob_range(
         &self,
         digest: &Digest,

@@ -541,6 +541,14 @@ impl ImageSource for S3Source {
         let body = self.exact(&key, result.into_stream(), range);
         Ok(Box::pin(body.map(|r| r.map_err(SourceError::from))))
     }
+    /// Referrers live in registries only.
+    async fn referrers(
+        &self,
+        _subject: &Digest,
+        _artifact_type: &str,
+    ) -> Result<Vec<Descriptor>, SourceError> {
+        Ok(Vec::new())
+    }
 }
 
 #[cfg(test)]

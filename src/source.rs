@@ -92,6 +92,15 @@ pub trait ImageSource: Send + Sync {
         range: Range<u64>,
     ) -> Result<ByteStream, SourceError>;
 
+    /// Descriptors of the manifests of `artifact_type` whose `subject` is the manifest
+    /// `subject` (OCI referrers). No default: a wrapper that forgot to pass this on would hide
+    /// every published index.
+    async fn referrers(
+        &self,
+        subject: &Digest,
+        artifact_type: &str,
+    ) -> Result<Vec<Descriptor>, SourceError>;
+
     /// Reads the bytes `range` of a blob into memory.
     async fn read_range(&self, digest: &Digest, range: Range<u64>) -> Result<Bytes, SourceError> {
         let mut out = BytesMut::with_capacity((range.end - range.start) as usize);
@@ -124,6 +133,14 @@ impl ImageSource for Repository {
     ) -> Result<ByteStream, SourceError> {
         let stream = Repository::blob_range(self, digest, range).await?;
         Ok(Box::pin(stream.map(|r| r.map_err(SourceError::from))))
+    }
+
+    async fn referrers(
+        &self,
+        subject: &Digest,
+        artifact_type: &str,
+    ) -> Result<Vec<Descriptor>, SourceError> {
+        Ok(Repository::referrers(self, subject, artifact_type).await?)
     }
 }
 

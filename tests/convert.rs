@@ -265,3 +265,75 @@ fn bad_input_gets_errors_that_name_it() {
         "nothing is written on failure"
     );
 }
+
+#[test]
+fn gzip_image_with_a_published_seek_index_mounts_lazily() {
+    let registry = Registry::start(RegistryAuth::None);
+    registry.push_shared("python-app", "test/app");
+    let reference = format!("{}/test/app:latest", registry.host());
+    let manifest_digest = support::shared_manifest_digest("python-app");
+    let index = || {
+        let run = lazylayer(&["index", "--plain-http", &reference], &[]);
+        assert!(run.status.success(), "index: {}", run.stderr);
+        run.stdout
+    };
+    let printed = index();
+    assert!(printed.contains("3 gzip layer(s) indexed"), "{printed}");
+    // The same bytes again: the artifact is not duplicated under the fallback tag.
+    assert_eq!(index(), printed);
+    // Debian's registry has no referrers API: the artifact is listed once under the fallback tag.
+    let fallback = format!(
+        "http://{}/v2/test/app/manifests/sha256-{}",
+        registry.host(),
+        manifest_digest.trim_start_matches("sha256:")
+    );
+    let listed = std::process::Command::new("curl")
+        .args([
+            "-sf",
+            "-H",
+            "Accept: application/vnd.oci.image.index.v1+json",
+            &fallback,
+        ])
+        .output()
+        .unwrap();
+    assert!(listed.status.success(), "no fallback tag at {fallback}");
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let referrers = listed["manifests"].as_array().unwrap();
+    assert_eq!(referrers.len(), 1, "{listed}");
+    assert_eq!(
+        referrers[0]["artifactType"],
+        "application/vnd.lazylayer.gzip-index.v1"
+    );
+    let inspect = lazylayer(&["inspect", "--json", &reference], &[]).json();
+    for layer in inspect["layers"].as_array().unwrap() {
+        assert_eq!(layer["lazy_index"]["kind"], "gzip-index", "{layer}");
+    }
+
+    // The image itself is unchanged: the same manifest digest as the source layout's.
+    assert_eq!(inspect["manifest_digest"], manifest_digest.as_str());
+
+    let cache = tempfile::tempdir().unwrap();
+    let mounted = Mounted::with_args(&reference, cache.path(), &["--no-background-fetch"]);
+    let main = std::fs::read_to_string(mounted.join("app/main.py")).unwrap();
+    assert!(main.contains("app ok"), "{main}");
+    let (fetched, total) = mounted.fetched_and_total();
+    eprintln!("app/main.py through the gzip index: fetched {fetched} of {total} bytes");
+    assert!(
+        fetched * 20 < total,
+        "reading one small file fetched {fetched} of {total} bytes: {}",
+        mounted.stats()
+    );
+    let stats = mounted.stats();
+    for layer in stats["layers"].as_array().unwrap() {
+        assert_eq!(layer["format"], "gzip+index", "{layer}");
+    }
+
+    // Every file, read through the checkpoints, equals umoci's unpack of the image.
+    let work = tempfile::tempdir().unwrap();
+    let expected = disk_tree(&umoci_unpack("python-app", work.path()));
+    assert_same_tree(
+        "python-app through its gzip index",
+        &expected,
+        &disk_tree(mounted.path()),
+    );
+}

@@ -16,6 +16,7 @@
 
 pub mod chunked;
 pub mod output;
+pub mod seek_index;
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Read, Seek, Write};
@@ -336,6 +337,7 @@ async fn convert_layer(
             platform: None,
             annotations: written.annotations,
             urls: Vec::new(),
+            artifact_type: None,
         },
         diff_id: written.diff_id,
         blob,
@@ -399,6 +401,7 @@ pub async fn convert(
         platform: None,
         annotations: Default::default(),
         urls: Vec::new(),
+        artifact_type: None,
     };
     let mut manifest = serde_json::json!({
         "schemaVersion": 2,

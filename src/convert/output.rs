@@ -123,5 +123,6 @@ pub async fn push(
     repository
         .put_manifest(&reference, MEDIA_OCI_MANIFEST, &image.manifest)
         .await
-        .map_err(failed)
+        .map_err(failed)?;
+    Ok(())
 }

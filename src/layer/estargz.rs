@@ -176,6 +176,7 @@ pub fn index_from_json(
         format: LayerFormat::Estargz,
         entries: converted.entries,
         prefetch_end: converted.prefetch_end,
+        checkpoints: None,
     })
 }
 

@@ -8,6 +8,8 @@
 //!   each chunk is its own gzip member, so it can be fetched and inflated alone.
 //! - [`zstd_chunked`]: zstd layers whose TOC sits in a skippable frame that the layer's annotations
 //!   point at; each chunk is its own zstd frame.
+//! - [`gzip_index`]: plain gzip layers with a seek index published next to the image
+//!   (`lazylayer index`): chunks are inflated from the checkpoint before them.
 //! - [`tar_stream`]: layers without an index (plain gzip, zstd or uncompressed tar). They are
 //!   streamed once, in order, and cut into chunks as they go; each chunk's digest is computed on
 //!   the way and trusted once the whole blob has matched its digest, so that a chunk evicted from
@@ -17,6 +19,7 @@
 //! refused here, so no later stage sees them.
 
 pub mod estargz;
+pub mod gzip_index;
 pub mod tar_stream;
 pub mod toc;
 pub mod zstd_chunked;
@@ -95,6 +98,8 @@ pub enum LayerFormat {
     ZstdChunked,
     /// No index: the tar is streamed, compressed this way.
     TarStream(LayerCompression),
+    /// Plain gzip with a seek index artifact ([`gzip_index`]).
+    GzipIndex,
 }
 
 impl LayerFormat {
@@ -105,6 +110,7 @@ impl LayerFormat {
             LayerFormat::TarStream(LayerCompression::Gzip) => "gzip",
             LayerFormat::TarStream(LayerCompression::Zstd) => "zstd",
             LayerFormat::TarStream(LayerCompression::None) => "tar",
+            LayerFormat::GzipIndex => "gzip+index",
         }
     }
 }
@@ -116,6 +122,10 @@ pub enum Codec {
     Zstd,
     /// Stored as is (uncompressed tar layers).
     Identity,
+    /// Raw deflate entered at a checkpoint of the layer's gzip seek index.
+    Deflate {
+        checkpoint: u32,
+    },
 }
 
 /// Where one chunk of a file's content lives.
@@ -205,6 +215,10 @@ pub struct LayerIndex {
     /// eStargz prefetch landmark: the compressed bytes `0..end` hold the files the image's author
     /// marked as needed at start-up (`None` when the layer has no landmark).
     pub prefetch_end: Option<u64>,
+    /// Where inflating can start, for layers read through a gzip seek index (not cached with
+    /// the index: such layers are loaded from their cached index blob instead).
+    #[serde(skip)]
+    pub checkpoints: Option<gzip_index::Checkpoints>,
 }
 
 /// Normalises a tar or TOC path: strips `./` and `/` prefixes and trailing `/`, drops `.`
@@ -297,6 +311,9 @@ pub async fn load(
                 disk,
             )
             .await
+        }
+        (Some(LazyIndex::GzipIndex { index }), LayerCompression::Gzip) => {
+            gzip_index::load(source.as_ref(), &layer.descriptor, index, disk).await
         }
         // An index annotation on a layer of another compression cannot be honoured: the
         // chunks would not inflate. Reading the layer as a plain stream is always correct.

@@ -126,7 +126,7 @@ impl<R: Read> Read for Cancellable<R> {
 
 /// Runs `work` on a blocking thread over a synchronous reader of `stream`, stopping it if the
 /// returned future is dropped.
-async fn on_blocking_thread<T: Send + 'static>(
+pub(crate) async fn on_blocking_thread<T: Send + 'static>(
     stream: crate::source::ByteStream,
     digest: &Digest,
     work: impl FnOnce(Box<dyn Read + Send>) -> Result<T, LayerError> + Send + 'static,
@@ -173,14 +173,33 @@ pub fn index_reader<R: Read>(
     compression: LayerCompression,
     observer: &dyn StreamObserver,
 ) -> Result<LayerIndex, LayerError> {
+    index_reader_with(
+        reader,
+        digest,
+        size,
+        compression,
+        |compressed| decompressor(compressed, compression),
+        observer,
+    )
+}
+
+/// As [`index_reader`], with the decompressor that `open` puts over the compressed bytes (the
+/// gzip seek index builder's records checkpoints on the way).
+pub fn index_reader_with<R: Read>(
+    reader: R,
+    digest: &Digest,
+    size: u64,
+    compression: LayerCompression,
+    open: impl for<'r> FnOnce(&'r mut dyn Read) -> io::Result<Box<dyn Read + 'r>>,
+    observer: &dyn StreamObserver,
+) -> Result<LayerIndex, LayerError> {
     let mut hashing = Hashing {
         inner: reader,
         hasher: DigestHasher::default(),
         count: 0,
     };
     let entries = {
-        let decompressed =
-            decompressor(&mut hashing, compression).map_err(|e| io_error(digest, e))?;
+        let decompressed = open(&mut hashing).map_err(|e| io_error(digest, e))?;
         let mut archive = tar::Archive::new(decompressed);
         let entries = read_entries(&mut archive, digest, compression, observer)?;
         // Whatever follows the end-of-archive marker still belongs to the blob and its digest.
@@ -209,6 +228,7 @@ pub fn index_reader<R: Read>(
         format: LayerFormat::TarStream(compression),
         entries,
         prefetch_end: None,
+        checkpoints: None,
     })
 }
 

@@ -118,6 +118,7 @@ pub fn index_from_toc(
         format: LayerFormat::ZstdChunked,
         entries: converted.entries,
         prefetch_end: converted.prefetch_end,
+        checkpoints: None,
     })
 }
 

@@ -22,6 +22,7 @@
 
 pub mod auth;
 mod push;
+pub mod referrers;
 
 use std::collections::HashMap;
 use std::ops::Range;

@@ -106,13 +106,15 @@ impl Repository {
         }
     }
 
-    /// Puts a manifest under `reference` (a tag or its digest).
+    /// Puts a manifest under `reference` (a tag or its digest). Returns whether the registry
+    /// says it indexed the manifest's `subject` (the `OCI-Subject` header of registries with the
+    /// referrers API).
     pub async fn put_manifest(
         &self,
         reference: &str,
         media_type: &str,
         bytes: &[u8],
-    ) -> Result<(), RegistryError> {
+    ) -> Result<bool, RegistryError> {
         let url = self.url("manifests", reference);
         let http = &self.registry.http;
         let body = bytes::Bytes::copy_from_slice(bytes);
@@ -129,7 +131,9 @@ impl Repository {
             )
             .await?;
         match resp.status() {
-            StatusCode::CREATED | StatusCode::OK | StatusCode::ACCEPTED => Ok(()),
+            StatusCode::CREATED | StatusCode::OK | StatusCode::ACCEPTED => {
+                Ok(resp.headers().contains_key("oci-subject"))
+            }
             _ => Err(status_error(resp, &url).await),
         }
     }

@@ -1,0 +1,168 @@
+//! `lazylayer index`: make an image lazy without rebuilding it, by publishing gzip seek indexes
+//! next to it (the idea of AWS SOCI).
+//!
+//! Every plain gzip layer of the image is streamed once and indexed
+//! ([`crate::layer::gzip_index::build`]); the indexes are pushed as the layers of one OCI artifact
+//! manifest (`artifactType` [`ARTIFACT_TYPE`], empty config, each blob annotated with the digest
+//! of the layer it indexes) whose `subject` is the image manifest. The image itself is not
+//! touched: its digest, signatures and every client that pulls it are unaffected. Mounts find the
+//! artifact through the referrers API, or through the `sha256-HEX` fallback tag that is kept here
+//! for registries without that API (distribution 2.8).
+//!
+//! Layers that are already lazy (eStargz, zstd:chunked) or not gzip are left alone. Running it
+//! again gives the same blobs and the same artifact (the index is deterministic), so publishing
+//! twice adds nothing.
+
+use std::sync::Arc;
+
+use super::{ConvertError, Progress};
+use crate::digest::Digest;
+use crate::image::{self, ResolvedImage};
+use crate::layer::gzip_index::{self, ANNOTATION_LAYER, ARTIFACT_TYPE, MEDIA_INDEX_BLOB};
+use crate::oci::{
+    Descriptor, ImageManifest, LayerCompression, LazyIndex, MEDIA_OCI_MANIFEST, Platform,
+};
+use crate::reference::ImageRef;
+use crate::registry::RegistryConfig;
+use crate::source;
+
+/// Media type and content of the empty config an artifact without one carries (OCI 1.1).
+const MEDIA_EMPTY: &str = "application/vnd.oci.empty.v1+json";
+const EMPTY: &[u8] = b"{}";
+
+/// What `index` published.
+pub struct Published {
+    /// The artifact manifest's digest, or `None` when no layer needed an index.
+    pub artifact: Option<Digest>,
+    /// (layer, index blob) for every layer indexed.
+    pub indexed: Vec<(Descriptor, Descriptor)>,
+    /// Layers left alone, and why.
+    pub skipped: Vec<(Descriptor, &'static str)>,
+}
+
+/// Builds seek indexes for the gzip layers of `reference` (a registry image) and publishes them
+/// as a referrer of its manifest. `span`: uncompressed bytes between checkpoints.
+pub async fn index(
+    reference: &str,
+    registry: &RegistryConfig,
+    platform: &Platform,
+    span: u64,
+    progress: Arc<dyn Progress>,
+) -> Result<Published, ConvertError> {
+    let parsed = ImageRef::parse(reference)?;
+    let ImageRef::Registry(target) = &parsed else {
+        return Err(ConvertError::Output(format!(
+            "{reference}: `index` publishes next to an image in a registry; for an OCI layout or \
+             S3 use `lazylayer convert` to write a lazy copy instead"
+        )));
+    };
+    let (source, selector) = source::open(&parsed, registry).await?;
+    let image: ResolvedImage = image::resolve(source.as_ref(), &selector, platform).await?;
+    let count = image.layers.len();
+    let mut indexed = Vec::new();
+    let mut skipped = Vec::new();
+    for (i, layer) in image.layers.iter().enumerate() {
+        let why_not = match (&layer.lazy_index, layer.compression().ok()) {
+            (Some(LazyIndex::Estargz { .. } | LazyIndex::ZstdChunked { .. }), _) => {
+                Some("already lazy (it has a TOC)")
+            }
+            (_, Some(LayerCompression::Gzip)) => None,
+            _ => Some("not gzip"),
+        };
+        if let Some(why) = why_not {
+            skipped.push((layer.descriptor.clone(), why));
+            continue;
+        }
+        progress.layer_started(i, count, &layer.descriptor);
+        let blob = gzip_index::build_from(source.clone(), &layer.descriptor, span).await?;
+        let mut annotations = std::collections::BTreeMap::new();
+        annotations.insert(
+            ANNOTATION_LAYER.to_string(),
+            layer.descriptor.digest.to_string(),
+        );
+        let descriptor = Descriptor {
+            media_type: MEDIA_INDEX_BLOB.to_string(),
+            digest: Digest::of(&blob),
+            size: blob.len() as u64,
+            platform: None,
+            annotations,
+            urls: Vec::new(),
+            artifact_type: None,
+        };
+        progress.layer_done(i, count, &layer.descriptor, &descriptor);
+        indexed.push((layer.descriptor.clone(), descriptor, blob));
+    }
+    if indexed.is_empty() {
+        return Ok(Published {
+            artifact: None,
+            indexed: Vec::new(),
+            skipped,
+        });
+    }
+
+    let failed = |e: crate::registry::RegistryError| {
+        ConvertError::Output(format!("publishing the index of {reference}: {e}"))
+    };
+    let stage = |bytes: &[u8]| {
+        tempfile::NamedTempFile::new()
+            .and_then(|f| std::fs::write(f.path(), bytes).map(|_| f))
+            .map_err(|e| ConvertError::Output(format!("staging an index blob: {e}")))
+    };
+    let registry_handle = crate::registry::Registry::new(target, registry).map_err(failed)?;
+    let repository = registry_handle.repository_for_push(&target.repository);
+    let config = Descriptor {
+        media_type: MEDIA_EMPTY.to_string(),
+        digest: Digest::of(EMPTY),
+        size: EMPTY.len() as u64,
+        platform: None,
+        annotations: Default::default(),
+        urls: Vec::new(),
+        artifact_type: None,
+    };
+    repository
+        .push_blob(&config.digest, config.size, stage(EMPTY)?.path())
+        .await
+        .map_err(failed)?;
+    for (_, descriptor, blob) in &indexed {
+        repository
+            .push_blob(&descriptor.digest, descriptor.size, stage(blob)?.path())
+            .await
+            .map_err(failed)?;
+    }
+    let manifest = ImageManifest {
+        schema_version: 2,
+        media_type: Some(MEDIA_OCI_MANIFEST.to_string()),
+        artifact_type: Some(ARTIFACT_TYPE.to_string()),
+        config,
+        layers: indexed.iter().map(|(_, d, _)| d.clone()).collect(),
+        subject: Some(Descriptor {
+            media_type: image.manifest_media_type.clone(),
+            digest: image.manifest_digest.clone(),
+            size: image.manifest_size,
+            platform: None,
+            annotations: Default::default(),
+            urls: Vec::new(),
+            artifact_type: None,
+        }),
+        annotations: Default::default(),
+    };
+    let bytes = serde_json::to_vec(&manifest).expect("manifest serialises");
+    let referrer = Descriptor {
+        media_type: MEDIA_OCI_MANIFEST.to_string(),
+        digest: Digest::of(&bytes),
+        size: bytes.len() as u64,
+        platform: None,
+        annotations: Default::default(),
+        urls: Vec::new(),
+        artifact_type: Some(ARTIFACT_TYPE.to_string()),
+    };
+    repository
+        .put_referrer(&image.manifest_digest, &bytes, &referrer)
+        .await
+        .map_err(failed)?;
+    Ok(Published {
+        artifact: Some(referrer.digest),
+        indexed: indexed.into_iter().map(|(l, d, _)| (l, d)).collect(),
+        skipped,
+    })
+}
