@@ -284,6 +284,14 @@ impl<R: Read> CheckpointingReader<R> {
                 .is_none_or(|last| self.produced - last.output >= self.span);
         if due {
             self.member_started = true;
+            // An empty gzip member leaves two checkpoints at one output offset: the data there
+            // is in the later member.
+            if points
+                .last()
+                .is_some_and(|last| last.output == self.produced)
+            {
+                points.pop();
+            }
             points.push(Checkpoint {
                 input: self.consumed,
                 bits: (dt & 7) as u8,
@@ -305,12 +313,7 @@ impl<R: Read> Read for CheckpointingReader<R> {
                 return Ok(0);
             }
             self.fill()?;
-            if self.pos == self.len {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "gzip stream ends early",
-                ));
-            }
+            // Called even without input left: zlib may still hold output for a full buffer.
             let (consumed, produced, ret) =
                 self.zlib
                     .inflate(&self.buf[self.pos..self.len], out, libz_rs_sys::Z_BLOCK);
@@ -318,7 +321,15 @@ impl<R: Read> Read for CheckpointingReader<R> {
             self.consumed += consumed as u64;
             self.produced += produced as u64;
             match ret {
-                libz_rs_sys::Z_OK | libz_rs_sys::Z_BUF_ERROR => self.maybe_checkpoint()?,
+                libz_rs_sys::Z_OK | libz_rs_sys::Z_BUF_ERROR => {
+                    self.maybe_checkpoint()?;
+                    if consumed == 0 && produced == 0 && self.pos == self.len {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "gzip stream ends early",
+                        ));
+                    }
+                }
                 libz_rs_sys::Z_STREAM_END => {
                     // Another member may follow (pigz, concatenated writers).
                     self.fill()?;
@@ -737,21 +748,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn every_chunk_inflates_from_its_checkpoint_and_matches() {
-        let blob = layer_tar_gz();
-        let desc = descriptor(&blob);
-        let index_blob = build(&blob[..], &desc.digest, desc.size, 256 << 10).unwrap();
-        assert_eq!(
-            index_blob,
-            build(&blob[..], &desc.digest, desc.size, 256 << 10).unwrap(),
-            "not deterministic"
-        );
-        let index = parse(&desc, &index_blob).unwrap();
+    /// Every file of the index, read chunk by chunk from its checkpoint, equals the tar's.
+    fn assert_every_chunk_inflates(blob: &[u8], index: &LayerIndex) {
         let points = index.checkpoints.clone().unwrap();
-        assert!(points.len() > 20, "only {} checkpoints", points.len());
-        assert!(points.iter().any(|p| p.bits > 0), "no checkpoint mid-byte");
-        let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(&blob[..]));
+        let mut tar = tar::Archive::new(flate2::read::MultiGzDecoder::new(blob));
         let mut expected: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
         for e in tar.entries().unwrap() {
             let mut e = e.unwrap();
@@ -788,7 +788,64 @@ mod tests {
             }
             assert!(content == expected[&entry.path], "{:?}", entry.path);
         }
-        assert_eq!(files, 40);
+        assert_eq!(files, expected.len());
+    }
+
+    #[test]
+    fn every_chunk_inflates_from_its_checkpoint_and_matches() {
+        let blob = layer_tar_gz();
+        let desc = descriptor(&blob);
+        let index_blob = build(&blob[..], &desc.digest, desc.size, 256 << 10).unwrap();
+        assert_eq!(
+            index_blob,
+            build(&blob[..], &desc.digest, desc.size, 256 << 10).unwrap(),
+            "not deterministic"
+        );
+        let index = parse(&desc, &index_blob).unwrap();
+        let points = index.checkpoints.clone().unwrap();
+        assert!(points.len() > 20, "only {} checkpoints", points.len());
+        assert!(points.iter().any(|p| p.bits > 0), "no checkpoint mid-byte");
+        assert_every_chunk_inflates(&blob, &index);
+    }
+
+    #[test]
+    fn concatenated_gzip_members_get_a_checkpoint_each() {
+        // The same tar cut into three members (as pigz-like writers do), with an empty member
+        // in between: no span may cross from one member into the next.
+        let mut tar = Vec::new();
+        flate2::read::GzDecoder::new(&layer_tar_gz()[..])
+            .read_to_end(&mut tar)
+            .unwrap();
+        let member = |part: &[u8]| {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            std::io::Write::write_all(&mut gz, part).unwrap();
+            gz.finish().unwrap()
+        };
+        let third = tar.len() / 3 + 12_345;
+        let mut blob = member(&tar[..third]);
+        blob.extend(member(b""));
+        blob.extend(member(&tar[third..2 * third]));
+        blob.extend(member(&tar[2 * third..]));
+        let desc = descriptor(&blob);
+        let index = parse(
+            &desc,
+            &build(&blob[..], &desc.digest, desc.size, 4 << 20).unwrap(),
+        )
+        .unwrap();
+        let outputs: Vec<u64> = index
+            .checkpoints
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|p| p.output)
+            .collect();
+        for cut in [third as u64, 2 * third as u64] {
+            assert!(
+                outputs.contains(&cut),
+                "no checkpoint at {cut}: {outputs:?}"
+            );
+        }
+        assert_every_chunk_inflates(&blob, &index);
     }
 
     #[test]
