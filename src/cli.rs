@@ -1025,9 +1025,11 @@ async fn convert(args: ConvertArgs) -> Result<(), CliError> {
 
 async fn index(args: IndexArgs) -> Result<(), CliError> {
     let span = size_flag("span", &args.span)?;
-    if span < 64 << 10 {
+    if !(64 << 10..=crate::layer::gzip_index::MAX_SPAN_OUTPUT).contains(&span) {
         return Err(CliError::Size(
-            "--span: at least 64K (each checkpoint stores a 32 KiB window)".into(),
+            "--span: from 64K (each checkpoint stores a 32 KiB window) to 64M (a read inflates \
+             up to a whole span)"
+                .into(),
         ));
     }
     let config = args.remote.registry_config()?;

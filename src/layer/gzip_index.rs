@@ -63,6 +63,9 @@ pub const DEFAULT_SPAN: u64 = 2 << 20;
 /// huge layer is a few MiB; more is a hostile or broken blob.
 const MAX_INDEX_BLOB: u64 = 64 << 20;
 const MAX_INDEX_JSON: u64 = 256 << 20;
+/// Most output one span may hold: a read inflates up to a whole span into memory, so an index
+/// (or a layer with a giant deflate block) that asks for more is refused.
+pub const MAX_SPAN_OUTPUT: u64 = 64 << 20;
 /// Deflate's window.
 const WINDOW: usize = 32 << 10;
 const FORMAT_VERSION: u32 = 1;
@@ -469,6 +472,17 @@ pub fn build(
         entries,
     };
     let json = serde_json::to_vec(&file).expect("index serialises");
+    // What readers will refuse (a deflate block longer than a span may hold) is refused here.
+    let layer = Descriptor {
+        media_type: crate::oci::MEDIA_OCI_LAYER_GZIP.to_string(),
+        digest: digest.clone(),
+        size,
+        platform: None,
+        annotations: Default::default(),
+        urls: Vec::new(),
+        artifact_type: None,
+    };
+    parse_json(&layer, &json)?;
     zstd::bulk::compress(&json, 19)
         .map_err(|e| LayerError::malformed(digest, format!("compressing the index: {e}")))
 }
@@ -584,6 +598,20 @@ pub fn parse_json(layer: &Descriptor, json: &[u8]) -> Result<LayerIndex, LayerEr
     }
     if checkpoints.first().is_none_or(|c| c.output != 0) {
         return Err(bad("no checkpoint at the start of the stream".into()));
+    }
+    let ends = checkpoints
+        .iter()
+        .skip(1)
+        .map(|c| c.output)
+        .chain([file.uncompressed_size]);
+    for (point, end) in checkpoints.iter().zip(ends) {
+        if end < point.output || end - point.output > MAX_SPAN_OUTPUT {
+            return Err(bad(format!(
+                "the span at output {} holds {} bytes (at most {MAX_SPAN_OUTPUT})",
+                point.output,
+                end.saturating_sub(point.output)
+            )));
+        }
     }
     let mut entries = file.entries;
     for entry in &mut entries {
@@ -880,14 +908,24 @@ mod tests {
                 .to_string()
                 .contains("order")
         );
+        for size in [10u64, 1 << 40] {
+            let mut value = original.clone();
+            value["uncompressedSize"] = serde_json::json!(size);
+            let err = parse(&desc, &tamper(&value)).unwrap_err().to_string();
+            assert!(err.contains("span"), "{err}");
+        }
+        // A chunk placed past the stream's end.
         let mut value = original;
-        value["uncompressedSize"] = serde_json::json!(10);
-        assert!(
-            parse(&desc, &tamper(&value))
-                .unwrap_err()
-                .to_string()
-                .contains("end")
-        );
+        let file = value["entries"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .find(|e| e["kind"].get("File").is_some())
+            .unwrap();
+        file["kind"]["File"]["chunks"][0]["source"]["TarStream"]["offset"] =
+            serde_json::json!(1u64 << 40);
+        let err = parse(&desc, &tamper(&value)).unwrap_err().to_string();
+        assert!(err.contains("end"), "{err}");
         // Not a gzip stream at all.
         assert!(
             build(
