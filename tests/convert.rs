@@ -264,6 +264,9 @@ fn bad_input_gets_errors_that_name_it() {
         !work.path().join("index.json").exists(),
         "nothing is written on failure"
     );
+    // `index` publishes next to an image in a registry, nowhere else.
+    lazylayer(&["index", &shared], &[]).assert_error(&["python-app", "registry", "convert"]);
+    lazylayer(&["index", "--span", "4K", "127.0.0.1:1/x:y"], &[]).assert_error(&["--span", "64K"]);
 }
 
 #[test]
