@@ -846,15 +846,7 @@ mod tests {
     #[test]
     fn inflate_checks_lengths() {
         let layer = LayerInfo {
-            descriptor: Descriptor {
-                media_type: crate::oci::MEDIA_OCI_LAYER_GZIP.into(),
-                digest: Digest::of(b"x"),
-                size: 1,
-                platform: None,
-                annotations: Default::default(),
-                urls: Vec::new(),
-                artifact_type: None,
-            },
+            descriptor: Descriptor::new(crate::oci::MEDIA_OCI_LAYER_GZIP, Digest::of(b"x"), 1),
             format: LayerFormat::Estargz,
             checkpoints: None,
         };

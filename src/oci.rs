@@ -70,6 +70,26 @@ pub struct Descriptor {
     pub artifact_type: Option<String>,
 }
 
+impl Descriptor {
+    /// A descriptor of `size` bytes with digest `digest`, nothing else set.
+    pub fn new(media_type: impl Into<String>, digest: Digest, size: u64) -> Descriptor {
+        Descriptor {
+            media_type: media_type.into(),
+            digest,
+            size,
+            platform: None,
+            annotations: BTreeMap::new(),
+            urls: Vec::new(),
+            artifact_type: None,
+        }
+    }
+
+    /// A descriptor of `bytes`.
+    pub fn of(media_type: impl Into<String>, bytes: &[u8]) -> Descriptor {
+        Descriptor::new(media_type, Digest::of(bytes), bytes.len() as u64)
+    }
+}
+
 /// An image manifest (OCI or Docker schema 2).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]

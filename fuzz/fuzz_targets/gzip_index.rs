@@ -12,15 +12,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&selector, rest)) = data.split_first() else {
         return;
     };
-    let layer = Descriptor {
-        media_type: MEDIA_OCI_LAYER_GZIP.into(),
-        digest: Digest::of(b"fuzz"),
-        size: 1 << 20,
-        platform: None,
-        annotations: Default::default(),
-        urls: Vec::new(),
-        artifact_type: None,
-    };
+    let layer = Descriptor::new(MEDIA_OCI_LAYER_GZIP, Digest::of(b"fuzz"), 1 << 20);
     match selector % 3 {
         0 => {
             let _ = gzip_index::parse(&layer, rest);

@@ -331,13 +331,8 @@ async fn convert_layer(
     .map_err(write_error)?;
     Ok(ConvertedLayer {
         descriptor: Descriptor {
-            media_type: written.media_type.to_string(),
-            digest: written.digest,
-            size: written.size,
-            platform: None,
             annotations: written.annotations,
-            urls: Vec::new(),
-            artifact_type: None,
+            ..Descriptor::new(written.media_type, written.digest, written.size)
         },
         diff_id: written.diff_id,
         blob,
@@ -394,15 +389,7 @@ pub async fn convert(
         }
     }
     let config = serde_json::to_vec(&config).map_err(|e| ConvertError::Output(e.to_string()))?;
-    let config_descriptor = Descriptor {
-        media_type: crate::oci::MEDIA_OCI_CONFIG.to_string(),
-        digest: Digest::of(&config),
-        size: config.len() as u64,
-        platform: None,
-        annotations: Default::default(),
-        urls: Vec::new(),
-        artifact_type: None,
-    };
+    let config_descriptor = Descriptor::of(crate::oci::MEDIA_OCI_CONFIG, &config);
     let mut manifest = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": crate::oci::MEDIA_OCI_MANIFEST,

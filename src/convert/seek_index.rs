@@ -81,13 +81,8 @@ pub async fn index(
             layer.descriptor.digest.to_string(),
         );
         let descriptor = Descriptor {
-            media_type: MEDIA_INDEX_BLOB.to_string(),
-            digest: Digest::of(&blob),
-            size: blob.len() as u64,
-            platform: None,
             annotations,
-            urls: Vec::new(),
-            artifact_type: None,
+            ..Descriptor::of(MEDIA_INDEX_BLOB, &blob)
         };
         progress.layer_done(i, count, &layer.descriptor, &descriptor);
         indexed.push((layer.descriptor.clone(), descriptor, blob));
@@ -110,15 +105,7 @@ pub async fn index(
     };
     let registry_handle = crate::registry::Registry::new(target, registry).map_err(failed)?;
     let repository = registry_handle.repository_for_push(&target.repository);
-    let config = Descriptor {
-        media_type: MEDIA_EMPTY.to_string(),
-        digest: Digest::of(EMPTY),
-        size: EMPTY.len() as u64,
-        platform: None,
-        annotations: Default::default(),
-        urls: Vec::new(),
-        artifact_type: None,
-    };
+    let config = Descriptor::of(MEDIA_EMPTY, EMPTY);
     repository
         .push_blob(&config.digest, config.size, stage(EMPTY)?.path())
         .await
@@ -135,26 +122,17 @@ pub async fn index(
         artifact_type: Some(ARTIFACT_TYPE.to_string()),
         config,
         layers: indexed.iter().map(|(_, d, _)| d.clone()).collect(),
-        subject: Some(Descriptor {
-            media_type: image.manifest_media_type.clone(),
-            digest: image.manifest_digest.clone(),
-            size: image.manifest_size,
-            platform: None,
-            annotations: Default::default(),
-            urls: Vec::new(),
-            artifact_type: None,
-        }),
+        subject: Some(Descriptor::new(
+            image.manifest_media_type.clone(),
+            image.manifest_digest.clone(),
+            image.manifest_size,
+        )),
         annotations: Default::default(),
     };
     let bytes = serde_json::to_vec(&manifest).expect("manifest serialises");
     let referrer = Descriptor {
-        media_type: MEDIA_OCI_MANIFEST.to_string(),
-        digest: Digest::of(&bytes),
-        size: bytes.len() as u64,
-        platform: None,
-        annotations: Default::default(),
-        urls: Vec::new(),
         artifact_type: Some(ARTIFACT_TYPE.to_string()),
+        ..Descriptor::of(MEDIA_OCI_MANIFEST, &bytes)
     };
     repository
         .put_referrer(&image.manifest_digest, &bytes, &referrer)

@@ -473,15 +473,7 @@ pub fn build(
     };
     let json = serde_json::to_vec(&file).expect("index serialises");
     // What readers will refuse (a deflate block longer than a span may hold) is refused here.
-    let layer = Descriptor {
-        media_type: crate::oci::MEDIA_OCI_LAYER_GZIP.to_string(),
-        digest: digest.clone(),
-        size,
-        platform: None,
-        annotations: Default::default(),
-        urls: Vec::new(),
-        artifact_type: None,
-    };
+    let layer = Descriptor::new(crate::oci::MEDIA_OCI_LAYER_GZIP, digest.clone(), size);
     parse_json(&layer, &json)?;
     zstd::bulk::compress(&json, 19)
         .map_err(|e| LayerError::malformed(digest, format!("compressing the index: {e}")))
@@ -765,15 +757,7 @@ mod tests {
     }
 
     fn descriptor(blob: &[u8]) -> Descriptor {
-        Descriptor {
-            media_type: crate::oci::MEDIA_OCI_LAYER_GZIP.into(),
-            digest: Digest::of(blob),
-            size: blob.len() as u64,
-            platform: None,
-            annotations: Default::default(),
-            urls: Vec::new(),
-            artifact_type: None,
-        }
+        Descriptor::of(crate::oci::MEDIA_OCI_LAYER_GZIP, blob)
     }
 
     /// Every file of the index, read chunk by chunk from its checkpoint, equals the tar's.
