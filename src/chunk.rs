@@ -563,14 +563,9 @@ fn fill_gaps(list: &[ChunkRef], chunks: &[ChunkRef], max_gap: u64) -> Vec<ChunkR
 
 /// Where a compressed chunk starts in its blob (0 for others, which are never amplified).
 fn compressed_start(c: &ChunkRef) -> u64 {
-    compressed_span(c).0
-}
-
-/// The blob bytes a compressed chunk is inflated from (empty for others).
-fn compressed_span(c: &ChunkRef) -> (u64, u64) {
     match c.source {
-        ChunkSource::Compressed { start, end, .. } => (start, end),
-        _ => (0, 0),
+        ChunkSource::Compressed { start, .. } => start,
+        _ => 0,
     }
 }
 

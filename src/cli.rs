@@ -921,6 +921,20 @@ struct ConvertProgress {
     layers: std::sync::Mutex<std::collections::HashMap<usize, indicatif::ProgressBar>>,
 }
 
+impl ConvertProgress {
+    /// Bars per layer, or nothing at all with `--quiet`.
+    fn unless_quiet(quiet: bool) -> std::sync::Arc<dyn crate::convert::Progress> {
+        if quiet {
+            std::sync::Arc::new(crate::convert::Silent)
+        } else {
+            std::sync::Arc::new(ConvertProgress {
+                bars: indicatif::MultiProgress::new(),
+                layers: Default::default(),
+            })
+        }
+    }
+}
+
 impl crate::convert::Progress for ConvertProgress {
     fn layer_started(&self, index: usize, count: usize, source: &crate::oci::Descriptor) {
         let bar = self.bars.add(indicatif::ProgressBar::new_spinner());
@@ -996,14 +1010,7 @@ async fn convert(args: ConvertArgs) -> Result<(), CliError> {
         options.prioritize = crate::convert::parse_prioritize(&text).map_err(bad)?;
     }
     let config = args.remote.registry_config()?;
-    let progress: std::sync::Arc<dyn crate::convert::Progress> = if args.quiet {
-        std::sync::Arc::new(crate::convert::Silent)
-    } else {
-        std::sync::Arc::new(ConvertProgress {
-            bars: indicatif::MultiProgress::new(),
-            layers: Default::default(),
-        })
-    };
+    let progress = ConvertProgress::unless_quiet(args.quiet);
     let image = crate::convert::convert(
         &args.source,
         &config,
@@ -1033,14 +1040,7 @@ async fn index(args: IndexArgs) -> Result<(), CliError> {
         ));
     }
     let config = args.remote.registry_config()?;
-    let progress: std::sync::Arc<dyn crate::convert::Progress> = if args.quiet {
-        std::sync::Arc::new(crate::convert::Silent)
-    } else {
-        std::sync::Arc::new(ConvertProgress {
-            bars: indicatif::MultiProgress::new(),
-            layers: Default::default(),
-        })
-    };
+    let progress = ConvertProgress::unless_quiet(args.quiet);
     let published = crate::convert::seek_index::index(
         &args.reference,
         &config,

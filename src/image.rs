@@ -168,7 +168,7 @@ pub async fn resolve(
             ),
         });
     }
-    let layers = manifest
+    let mut layers = manifest
         .layers
         .iter()
         .zip(&config.rootfs.diff_ids)
@@ -182,7 +182,6 @@ pub async fn resolve(
             })
         })
         .collect::<Result<Vec<Layer>, ImageError>>()?;
-    let mut layers = layers;
     let unindexed_gzip =
         |l: &Layer| l.lazy_index.is_none() && l.compression().ok() == Some(LayerCompression::Gzip);
     if layers.iter().any(unindexed_gzip) {

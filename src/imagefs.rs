@@ -90,8 +90,6 @@ pub struct OpenedLayer {
     pub format: LayerFormat,
     pub size: u64,
     pub prefetch_end: Option<u64>,
-    /// A gzip seek index's checkpoints, which its layer's chunks are inflated from.
-    pub checkpoints: Option<crate::layer::gzip_index::Checkpoints>,
 }
 
 /// First read-ahead window of a sequential streak, and the largest one.
@@ -260,20 +258,19 @@ impl ImageFs {
                 format: index.format,
                 size: layer.descriptor.size,
                 prefetch_end: index.prefetch_end,
+            })
+            .collect();
+        let infos = image
+            .layers
+            .iter()
+            .zip(&indexes)
+            .map(|(layer, index)| LayerInfo {
+                descriptor: layer.descriptor.clone(),
+                format: index.format,
                 checkpoints: index.checkpoints.clone(),
             })
             .collect();
         let tree = MergedTree::build(indexes.into_iter().map(|i| (i.digest, i.entries)))?;
-        let infos = image
-            .layers
-            .iter()
-            .zip(&layers)
-            .map(|(layer, opened)| LayerInfo {
-                descriptor: layer.descriptor.clone(),
-                format: opened.format,
-                checkpoints: opened.checkpoints.clone(),
-            })
-            .collect();
         // Every compressed chunk in blob order: the neighbours a read is amplified with, what
         // background filling fetches, and where the landmark's chunks are found.
         let all_chunks = chunks_in_blob_order(&tree, &layers);

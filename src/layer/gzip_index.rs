@@ -229,6 +229,14 @@ impl Drop for RawInflate {
     }
 }
 
+/// What [`CheckpointingReader`] has recorded, shared with the tar parser's observer.
+#[derive(Default)]
+struct Trace {
+    checkpoints: Vec<Checkpoint>,
+    /// Length of the uncompressed stream, set when it has ended.
+    produced: u64,
+}
+
 /// A reader of a gzip blob's uncompressed bytes that records a [`Checkpoint`] every `span`
 /// bytes of output (and at the start of every gzip member, so no span crosses one).
 struct CheckpointingReader<R> {
@@ -244,11 +252,11 @@ struct CheckpointingReader<R> {
     span: u64,
     member_started: bool,
     done: bool,
-    checkpoints: Arc<Mutex<Vec<Checkpoint>>>,
+    trace: Arc<Mutex<Trace>>,
 }
 
 impl<R: Read> CheckpointingReader<R> {
-    fn new(inner: R, span: u64, checkpoints: Arc<Mutex<Vec<Checkpoint>>>) -> io::Result<Self> {
+    fn new(inner: R, span: u64, trace: Arc<Mutex<Trace>>) -> io::Result<Self> {
         Ok(CheckpointingReader {
             inner,
             zlib: RawInflate::new(31)?,
@@ -261,7 +269,7 @@ impl<R: Read> CheckpointingReader<R> {
             span,
             member_started: false,
             done: false,
-            checkpoints,
+            trace,
         })
     }
 
@@ -280,7 +288,7 @@ impl<R: Read> CheckpointingReader<R> {
         if dt & 128 == 0 || dt & 64 != 0 {
             return Ok(());
         }
-        let mut points = self.checkpoints.lock().unwrap();
+        let points = &mut self.trace.lock().unwrap().checkpoints;
         let due = !self.member_started
             || points
                 .last()
@@ -338,6 +346,7 @@ impl<R: Read> Read for CheckpointingReader<R> {
                     self.fill()?;
                     if self.pos == self.len {
                         self.done = true;
+                        self.trace.lock().unwrap().produced = self.produced;
                     } else {
                         self.zlib.reset()?;
                         self.member_started = false;
@@ -363,7 +372,7 @@ type Piece = (u64, u64, Digest);
 /// Records, for each 1 MiB chunk the tar parser cuts, the digests of its pieces on either side
 /// of checkpoints, so that no chunk of the index crosses one.
 struct Splitter {
-    checkpoints: Arc<Mutex<Vec<Checkpoint>>>,
+    trace: Arc<Mutex<Trace>>,
     /// Chunk offset in the tar stream -> (offset, len, digest) of its pieces, for split chunks.
     split: Mutex<HashMap<u64, Vec<Piece>>>,
 }
@@ -374,9 +383,10 @@ impl StreamObserver for Splitter {
         // The inflater runs ahead of the tar parser: every checkpoint inside this chunk has been
         // recorded by the time the parser hands the chunk over.
         let cuts: Vec<u64> = self
-            .checkpoints
+            .trace
             .lock()
             .unwrap()
+            .checkpoints
             .iter()
             .map(|c| c.output)
             .filter(|&o| o > offset && o < end)
@@ -404,23 +414,21 @@ pub fn build(
     size: u64,
     span: u64,
 ) -> Result<Vec<u8>, LayerError> {
-    let checkpoints = Arc::new(Mutex::new(Vec::new()));
+    let trace = Arc::new(Mutex::new(Trace::default()));
     let splitter = Splitter {
-        checkpoints: checkpoints.clone(),
+        trace: trace.clone(),
         split: Mutex::new(HashMap::new()),
     };
-    let uncompressed = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let (points, counted) = (checkpoints.clone(), uncompressed.clone());
+    let recorder = trace.clone();
     let index = tar_stream::index_reader_with(
         reader,
         digest,
         size,
         LayerCompression::Gzip,
         move |compressed| -> io::Result<Box<dyn Read + '_>> {
-            Ok(Box::new(Counting {
-                inner: CheckpointingReader::new(compressed, span, points)?,
-                count: counted,
-            }))
+            Ok(Box::new(CheckpointingReader::new(
+                compressed, span, recorder,
+            )?))
         },
         &splitter,
     )?;
@@ -451,15 +459,16 @@ pub fn build(
         }
     }
     let b64 = base64::engine::general_purpose::STANDARD;
-    let checkpoints = Arc::try_unwrap(checkpoints)
-        .map(|m| m.into_inner().unwrap())
-        .unwrap_or_else(|shared| shared.lock().unwrap().clone());
+    let Trace {
+        checkpoints,
+        produced,
+    } = std::mem::take(&mut *trace.lock().unwrap());
     let file = IndexFile {
         version: FORMAT_VERSION,
         layer: digest.clone(),
         layer_size: size,
         span,
-        uncompressed_size: uncompressed.load(std::sync::atomic::Ordering::Relaxed),
+        uncompressed_size: produced,
         checkpoints: checkpoints
             .iter()
             .map(|c| StoredCheckpoint {
@@ -479,21 +488,6 @@ pub fn build(
         .map_err(|e| LayerError::malformed(digest, format!("compressing the index: {e}")))
 }
 
-/// Counts the uncompressed bytes read through it.
-struct Counting<R> {
-    inner: R,
-    count: Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl<R: Read> Read for Counting<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.count
-            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-        Ok(n)
-    }
-}
-
 /// Reads a layer's index from its index blob (`index`, found through the image's referrers):
 /// entries whose chunks point at checkpoint spans, and the checkpoints.
 pub async fn load(
@@ -502,20 +496,11 @@ pub async fn load(
     index: &Descriptor,
     disk: Option<&DiskCache>,
 ) -> Result<LayerIndex, LayerError> {
-    let digest = &layer.digest;
     let cache_name = format!("gzip-index-{}", index.digest.hex());
     let blob = match disk.and_then(|d| d.get_meta(&cache_name)) {
         Some(cached) if Digest::of(&cached) == index.digest => Bytes::from(cached),
         _ => {
-            if index.size > MAX_INDEX_BLOB {
-                return Err(LayerError::malformed(
-                    digest,
-                    format!(
-                        "gzip index {} is {} bytes, more than the limit of {MAX_INDEX_BLOB}",
-                        index.digest, index.size
-                    ),
-                ));
-            }
+            // The source refuses a blob over the limit before fetching it.
             let blob = source.blob(index, MAX_INDEX_BLOB).await?;
             if let Some(disk) = disk {
                 disk.put_meta(&cache_name, &blob);

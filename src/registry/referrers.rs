@@ -5,7 +5,7 @@
 //! index of them. One that does not (distribution 2.8, Debian's `docker-registry`) answers 404;
 //! writers then keep that index themselves under the tag `sha256-HEX` of the subject (the spec's
 //! tag schema fallback), and readers look there next. Both are read here, and the fallback tag
-//! is what [`Repository::add_referrer`] updates when the registry did not take the `subject`
+//! is what [`Repository::put_referrer`] updates when the registry did not take the `subject`
 //! itself.
 
 use reqwest::StatusCode;
