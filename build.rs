@@ -42,7 +42,7 @@ fn main() {
                 "commit",
                 "Commit",
                 "CommitSnapshotRequest",
-                "crate::snapshotter::service::Empty",
+                "crate::containerd::snapshotter::service::Empty",
             )
             .build(),
         )
@@ -51,7 +51,7 @@ fn main() {
                 "remove",
                 "Remove",
                 "RemoveSnapshotRequest",
-                "crate::snapshotter::service::Empty",
+                "crate::containerd::snapshotter::service::Empty",
             )
             .build(),
         )
@@ -89,7 +89,7 @@ fn main() {
                 "cleanup",
                 "Cleanup",
                 "CleanupRequest",
-                "crate::snapshotter::service::Empty",
+                "crate::containerd::snapshotter::service::Empty",
             )
             .build(),
         )

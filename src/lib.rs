@@ -1,44 +1,33 @@
 //! lazylayer: mount container images before they are downloaded.
 //!
-//! The read path, top to bottom (each stage is its own module; see README.md):
+//! The read path, top to bottom; each stage is a folder (README.md, "Architecture"):
 //!
 //! ```text
-//! FUSE op ─► merged tree ─► chunk ─► chunk cache ─► fetcher ─► source (registry, layout)
+//! mount (FUSE ops) ─► fs (ImageFs, merged tree) ─► fetch (ContentReader: plan, share, verify)
+//!     ─► cache (memory LRU, disk tier) ─► layer (formats, codecs) ─► source (registry, layout, S3)
 //! ```
 //!
-//! What exists so far is the bottom of that path and the image model:
-//! - [`reference`]: image references, normalised as Docker does;
-//! - [`digest`]: content digests and verification;
-//! - [`oci`]: manifests, indexes, configs, platforms, layer media types and lazy indexes;
-//! - [`registry`]: the distribution API client (auth, ranges, redirects);
-//! - [`layout`]: local OCI image layouts;
-//! - [`source`]: the trait both sources implement;
-//! - [`image`]: resolving a reference to one platform's image;
-//! - [`inspect`] and [`cli`]: the `lazylayer` command.
+//! - [`model`]: what an image is: references, digests, OCI manifests, configs and media types;
+//! - [`source`]: where bytes come from ([`source::ImageSource`]: registry, OCI layout, S3),
+//!   retries, and resolving a reference to one platform's image;
+//! - [`layer`]: one module per layer format (eStargz, zstd:chunked, gzip + seek index, plain tar
+//!   streams) turning a layer into a file table with chunk references;
+//! - [`cache`]: the disk tier (chunks and layer metadata across mounts);
+//! - [`fetch`]: file content through the caches: read planning, shared in-flight fetches,
+//!   request priorities, statistics;
+//! - [`fs`]: the mounted image: merged tree, prefetch, start-up profiles, streamed reads;
+//! - [`mount`]: FUSE operations, mount options, the control socket and metrics;
+//! - [`containerd`]: the remote snapshotter and `lazylayer pull`;
+//! - [`convert`]: rewriting images to eStargz / zstd:chunked and publishing gzip seek indexes;
+//! - [`cli`]: the `lazylayer` command, its config file and its output.
 
-pub mod chunk;
+pub mod cache;
 pub mod cli;
-pub mod config;
+pub mod containerd;
 pub mod convert;
-pub mod digest;
-pub mod disk_cache;
-pub mod image;
-pub mod imagefs;
-pub mod inspect;
+pub mod fetch;
+pub mod fs;
 pub mod layer;
-pub mod layout;
-pub mod listing;
+pub mod model;
 pub mod mount;
-pub mod oci;
-pub mod profile;
-pub mod pull;
-pub mod reference;
-pub mod registry;
-pub mod retry;
-pub mod s3;
-pub mod scheduler;
-pub mod snapshotter;
 pub mod source;
-pub mod stats;
-pub mod stream_read;
-pub mod tree;

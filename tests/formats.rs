@@ -10,15 +10,15 @@ mod support;
 
 use std::sync::Arc;
 
-use lazylayer::image;
-use lazylayer::imagefs::{ImageFs, ImageFsOptions};
+use lazylayer::fetch::stats::FetchStats;
+use lazylayer::fs::tree::NodeKind;
+use lazylayer::fs::{ImageFs, ImageFsOptions};
 use lazylayer::layer::{ChunkSource, LayerFormat};
-use lazylayer::oci::Platform;
-use lazylayer::reference::ImageRef;
-use lazylayer::registry::RegistryConfig;
+use lazylayer::model::oci::Platform;
+use lazylayer::model::reference::ImageRef;
 use lazylayer::source;
-use lazylayer::stats::FetchStats;
-use lazylayer::tree::NodeKind;
+use lazylayer::source::image;
+use lazylayer::source::registry::RegistryConfig;
 use support::conformance::{assert_same_tree, disk_tree, image_tree, umoci_unpack};
 use support::containerd::{Containerd, LazyFormat, python_app_as_estargz};
 use support::mount::Mounted;
@@ -65,7 +65,7 @@ async fn conformance(tag: &str) -> (Registry, String) {
     for (reference, want) in [
         (
             &gzip,
-            LayerFormat::TarStream(lazylayer::oci::LayerCompression::Gzip),
+            LayerFormat::TarStream(lazylayer::model::oci::LayerCompression::Gzip),
         ),
         (&estargz, LayerFormat::Estargz),
         (&zstd, LayerFormat::ZstdChunked),
@@ -76,7 +76,7 @@ async fn conformance(tag: &str) -> (Registry, String) {
             assert_eq!(layer.format, want, "{reference}: layer {}", layer.digest);
         }
         let opened_with = FetchStats::get(&fs.stats().bytes);
-        if want != LayerFormat::TarStream(lazylayer::oci::LayerCompression::Gzip) {
+        if want != LayerFormat::TarStream(lazylayer::model::oci::LayerCompression::Gzip) {
             // Opening a lazy image fetches the TOCs only: a small share of the image.
             assert!(
                 opened_with * 20 < compressed,
@@ -519,7 +519,7 @@ async fn random_interleavings_of_reads_evictions_and_prefetch_return_reference_b
     let options = ImageFsOptions {
         cache_bytes: 4 << 20,
         disk: Some(Arc::new(
-            lazylayer::disk_cache::DiskCache::open(cache.path(), 64 << 20).unwrap(),
+            lazylayer::cache::disk::DiskCache::open(cache.path(), 64 << 20).unwrap(),
         )),
         request_slots: 3,
         background_bytes_per_second: Some(20 << 20),
@@ -529,7 +529,7 @@ async fn random_interleavings_of_reads_evictions_and_prefetch_return_reference_b
     let fs = open_with(&estargz, &options).await;
     // Files of many sizes, from every layer.
     let mut files = Vec::new();
-    fs.tree.walk(lazylayer::tree::ROOT, |path, ino| {
+    fs.tree.walk(lazylayer::fs::tree::ROOT, |path, ino| {
         if let Some(NodeKind::File { size, .. }) = fs.tree.node(ino).map(|n| &n.kind)
             && *size > 0
             && files.len() < 400
@@ -774,7 +774,7 @@ async fn reads_are_amplified_with_the_chunks_that_follow_in_the_blob() {
     // Two different small files whose compressed chunks lie back to back in one layer.
     let mut by_start = std::collections::HashMap::new();
     let mut files = Vec::new();
-    amplified.tree.walk(lazylayer::tree::ROOT, |_, ino| {
+    amplified.tree.walk(lazylayer::fs::tree::ROOT, |_, ino| {
         if let Some(NodeKind::File { layer, chunks, .. }) =
             amplified.tree.node(ino).map(|n| &n.kind)
             && let [only] = &chunks[..]

@@ -4,11 +4,11 @@
 
 use std::io::Write;
 
-use lazylayer::digest::Digest;
+use lazylayer::fs::tree::{MergedTree, NodeKind, ResolveError};
 use lazylayer::layer::tar_stream::{Ignore, index_reader};
 use lazylayer::layer::{ChunkSource, EntryKind, LayerError, LayerIndex, STREAM_CHUNK_BYTES};
-use lazylayer::oci::LayerCompression;
-use lazylayer::tree::{MergedTree, NodeKind, ResolveError};
+use lazylayer::model::digest::Digest;
+use lazylayer::model::oci::LayerCompression;
 use tar::{EntryType, Header};
 
 /// Builds one layer entry by entry. Names and link targets are written as raw bytes so that
@@ -126,7 +126,7 @@ fn names(tree: &MergedTree, dir: &str) -> Vec<String> {
 
 fn all_paths(tree: &MergedTree) -> Vec<String> {
     let mut out = Vec::new();
-    tree.walk(lazylayer::tree::ROOT, |p, _| {
+    tree.walk(lazylayer::fs::tree::ROOT, |p, _| {
         out.push(String::from_utf8_lossy(p).into_owned())
     });
     out
@@ -232,7 +232,7 @@ fn directory_over_directory_merges_children_and_takes_new_metadata() {
         (0o1777, 5, 6, 1_600_000_000)
     );
     // A directory's link count is 2 plus its subdirectories.
-    let root = tree.node(lazylayer::tree::ROOT).unwrap();
+    let root = tree.node(lazylayer::fs::tree::ROOT).unwrap();
     assert_eq!(root.nlink, 3);
 }
 

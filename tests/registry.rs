@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use lazylayer::digest::Digest;
-use lazylayer::reference::ImageRef;
-use lazylayer::registry::auth::Credentials;
-use lazylayer::registry::{Registry as Client, RegistryConfig, RegistryError, Repository};
+use lazylayer::model::digest::Digest;
+use lazylayer::model::reference::ImageRef;
+use lazylayer::source::registry::auth::Credentials;
+use lazylayer::source::registry::{Registry as Client, RegistryConfig, RegistryError, Repository};
 use serde_json::{Value, json};
 use support::http::{HttpServer, Response};
 use support::token::{TokenPolicy, TokenServer};

@@ -1,7 +1,7 @@
 //! The eStargz footer, the TOC's tar+gzip member and the TOC JSON, each from fuzzer bytes.
 #![no_main]
 
-use lazylayer::digest::Digest;
+use lazylayer::model::digest::Digest;
 use lazylayer::layer::estargz;
 use libfuzzer_sys::fuzz_target;
 

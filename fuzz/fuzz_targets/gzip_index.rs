@@ -2,10 +2,10 @@
 //! checkpoint it accepted over fuzzer bytes; and building an index from a fuzzed gzip layer.
 #![no_main]
 
-use lazylayer::digest::Digest;
+use lazylayer::model::digest::Digest;
 use lazylayer::layer::gzip_index;
 use lazylayer::layer::{ChunkSource, Codec, EntryKind};
-use lazylayer::oci::{Descriptor, MEDIA_OCI_LAYER_GZIP};
+use lazylayer::model::oci::{Descriptor, MEDIA_OCI_LAYER_GZIP};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -2,9 +2,9 @@
 //! whiteouts, hard links, inside gzip or zstd or bare.
 #![no_main]
 
-use lazylayer::digest::Digest;
+use lazylayer::model::digest::Digest;
 use lazylayer::layer::tar_stream::{self, Ignore};
-use lazylayer::oci::LayerCompression;
+use lazylayer::model::oci::LayerCompression;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

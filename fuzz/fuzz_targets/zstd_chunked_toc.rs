@@ -1,7 +1,7 @@
 //! The zstd:chunked TOC: the manifest-position annotation, the zstd frame and the TOC JSON.
 #![no_main]
 
-use lazylayer::digest::Digest;
+use lazylayer::model::digest::Digest;
 use lazylayer::layer::zstd_chunked;
 use libfuzzer_sys::fuzz_target;
 

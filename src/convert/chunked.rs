@@ -37,15 +37,15 @@ use flate2::write::GzEncoder;
 use serde::Serialize;
 
 use super::Format;
-use crate::oci::{
+use crate::model::oci::{
     ANNOTATION_ESTARGZ_TOC, ANNOTATION_ESTARGZ_UNCOMPRESSED_SIZE, ANNOTATION_ZSTD_CHUNKED_CHECKSUM,
     ANNOTATION_ZSTD_CHUNKED_POSITION, MEDIA_OCI_LAYER_GZIP, MEDIA_OCI_LAYER_ZSTD,
 };
 use std::collections::BTreeMap;
 
 use super::TarWriter;
-use crate::digest::{Digest, DigestHasher};
 use crate::layer::{EntryKind, LayerEntry};
+use crate::model::digest::{Digest, DigestHasher};
 
 pub const TOC_NAME: &str = "stargz.index.json";
 pub const LANDMARK: &str = ".prefetch.landmark";
@@ -458,7 +458,7 @@ mod tests {
     use crate::layer::tar_stream::{Ignore, index_reader};
     use crate::layer::zstd_chunked::index_from_toc;
     use crate::layer::{ChunkSource, Codec, LayerIndex, Meta};
-    use crate::oci::LayerCompression;
+    use crate::model::oci::LayerCompression;
     use std::io::Read;
     use std::sync::Arc;
 

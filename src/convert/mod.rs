@@ -25,13 +25,13 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-use crate::digest::Digest;
-use crate::image::{self, ResolvedImage};
 use crate::layer::tar_stream::{self, StreamObserver};
 use crate::layer::{ChunkSource, EntryKind, LayerEntry, LayerError};
-use crate::oci::{Descriptor, MAX_CONFIG_BYTES, Platform};
-use crate::reference::ImageRef;
-use crate::registry::RegistryConfig;
+use crate::model::digest::Digest;
+use crate::model::oci::{Descriptor, MAX_CONFIG_BYTES, Platform};
+use crate::model::reference::ImageRef;
+use crate::source::image::{self, ResolvedImage};
+use crate::source::registry::RegistryConfig;
 use crate::source::{self, ImageSource, SourceError};
 
 /// The layer formats `convert` writes.
@@ -44,7 +44,7 @@ pub enum Format {
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
     #[error(transparent)]
-    Reference(#[from] crate::reference::ReferenceError),
+    Reference(#[from] crate::model::reference::ReferenceError),
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error(transparent)]
@@ -389,10 +389,10 @@ pub async fn convert(
         }
     }
     let config = serde_json::to_vec(&config).map_err(|e| ConvertError::Output(e.to_string()))?;
-    let config_descriptor = Descriptor::of(crate::oci::MEDIA_OCI_CONFIG, &config);
+    let config_descriptor = Descriptor::of(crate::model::oci::MEDIA_OCI_CONFIG, &config);
     let mut manifest = serde_json::json!({
         "schemaVersion": 2,
-        "mediaType": crate::oci::MEDIA_OCI_MANIFEST,
+        "mediaType": crate::model::oci::MEDIA_OCI_MANIFEST,
         "config": config_descriptor,
         "layers": layers.iter().map(|l| &l.descriptor).collect::<Vec<_>>(),
     });

@@ -9,9 +9,9 @@ use std::io;
 use std::path::Path;
 
 use super::{ConvertError, ConvertedImage};
-use crate::digest::Digest;
-use crate::oci::{ANNOTATION_REF_NAME as REF_NAME, MEDIA_OCI_MANIFEST};
-use crate::reference::LayoutRef;
+use crate::model::digest::Digest;
+use crate::model::oci::{ANNOTATION_REF_NAME as REF_NAME, MEDIA_OCI_MANIFEST};
+use crate::model::reference::LayoutRef;
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> ConvertError + '_ {
     move |e| ConvertError::Output(format!("{}: {e}", path.display()))
@@ -87,13 +87,13 @@ pub fn write_layout(image: &ConvertedImage, dest: &LayoutRef) -> Result<(), Conv
 /// Pushes `image` to `target` (layers, config, then the manifest under the tag).
 pub async fn push(
     image: &ConvertedImage,
-    target: &crate::reference::RegistryRef,
-    config: &crate::registry::RegistryConfig,
+    target: &crate::model::reference::RegistryRef,
+    config: &crate::source::registry::RegistryConfig,
 ) -> Result<(), ConvertError> {
-    let failed = |e: crate::registry::RegistryError| {
+    let failed = |e: crate::source::registry::RegistryError| {
         ConvertError::Output(format!("pushing to {target}: {e}"))
     };
-    let registry = crate::registry::Registry::new(target, config).map_err(failed)?;
+    let registry = crate::source::registry::Registry::new(target, config).map_err(failed)?;
     let repository = registry.repository_for_push(&target.repository);
     for layer in &image.layers {
         repository

@@ -16,15 +16,15 @@
 use std::sync::Arc;
 
 use super::{ConvertError, Progress};
-use crate::digest::Digest;
-use crate::image::{self, ResolvedImage};
 use crate::layer::gzip_index::{self, ANNOTATION_LAYER, ARTIFACT_TYPE, MEDIA_INDEX_BLOB};
-use crate::oci::{
+use crate::model::digest::Digest;
+use crate::model::oci::{
     Descriptor, ImageManifest, LayerCompression, LazyIndex, MEDIA_OCI_MANIFEST, Platform,
 };
-use crate::reference::ImageRef;
-use crate::registry::RegistryConfig;
+use crate::model::reference::ImageRef;
 use crate::source;
+use crate::source::image::{self, ResolvedImage};
+use crate::source::registry::RegistryConfig;
 
 /// Media type and content of the empty config an artifact without one carries (OCI 1.1).
 const MEDIA_EMPTY: &str = "application/vnd.oci.empty.v1+json";
@@ -95,7 +95,7 @@ pub async fn index(
         });
     }
 
-    let failed = |e: crate::registry::RegistryError| {
+    let failed = |e: crate::source::registry::RegistryError| {
         ConvertError::Output(format!("publishing the index of {reference}: {e}"))
     };
     let stage = |bytes: &[u8]| {
@@ -103,7 +103,8 @@ pub async fn index(
             .and_then(|f| std::fs::write(f.path(), bytes).map(|_| f))
             .map_err(|e| ConvertError::Output(format!("staging an index blob: {e}")))
     };
-    let registry_handle = crate::registry::Registry::new(target, registry).map_err(failed)?;
+    let registry_handle =
+        crate::source::registry::Registry::new(target, registry).map_err(failed)?;
     let repository = registry_handle.repository_for_push(&target.repository);
     let config = Descriptor::of(MEDIA_EMPTY, EMPTY);
     repository

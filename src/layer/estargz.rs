@@ -21,9 +21,9 @@ use bytes::{Bytes, BytesMut};
 
 use super::toc::{self, MAX_TOC_BYTES};
 use super::{Codec, LayerError, LayerFormat, LayerIndex};
-use crate::digest::Digest;
-use crate::disk_cache::DiskCache;
-use crate::oci::Descriptor;
+use crate::cache::disk::DiskCache;
+use crate::model::digest::Digest;
+use crate::model::oci::Descriptor;
 use crate::source::ImageSource;
 
 const FOOTER_SIZE: u64 = 51;

@@ -9,7 +9,7 @@
 //! later starts at the checkpoint before the wanted bytes: one ranged GET of that span, raw
 //! inflate primed with the leftover bits (`inflatePrime`) and the window
 //! (`inflateSetDictionary`), skip to the file. Spans hold a few MiB of output, so the whole
-//! decompressed span is cut into its files' chunks at once ([`crate::chunk`] groups the chunks
+//! decompressed span is cut into its files' chunks at once ([`crate::fetch`] groups the chunks
 //! of one span into one fetch and one inflate).
 //!
 //! The index also carries the layer's file table, built by the same tar parser as streamed
@@ -41,17 +41,17 @@ use super::{
     ChunkRef, ChunkSource, Codec, EntryKind, LayerEntry, LayerError, LayerFormat, LayerIndex,
     check_chunks, normalize_path,
 };
-use crate::digest::Digest;
-use crate::disk_cache::DiskCache;
-use crate::oci::{Descriptor, LayerCompression};
+use crate::cache::disk::DiskCache;
+use crate::model::digest::Digest;
+use crate::model::oci::{Descriptor, LayerCompression};
 use crate::source::ImageSource;
 
-/// `artifactType` of the index artifact's manifest (the referrers API filters on it).
-pub const ARTIFACT_TYPE: &str = "application/vnd.lazylayer.gzip-index.v1";
-/// Media type of one layer's index blob: an [`IndexFile`] as JSON, zstd-compressed.
-pub const MEDIA_INDEX_BLOB: &str = "application/vnd.lazylayer.gzip-index.v1+json+zstd";
-/// Annotation on each index blob's descriptor: the digest of the layer it indexes.
-pub const ANNOTATION_LAYER: &str = "dev.lazylayer.gzip-index.layer";
+// The artifact's names live with the other media types, in the image model, so that image
+// resolution can find an index without depending on this reader.
+pub use crate::model::oci::{
+    ANNOTATION_GZIP_INDEX_LAYER as ANNOTATION_LAYER, GZIP_INDEX_ARTIFACT_TYPE as ARTIFACT_TYPE,
+    MEDIA_GZIP_INDEX_BLOB as MEDIA_INDEX_BLOB,
+};
 
 /// Output between checkpoints when none is asked for. A read fetches and inflates one span
 /// (about a third of this compressed); smaller spans fetch less per cold file but cost a 32 KiB
@@ -482,7 +482,11 @@ pub fn build(
     };
     let json = serde_json::to_vec(&file).expect("index serialises");
     // What readers will refuse (a deflate block longer than a span may hold) is refused here.
-    let layer = Descriptor::new(crate::oci::MEDIA_OCI_LAYER_GZIP, digest.clone(), size);
+    let layer = Descriptor::new(
+        crate::model::oci::MEDIA_OCI_LAYER_GZIP,
+        digest.clone(),
+        size,
+    );
     parse_json(&layer, &json)?;
     zstd::bulk::compress(&json, 19)
         .map_err(|e| LayerError::malformed(digest, format!("compressing the index: {e}")))
@@ -742,7 +746,7 @@ mod tests {
     }
 
     fn descriptor(blob: &[u8]) -> Descriptor {
-        Descriptor::of(crate::oci::MEDIA_OCI_LAYER_GZIP, blob)
+        Descriptor::of(crate::model::oci::MEDIA_OCI_LAYER_GZIP, blob)
     }
 
     /// Every file of the index, read chunk by chunk from its checkpoint, equals the tar's.

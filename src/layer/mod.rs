@@ -28,11 +28,11 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::digest::Digest;
-use crate::disk_cache::DiskCache;
-use crate::image::Layer;
-use crate::oci::{LayerCompression, LazyIndex};
-use crate::retry::{Transient, Verdict};
+use crate::cache::disk::DiskCache;
+use crate::model::digest::Digest;
+use crate::model::oci::{LayerCompression, LazyIndex};
+use crate::source::image::Layer;
+use crate::source::retry::{Transient, Verdict};
 use crate::source::{ImageSource, SourceError};
 
 /// Largest uncompressed chunk accepted from a TOC. eStargz and zstd:chunked writers use chunks of

@@ -31,8 +31,8 @@ use super::{
     ChunkRef, ChunkSource, Codec, EntryKind, LayerEntry, LayerError, LayerFormat, LayerIndex, Meta,
     STREAM_CHUNK_BYTES, normalize_path,
 };
-use crate::digest::{Digest, DigestHasher};
-use crate::oci::{Descriptor, LayerCompression};
+use crate::model::digest::{Digest, DigestHasher};
+use crate::model::oci::{Descriptor, LayerCompression};
 use crate::source::ImageSource;
 
 /// Sees a streamed layer's entries and data as they go past.

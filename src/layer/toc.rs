@@ -20,7 +20,7 @@ use super::{
     ChunkRef, ChunkSource, Codec, EntryKind, LayerEntry, LayerError, MAX_CHUNK_BYTES, Meta,
     check_chunks, normalize_path,
 };
-use crate::digest::Digest;
+use crate::model::digest::Digest;
 
 /// Largest uncompressed TOC accepted. Debian's base image needs 2 MiB for 6,700 entries, so this
 /// allows images of several hundred thousand files while refusing a TOC that would exhaust memory.

@@ -15,9 +15,9 @@ use std::io::Read;
 
 use super::toc::{self, MAX_TOC_BYTES};
 use super::{Codec, LayerError, LayerFormat, LayerIndex};
-use crate::digest::Digest;
-use crate::disk_cache::DiskCache;
-use crate::oci::Descriptor;
+use crate::cache::disk::DiskCache;
+use crate::model::digest::Digest;
+use crate::model::oci::Descriptor;
 use crate::source::ImageSource;
 
 /// The only TOC type defined: the CRFS-style JSON.

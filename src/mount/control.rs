@@ -13,8 +13,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::warn;
 
-use crate::imagefs::ImageFs;
-use crate::stats::{FetchStats, LayerStats};
+use crate::fetch::stats::{FetchStats, LayerStats};
+use crate::fs::ImageFs;
 
 /// What `lazylayer stats` shows.
 #[derive(Debug, Serialize, Deserialize)]
@@ -66,8 +66,8 @@ impl StatsReport {
             cache_hits: FetchStats::get(&stats.cache_hits),
             disk_hits: FetchStats::get(&stats.disk_hits),
             cache_misses: FetchStats::get(&stats.cache_misses),
-            retries: crate::retry::counters().0,
-            failed_reads: crate::retry::counters().1,
+            retries: crate::source::retry::counters().0,
+            failed_reads: crate::source::retry::counters().1,
             background_complete: stats
                 .background_complete
                 .load(std::sync::atomic::Ordering::Relaxed),

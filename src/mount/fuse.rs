@@ -24,8 +24,8 @@ use fuser::{
 };
 use tracing::{debug, warn};
 
-use crate::imagefs::ImageFs;
-use crate::tree::{Ino, Node, NodeKind};
+use crate::fs::ImageFs;
+use crate::fs::tree::{Ino, Node, NodeKind};
 
 /// How long the kernel may cache names and attributes. The tree is immutable for the life of
 /// the mount, so this could be forever; a day keeps the kernel's caches from holding entries for

@@ -11,8 +11,8 @@ use std::sync::atomic::Ordering;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::imagefs::ImageFs;
-use crate::stats::FetchStats;
+use crate::fetch::stats::FetchStats;
+use crate::fs::ImageFs;
 
 /// The metrics page.
 pub fn render(fs: &ImageFs) -> String {
@@ -137,7 +137,7 @@ pub fn render(fs: &ImageFs) -> String {
             disk.bytes()
         );
     }
-    let (retries, exhausted) = crate::retry::counters();
+    let (retries, exhausted) = crate::source::retry::counters();
     let _ = writeln!(out, "lazylayer_retries_total {retries}");
     let _ = writeln!(out, "lazylayer_failed_reads_total {exhausted}");
     let [background, prefetch, reader] = fs.queued();

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use fuser::{BackgroundSession, Config, MountOption};
 
-use crate::imagefs::ImageFs;
+use crate::fs::ImageFs;
 
 /// How a mount is made.
 #[derive(Clone, Debug)]
@@ -210,6 +210,6 @@ pub fn run_dir() -> PathBuf {
 /// The control socket of the mount at `dir` (named after its absolute path).
 pub fn control_socket(dir: &Path) -> PathBuf {
     let absolute = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let digest = crate::digest::Digest::of(absolute.as_os_str().as_bytes());
+    let digest = crate::model::digest::Digest::of(absolute.as_os_str().as_bytes());
     run_dir().join(format!("mount-{}.sock", &digest.hex()[..16]))
 }

@@ -12,8 +12,8 @@ use std::process::Command;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use lazylayer::imagefs::ImageFs;
-use lazylayer::tree::NodeKind;
+use lazylayer::fs::ImageFs;
+use lazylayer::fs::tree::NodeKind;
 use sha2::{Digest as _, Sha256};
 
 use super::{require_tool, shared_images};
@@ -137,7 +137,7 @@ pub fn disk_tree(root: &Path) -> Tree {
 /// files at once as a mount's readers would).
 pub async fn image_tree(fs: &Arc<ImageFs>) -> Tree {
     let mut paths = Vec::new();
-    fs.tree.walk(lazylayer::tree::ROOT, |path, ino| {
+    fs.tree.walk(lazylayer::fs::tree::ROOT, |path, ino| {
         if !path.is_empty() {
             paths.push((path.to_vec(), ino));
         }

@@ -1,0 +1,819 @@
+//! A containerd snapshotter whose image layers are lazily mounted images.
+//!
+//! containerd talks to us over its snapshots gRPC API ([`service`]); this module holds the
+//! semantics, modelled on containerd's own overlayfs snapshotter so that everything above it
+//! (unpacking, `ctr run`, garbage collection) behaves the same:
+//! - every snapshot has a directory `ROOT/snapshots/ID/` with `fs/` (its contents, or the upper
+//!   directory of an active snapshot) and `work/` (overlayfs's work directory);
+//! - an active snapshot mounts as overlayfs: its `fs/` over its parents' directories; a view of
+//!   one layer is a read-only bind mount; a snapshot without parent is a bind mount of `fs/`;
+//! - `Commit` turns an active snapshot into a committed one under a new name, `Remove` refuses a
+//!   snapshot that has children, metadata lives in [`store`].
+//!
+//! Remote layers. When containerd prepares the snapshot a layer will be unpacked into, and the
+//! request carries the target name (`containerd.io/snapshot.ref`) and where the layer comes from
+//! (image reference and layer digest, in the CRI plugin's `containerd.io/snapshot/cri.*` labels,
+//! which `lazylayer pull` also sets, or stargz-snapshotter's `.../remote/stargz.*` ones), and the
+//! layer has a lazy index (eStargz or zstd:chunked), we fetch and verify that index, record the
+//! target as a committed snapshot of our own and answer "already exists": containerd then skips
+//! downloading and unpacking the layer. Layers without a lazy index, or whose index cannot be
+//! fetched, get an ordinary active snapshot and containerd unpacks them as usual.
+//!
+//! Unlike stargz-snapshotter, which mounts every layer on its own and stacks them in overlayfs,
+//! a run of remote layers is served by ONE FUSE mount of their merged tree (the same [`ImageFs`]
+//! `lazylayer mount` uses), mounted on the topmost remote snapshot's `fs/`: a lookup costs one
+//! map probe in our tree whatever the number of layers, instead of one probe per layer in the
+//! kernel. A layer counts as remote only while everything below it is remote too, so the merged
+//! run is always the bottom of the stack and needs no whiteouts of its own; local layers above
+//! it are ordinary overlayfs lower directories. Mounts are made on first use (a container's
+//! `Prepare`, a `View`) and shared by every container on top of the same snapshot.
+//!
+//! Restarts: the metadata file survives, FUSE mounts do not. On start, mount points left by a
+//! previous process are detached and, while the service already answers, every active
+//! snapshot's lower mounts are made again; see kernel-notes/ for what happens to containers that
+//! were running.
+
+pub mod service;
+pub mod store;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use containerd_client::types::Mount;
+
+use crate::cache::disk::DiskBackedSource;
+use crate::fetch::stats::FetchStats;
+use crate::fs::{CountingSource, ImageFs, ImageFsOptions};
+use crate::layer::tar_stream::Ignore;
+use crate::model::digest::Digest;
+use crate::model::oci::Platform;
+use crate::model::reference::{ImageRef, ManifestSelector};
+use crate::mount::{Companions, MountOptions, detach};
+use crate::source::image::{self, ResolvedImage};
+use crate::source::registry::RegistryConfig;
+use crate::source::{self, ImageSource};
+use store::{Kind, Record, RemoteLayer, Store};
+
+/// The label containerd's unpacker sets on the snapshot a layer is prepared in: the name the
+/// committed layer will have (its chain ID).
+pub const TARGET_LABEL: &str = "containerd.io/snapshot.ref";
+/// Image reference of a layer being unpacked (CRI's name first, then stargz-snapshotter's).
+pub const IMAGE_LABELS: [&str; 2] = [
+    "containerd.io/snapshot/cri.image-ref",
+    "containerd.io/snapshot/remote/stargz.reference",
+];
+/// Compressed digest of the layer being unpacked.
+pub const LAYER_LABELS: [&str; 2] = [
+    "containerd.io/snapshot/cri.layer-digest",
+    "containerd.io/snapshot/remote/stargz.digest",
+];
+/// Manifest the layer belongs to (pins the image when the reference is a tag).
+pub const MANIFEST_LABEL: &str = "containerd.io/snapshot/cri.manifest-digest";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot {0} does not exist")]
+    NotFound(String),
+    #[error("snapshot {0} already exists")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("remote layer {layer} of {image}: {reason}")]
+    Remote {
+        image: String,
+        layer: Digest,
+        reason: String,
+    },
+}
+
+fn io_error(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> SnapshotError {
+    let what = what.to_string();
+    move |source| SnapshotError::Io { what, source }
+}
+
+/// Settings of a snapshotter.
+#[derive(Clone)]
+pub struct SnapshotterConfig {
+    /// Snapshot directories and the metadata file live here.
+    pub root: PathBuf,
+    /// How remote layers are fetched (credentials, timeouts, retries).
+    pub registry: RegistryConfig,
+    /// The platform to pick when a reference names a multi-platform index.
+    pub platform: Platform,
+    /// How each lazily mounted run of layers reads and caches.
+    pub image_fs: ImageFsOptions,
+}
+
+/// One FUSE mount serving a run of remote layers.
+struct LazyMount {
+    dir: PathBuf,
+    session: fuser::BackgroundSession,
+    companions: Companions,
+}
+
+pub struct Snapshotter {
+    config: SnapshotterConfig,
+    store: std::sync::Mutex<Store>,
+    /// By snapshot name: the remote snapshots whose directory is a live FUSE mount. Held while a
+    /// mount is being made, so two containers starting together mount once.
+    mounts: tokio::sync::Mutex<HashMap<String, LazyMount>>,
+    /// Images resolved by (reference, manifest digest), with the source that reads them.
+    images: std::sync::Mutex<lru::LruCache<(String, Digest), RemoteImage>>,
+}
+
+/// A resolved image and the (uncounted) source it came from.
+type RemoteImage = (Arc<dyn ImageSource>, ResolvedImage);
+
+/// Resolved images remembered: a few pulls' worth (an entry is a manifest and a config).
+const REMEMBERED_IMAGES: usize = 64;
+
+/// What a snapshot's lower directories are, before remote ones are mounted.
+enum Lower {
+    Local(PathBuf),
+    Remote(String),
+}
+
+/// What `stat` and `list` report.
+pub struct SnapshotInfo {
+    pub name: String,
+    pub record: Record,
+}
+
+impl Snapshotter {
+    /// Opens (or creates) the snapshotter at `config.root` and detaches mount points a previous
+    /// process left behind; [`Snapshotter::recover`] then mounts again what active snapshots
+    /// stand on.
+    pub async fn open(config: SnapshotterConfig) -> Result<Snapshotter, SnapshotError> {
+        let snapshots = config.root.join("snapshots");
+        std::fs::create_dir_all(&snapshots).map_err(io_error(snapshots.display()))?;
+        let store = Store::open(&config.root).map_err(io_error("snapshot metadata"))?;
+        for (_, record) in store.iter().filter(|(_, r)| r.remote.is_some()) {
+            // A killed daemon leaves its mounts behind, answering ENOTCONN.
+            let _ = detach(&snapshots.join(record.id.to_string()).join("fs"));
+        }
+        Ok(Snapshotter {
+            config,
+            store: std::sync::Mutex::new(store),
+            mounts: tokio::sync::Mutex::new(HashMap::new()),
+            images: std::sync::Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(REMEMBERED_IMAGES).expect("non-zero"),
+            )),
+        })
+    }
+
+    /// Mounts again the remote layers every active snapshot and view stands on. Runs while the
+    /// service already answers (a registry that is slow or down must not keep containerd
+    /// waiting for the socket); a request that needs a mount first makes it itself.
+    pub async fn recover(&self) {
+        let active: Vec<String> = self
+            .store()
+            .iter()
+            .filter(|(_, r)| r.kind != Kind::Committed)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in active {
+            match self.mounts(&key).await {
+                Ok(_) => tracing::info!("recovered the mounts of snapshot {key}"),
+                Err(e) => tracing::warn!("snapshot {key}: cannot mount its layers again: {e}"),
+            }
+        }
+    }
+
+    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn dir(&self, id: u64) -> PathBuf {
+        self.config.root.join("snapshots").join(id.to_string())
+    }
+
+    /// Creates an active snapshot (`Prepare`), or records a remote layer and answers
+    /// [`SnapshotError::AlreadyExists`] for its target (see the module documentation).
+    pub async fn prepare(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>, SnapshotError> {
+        if let (Some(target), Some(remote)) =
+            (labels.get(TARGET_LABEL).cloned(), remote_layer(&labels))
+        {
+            if self.store().get(&target).is_some() {
+                return Err(SnapshotError::AlreadyExists(target));
+            }
+            if self.all_remote(parent) {
+                match self.check_remote(&remote).await {
+                    Ok(()) => {
+                        self.create(&target, parent, Kind::Committed, labels, Some(remote))?;
+                        return Err(SnapshotError::AlreadyExists(target));
+                    }
+                    Err(e) => tracing::warn!("{e}; containerd will download and unpack it"),
+                }
+            }
+        }
+        self.create(key, parent, Kind::Active, labels, None)?;
+        self.mounts(key).await
+    }
+
+    /// Creates a read-only view of `parent` (`View`).
+    pub async fn view(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>, SnapshotError> {
+        self.create(key, parent, Kind::View, labels, None)?;
+        self.mounts(key).await
+    }
+
+    /// Whether `parent` and everything below it are remote layers (true for no parent).
+    fn all_remote(&self, parent: &str) -> bool {
+        parent.is_empty()
+            || self
+                .store()
+                .chain(parent)
+                .iter()
+                .all(|(_, r)| r.remote.is_some())
+    }
+
+    fn create(
+        &self,
+        key: &str,
+        parent: &str,
+        kind: Kind,
+        labels: BTreeMap<String, String>,
+        remote: Option<RemoteLayer>,
+    ) -> Result<(), SnapshotError> {
+        let mut store = self.store();
+        if store.get(key).is_some() {
+            return Err(SnapshotError::AlreadyExists(key.to_string()));
+        }
+        let parent = (!parent.is_empty()).then(|| parent.to_string());
+        if let Some(parent) = &parent {
+            match store.get(parent) {
+                None => return Err(SnapshotError::NotFound(parent.clone())),
+                Some(p) if p.kind != Kind::Committed => {
+                    return Err(SnapshotError::InvalidArgument(format!(
+                        "parent {parent} is not a committed snapshot"
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        let id = store.next_id();
+        let dir = self.dir(id);
+        std::fs::create_dir_all(dir.join("fs")).map_err(io_error(dir.display()))?;
+        if kind == Kind::Active {
+            std::fs::create_dir_all(dir.join("work")).map_err(io_error(dir.display()))?;
+        }
+        let now = store::now_nanos();
+        let record = Record {
+            id,
+            kind,
+            parent,
+            labels,
+            created: now,
+            updated: now,
+            remote,
+        };
+        store.put(key.to_string(), record).map_err(|e| {
+            let _ = std::fs::remove_dir_all(&dir);
+            io_error("snapshot metadata")(e)
+        })
+    }
+
+    /// The mounts that make snapshot `key` (active or view) a root filesystem.
+    pub async fn mounts(&self, key: &str) -> Result<Vec<Mount>, SnapshotError> {
+        let (record, lowers) = {
+            let store = self.store();
+            let record = store
+                .get(key)
+                .cloned()
+                .ok_or_else(|| SnapshotError::NotFound(key.to_string()))?;
+            let mut lowers = Vec::new();
+            if let Some(parent) = &record.parent {
+                for (name, r) in store.chain(parent) {
+                    if r.remote.is_some() {
+                        lowers.push(Lower::Remote(name.clone()));
+                        break;
+                    }
+                    lowers.push(Lower::Local(self.dir(r.id).join("fs")));
+                }
+            }
+            (record, lowers)
+        };
+        let mut dirs = Vec::with_capacity(lowers.len());
+        for lower in lowers {
+            dirs.push(match lower {
+                Lower::Local(dir) => dir,
+                Lower::Remote(name) => self.mount_remote(&name).await?,
+            });
+        }
+        let dir = self.dir(record.id);
+        let path = |p: &Path| p.display().to_string();
+        let bind = |source: &Path, mode: &str| Mount {
+            r#type: "bind".into(),
+            source: path(source),
+            target: String::new(),
+            options: vec![mode.into(), "rbind".into()],
+        };
+        let lowerdir = || {
+            format!(
+                "lowerdir={}",
+                dirs.iter().map(|d| path(d)).collect::<Vec<_>>().join(":")
+            )
+        };
+        let overlay = |options: Vec<String>| Mount {
+            r#type: "overlay".into(),
+            source: "overlay".into(),
+            target: String::new(),
+            options,
+        };
+        Ok(vec![match (record.kind, dirs.len()) {
+            (Kind::Active, 0) => bind(&dir.join("fs"), "rw"),
+            (Kind::Active, _) => overlay(vec![
+                "index=off".into(),
+                format!("workdir={}", path(&dir.join("work"))),
+                format!("upperdir={}", path(&dir.join("fs"))),
+                lowerdir(),
+            ]),
+            (_, 0) => bind(&dir.join("fs"), "ro"),
+            (_, 1) => bind(&dirs[0], "ro"),
+            (_, _) => overlay(vec![lowerdir()]),
+        }])
+    }
+
+    /// Mounts the run of remote layers that ends at snapshot `name` on its directory (once).
+    async fn mount_remote(&self, name: &str) -> Result<PathBuf, SnapshotError> {
+        let mut mounts = self.mounts.lock().await;
+        if let Some(mounted) = mounts.get(name) {
+            return Ok(mounted.dir.clone());
+        }
+        let (dir, remote, depth) = {
+            let store = self.store();
+            let record = store
+                .get(name)
+                .ok_or_else(|| SnapshotError::NotFound(name.to_string()))?;
+            let remote = record.remote.clone().ok_or_else(|| {
+                SnapshotError::FailedPrecondition(format!("snapshot {name} is not remote"))
+            })?;
+            (
+                self.dir(record.id).join("fs"),
+                remote,
+                store.chain(name).len(),
+            )
+        };
+        let failed = |reason: String| remote.failed(reason);
+        let (source, stats, mut image) = self.resolve(&remote).await?;
+        let position = layer_position(&image, &remote).map_err(failed)?;
+        if position + 1 != depth {
+            return Err(failed(format!(
+                "it is layer {} of the image but snapshot {name} stands on {} layers",
+                position + 1,
+                depth
+            )));
+        }
+        image.layers.truncate(depth);
+        let fs = ImageFs::open_counted(source, stats, image, &self.config.image_fs)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let fs = Arc::new(fs);
+        let _ = detach(&dir);
+        let options = MountOptions {
+            // Containers run as any user, and their setuid binaries and devices must work.
+            allow_other: true,
+            suid_dev: true,
+            ..MountOptions::default()
+        };
+        let session = crate::mount::mount(
+            fs.clone(),
+            &dir,
+            &options,
+            tokio::runtime::Handle::current(),
+        )
+        .map_err(|e| failed(e.to_string()))?;
+        let companions = Companions::start(fs, &dir);
+        tracing::info!(
+            "mounted {} layer(s) of {} at {}",
+            depth,
+            remote.image,
+            dir.display()
+        );
+        mounts.insert(
+            name.to_string(),
+            LazyMount {
+                dir: dir.clone(),
+                session,
+                companions,
+            },
+        );
+        Ok(dir)
+    }
+
+    /// Resolves the image a remote layer belongs to, with a source that counts what it fetches
+    /// and keeps indexes in the disk cache. Images pinned by manifest digest are resolved once
+    /// and remembered: every layer of a pull asks for the same image, and each resolution costs
+    /// two round trips (manifest, config) before the layer's own TOC.
+    async fn resolve(
+        &self,
+        remote: &RemoteLayer,
+    ) -> Result<(Arc<dyn ImageSource>, Arc<FetchStats>, ResolvedImage), SnapshotError> {
+        let failed = |reason: String| remote.failed(reason);
+        let pinned = remote
+            .manifest
+            .clone()
+            .map(|manifest| (remote.image.clone(), manifest));
+        let remembered = pinned
+            .as_ref()
+            .and_then(|key| self.images.lock().unwrap().get(key).cloned());
+        let (raw, image) = match remembered {
+            Some(found) => found,
+            None => {
+                let reference =
+                    ImageRef::parse(&remote.image).map_err(|e| failed(e.to_string()))?;
+                let (raw, mut selector) = source::open(&reference, &self.config.registry)
+                    .await
+                    .map_err(|e| failed(e.to_string()))?;
+                if let Some(manifest) = &remote.manifest {
+                    selector = ManifestSelector::Digest(manifest.clone());
+                }
+                let image = image::resolve(raw.as_ref(), &selector, &self.config.platform)
+                    .await
+                    .map_err(|e| failed(e.to_string()))?;
+                if let Some(key) = pinned {
+                    self.images
+                        .lock()
+                        .unwrap()
+                        .put(key, (raw.clone(), image.clone()));
+                }
+                (raw, image)
+            }
+        };
+        let (source, stats) = CountingSource::wrap(raw);
+        let source = match &self.config.image_fs.disk {
+            Some(disk) => DiskBackedSource::wrap(source, disk.clone()),
+            None => source,
+        };
+        Ok((source, stats, image))
+    }
+
+    /// Fetches and verifies a remote layer's lazy index: the layer can then be mounted lazily.
+    async fn check_remote(&self, remote: &RemoteLayer) -> Result<(), SnapshotError> {
+        let failed = |reason: String| remote.failed(reason);
+        let (source, _, image) = self.resolve(remote).await?;
+        let layer = &image.layers[layer_position(&image, remote).map_err(failed)?];
+        if layer.lazy_index.is_none() {
+            return Err(failed(
+                "it has no lazy index (not eStargz or zstd:chunked)".into(),
+            ));
+        }
+        crate::layer::load(
+            source,
+            layer,
+            Arc::new(Ignore),
+            self.config.image_fs.disk.as_deref(),
+        )
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Turns active snapshot `key` into committed snapshot `name`.
+    pub fn commit(
+        &self,
+        name: &str,
+        key: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(), SnapshotError> {
+        let mut store = self.store();
+        let record = store
+            .get(key)
+            .cloned()
+            .ok_or_else(|| SnapshotError::NotFound(key.to_string()))?;
+        if record.kind != Kind::Active {
+            return Err(SnapshotError::FailedPrecondition(format!(
+                "snapshot {key} is not active"
+            )));
+        }
+        if store.get(name).is_some() {
+            return Err(SnapshotError::AlreadyExists(name.to_string()));
+        }
+        let mut committed = record;
+        committed.kind = Kind::Committed;
+        committed.labels.extend(labels);
+        committed.updated = store::now_nanos();
+        store
+            .replace(key, Some((name.to_string(), committed)))
+            .map_err(io_error("snapshot metadata"))?;
+        Ok(())
+    }
+
+    /// Removes snapshot `key`, which must have no children; unmounts it if it is a live remote
+    /// mount.
+    pub async fn remove(&self, key: &str) -> Result<(), SnapshotError> {
+        let record = {
+            let mut store = self.store();
+            if store.get(key).is_none() {
+                return Err(SnapshotError::NotFound(key.to_string()));
+            }
+            if store.has_children(key) {
+                return Err(SnapshotError::FailedPrecondition(format!(
+                    "snapshot {key} has children; remove them first"
+                )));
+            }
+            store
+                .replace(key, None)
+                .map_err(io_error("snapshot metadata"))?
+        };
+        if let Some(mounted) = self.mounts.lock().await.remove(key) {
+            unmount(mounted).await;
+        }
+        let dir = self.dir(record.id);
+        std::fs::remove_dir_all(&dir).map_err(io_error(dir.display()))
+    }
+
+    pub fn stat(&self, key: &str) -> Result<SnapshotInfo, SnapshotError> {
+        let store = self.store();
+        let record = store
+            .get(key)
+            .cloned()
+            .ok_or_else(|| SnapshotError::NotFound(key.to_string()))?;
+        Ok(SnapshotInfo {
+            name: key.to_string(),
+            record,
+        })
+    }
+
+    /// Replaces the labels of `key` (all of them when `fields` is empty, else those named
+    /// `labels.NAME`, or all for `labels`), as containerd's `Update` does.
+    pub fn update_labels(
+        &self,
+        key: &str,
+        labels: BTreeMap<String, String>,
+        fields: &[String],
+    ) -> Result<SnapshotInfo, SnapshotError> {
+        let mut store = self.store();
+        let mut record = store
+            .get(key)
+            .cloned()
+            .ok_or_else(|| SnapshotError::NotFound(key.to_string()))?;
+        if fields.is_empty() || fields.iter().any(|f| f == "labels") {
+            record.labels = labels;
+        } else {
+            for field in fields {
+                let Some(name) = field.strip_prefix("labels.") else {
+                    return Err(SnapshotError::InvalidArgument(format!(
+                        "cannot update {field} of snapshot {key}; only labels can change"
+                    )));
+                };
+                match labels.get(name) {
+                    Some(value) => record.labels.insert(name.to_string(), value.clone()),
+                    None => record.labels.remove(name),
+                };
+            }
+        }
+        record.updated = store::now_nanos();
+        store
+            .put(key.to_string(), record.clone())
+            .map_err(io_error("snapshot metadata"))?;
+        Ok(SnapshotInfo {
+            name: key.to_string(),
+            record,
+        })
+    }
+
+    pub fn list(&self) -> Vec<SnapshotInfo> {
+        self.store()
+            .iter()
+            .map(|(name, record)| SnapshotInfo {
+                name: name.clone(),
+                record: record.clone(),
+            })
+            .collect()
+    }
+
+    /// Disk space and inodes a snapshot's own directory uses (an active snapshot's writes, a
+    /// local layer's files). Remote layers use none: their chunks live in the shared cache.
+    pub fn usage(&self, key: &str) -> Result<(u64, u64), SnapshotError> {
+        let record = self.stat(key)?.record;
+        if record.remote.is_some() {
+            return Ok((0, 0));
+        }
+        let dir = self.dir(record.id).join("fs");
+        disk_usage(&dir).map_err(io_error(dir.display()))
+    }
+
+    /// Deletes snapshot directories no snapshot refers to (left by a crash mid-operation).
+    pub fn cleanup(&self) -> Result<(), SnapshotError> {
+        let known: std::collections::HashSet<u64> = self.store().ids().collect();
+        let snapshots = self.config.root.join("snapshots");
+        let entries = std::fs::read_dir(&snapshots).map_err(io_error(snapshots.display()))?;
+        for entry in entries.flatten() {
+            let orphan = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|id| !known.contains(&id));
+            if orphan {
+                let _ = detach(&entry.path().join("fs"));
+                std::fs::remove_dir_all(entry.path()).map_err(io_error(entry.path().display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Unmounts every lazy mount (on shutdown).
+    pub async fn close(&self) {
+        for (_, mounted) in self.mounts.lock().await.drain() {
+            unmount(mounted).await;
+        }
+    }
+}
+
+impl RemoteLayer {
+    /// The error for this layer failing for `reason`.
+    fn failed(&self, reason: String) -> SnapshotError {
+        SnapshotError::Remote {
+            image: self.image.clone(),
+            layer: self.layer.clone(),
+            reason,
+        }
+    }
+}
+
+/// The remote layer named by a `Prepare`'s labels, if they name one.
+fn remote_layer(labels: &BTreeMap<String, String>) -> Option<RemoteLayer> {
+    let first = |names: &[&str]| names.iter().find_map(|n| labels.get(*n)).cloned();
+    let image = first(&IMAGE_LABELS)?;
+    let layer = first(&LAYER_LABELS)?.parse().ok()?;
+    let manifest = labels.get(MANIFEST_LABEL).and_then(|m| m.parse().ok());
+    Some(RemoteLayer {
+        image,
+        manifest,
+        layer,
+    })
+}
+
+fn layer_position(image: &ResolvedImage, remote: &RemoteLayer) -> Result<usize, String> {
+    image
+        .layers
+        .iter()
+        .position(|l| l.descriptor.digest == remote.layer)
+        .ok_or_else(|| format!("manifest {} has no such layer", image.manifest_digest))
+}
+
+async fn unmount(mounted: LazyMount) {
+    mounted.companions.stop();
+    if let Err(e) = detach(&mounted.dir) {
+        tracing::warn!("{}: {e}", mounted.dir.display());
+    }
+    let session = mounted.session;
+    let _ = tokio::task::spawn_blocking(move || session.join()).await;
+}
+
+/// Bytes (allocated) and inodes under `dir`, hard links counted once, not crossing mounts.
+fn disk_usage(dir: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let root_dev = std::fs::symlink_metadata(dir)?.dev();
+    let mut seen = std::collections::HashSet::new();
+    let (mut bytes, mut inodes) = (0, 0);
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        let meta = std::fs::symlink_metadata(&path)?;
+        if meta.dev() != root_dev || !seen.insert(meta.ino()) {
+            continue;
+        }
+        bytes += meta.blocks() * 512;
+        inodes += 1;
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path)? {
+                pending.push(entry?.path());
+            }
+        }
+    }
+    Ok((bytes, inodes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    async fn open(root: &Path) -> Snapshotter {
+        Snapshotter::open(SnapshotterConfig {
+            root: root.to_path_buf(),
+            registry: RegistryConfig::default(),
+            platform: Platform::host(),
+            image_fs: ImageFsOptions::default(),
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn local_snapshots_follow_containerds_overlay_semantics() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path()).await;
+        let m = s.prepare("a", "", BTreeMap::new()).await.unwrap();
+        assert_eq!(m[0].r#type, "bind");
+        assert!(m[0].options.contains(&"rw".to_string()));
+        assert!(matches!(
+            s.prepare("a", "", BTreeMap::new()).await,
+            Err(SnapshotError::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            s.prepare("b", "a", BTreeMap::new()).await,
+            Err(SnapshotError::InvalidArgument(_))
+        ));
+        s.commit("base", "a", labels(&[("x", "1")])).unwrap();
+        assert!(matches!(s.stat("a"), Err(SnapshotError::NotFound(_))));
+        assert_eq!(s.stat("base").unwrap().record.labels["x"], "1");
+        let m = s.prepare("c", "base", BTreeMap::new()).await.unwrap();
+        assert_eq!(m[0].r#type, "overlay");
+        let lower = format!("lowerdir={}", s.dir(1).join("fs").display());
+        assert!(m[0].options.contains(&lower), "{:?}", m[0].options);
+        let v = s.view("v", "base", BTreeMap::new()).await.unwrap();
+        assert_eq!(v[0].r#type, "bind");
+        assert!(v[0].options.contains(&"ro".to_string()));
+        assert!(matches!(
+            s.remove("base").await,
+            Err(SnapshotError::FailedPrecondition(_))
+        ));
+        s.remove("c").await.unwrap();
+        s.remove("v").await.unwrap();
+        s.remove("base").await.unwrap();
+        assert!(s.list().is_empty());
+        assert!(!s.dir(1).exists());
+    }
+
+    #[tokio::test]
+    async fn labels_update_by_field_and_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = open(dir.path()).await;
+            s.prepare("a", "", labels(&[("keep", "1"), ("drop", "2")]))
+                .await
+                .unwrap();
+            let info = s
+                .update_labels(
+                    "a",
+                    labels(&[("new", "3")]),
+                    &["labels.drop".into(), "labels.new".into()],
+                )
+                .unwrap();
+            assert_eq!(info.record.labels, labels(&[("keep", "1"), ("new", "3")]));
+            assert!(matches!(
+                s.update_labels("a", BTreeMap::new(), &["parent".into()]),
+                Err(SnapshotError::InvalidArgument(_))
+            ));
+        }
+        let s = open(dir.path()).await;
+        assert_eq!(
+            s.stat("a").unwrap().record.labels,
+            labels(&[("keep", "1"), ("new", "3")])
+        );
+        std::fs::create_dir_all(dir.path().join("snapshots/99/fs")).unwrap();
+        s.cleanup().unwrap();
+        assert!(!dir.path().join("snapshots/99").exists());
+        assert!(s.dir(1).exists());
+    }
+
+    #[test]
+    fn remote_layers_are_named_by_cri_or_stargz_labels() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let cri = labels(&[
+            ("containerd.io/snapshot/cri.image-ref", "reg/app:1"),
+            ("containerd.io/snapshot/cri.layer-digest", &digest),
+        ]);
+        let r = remote_layer(&cri).unwrap();
+        assert_eq!((r.image.as_str(), &r.manifest), ("reg/app:1", &None));
+        let stargz = labels(&[
+            (
+                "containerd.io/snapshot/remote/stargz.reference",
+                "reg/app:1",
+            ),
+            ("containerd.io/snapshot/remote/stargz.digest", &digest),
+        ]);
+        assert_eq!(remote_layer(&stargz), Some(r));
+        assert!(remote_layer(&labels(&[("containerd.io/snapshot/cri.image-ref", "x")])).is_none());
+        let bad = labels(&[
+            ("containerd.io/snapshot/cri.image-ref", "reg/app:1"),
+            ("containerd.io/snapshot/cri.layer-digest", "sha256:zz"),
+        ]);
+        assert!(remote_layer(&bad).is_none());
+    }
+}

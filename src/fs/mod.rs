@@ -1,0 +1,604 @@
+//! An opened image: its merged tree plus the reader for file contents.
+//!
+//! Opening resolves nothing by itself: the caller passes a resolved image. Opening then reads
+//! every layer's index concurrently (a TOC for eStargz and zstd:chunked, a full stream for
+//! index-less layers, whose file data lands in the chunk cache on the way) and builds the merged
+//! tree. After that, metadata operations touch memory only and reads go through the
+//! [`ContentReader`]. This is the object `ls`, `cat` and the FUSE mount share.
+
+pub mod profile;
+pub mod stream_read;
+pub mod tree;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use crate::cache::disk::DiskCache;
+use crate::fetch::scheduler::{Priority, RequestScheduler};
+use crate::fetch::stats::FetchStats;
+use crate::fetch::{ChunkCache, ChunkKey, ContentError, ContentReader, LayerInfo};
+use crate::fs::tree::{Ino, MergedTree, NodeKind};
+use crate::layer::tar_stream::StreamObserver;
+use crate::layer::{self, LayerError, LayerFormat};
+use crate::layer::{ChunkRef, ChunkSource};
+use crate::model::digest::Digest;
+use crate::model::oci::Descriptor;
+use crate::model::reference::ManifestSelector;
+use crate::source::image::ResolvedImage;
+use crate::source::retry::{self, RetryPolicy};
+use crate::source::{ByteStream, FetchedManifest, ImageSource, SourceError};
+use profile::{Profile, Recorder};
+
+/// Settings for an opened image.
+#[derive(Clone)]
+pub struct ImageFsOptions {
+    /// Bytes of uncompressed chunks kept in memory. 512 MiB holds the working set of a typical
+    /// application start (a Python or JVM runtime touches 50–200 MiB) with room for a second
+    /// image, and is small next to the memory of a machine that runs containers.
+    pub cache_bytes: u64,
+    /// The disk tier, shared by every image of the process (chunks are content addressed, so
+    /// images that share content share it); `None` keeps everything in memory.
+    pub disk: Option<Arc<DiskCache>>,
+    /// Requests in flight to the source at once. A few parallel ranges fill a link; many hurt
+    /// slow links and registries (moby uses 3 for layer downloads): 4.
+    pub request_slots: usize,
+    /// Fetch the rest of every lazily read layer into the disk tier while nobody waits, at most
+    /// this many bytes per second (`None`: do not). Needs a disk tier; readers always go first.
+    pub background_bytes_per_second: Option<u64>,
+    /// Record the files read in this long after opening as the image's start-up profile, and
+    /// prefetch an existing profile's files (`None`: neither). Needs a disk tier to keep it.
+    pub profile_window: Option<std::time::Duration>,
+    /// How fetches whose bytes fail verification are tried again, and how a layer index that
+    /// fails to load is; transport failures are retried below, by the source.
+    pub retry: RetryPolicy,
+    /// Compressed bytes a reader's request may grow to with the chunks that follow it in the
+    /// blob (read amplification; 0 turns it off). See `ContentReader::with_amplification`.
+    /// 512 KiB: 20 ms at 200 Mbit/s, about one round trip on a typical link, so a wasted
+    /// amplification costs at most what a saved round trip gains.
+    pub amplify_bytes: u64,
+}
+
+impl Default for ImageFsOptions {
+    fn default() -> Self {
+        ImageFsOptions {
+            cache_bytes: 512 << 20,
+            disk: None,
+            request_slots: 4,
+            background_bytes_per_second: None,
+            profile_window: None,
+            retry: RetryPolicy::default(),
+            amplify_bytes: 512 << 10,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageFsError {
+    #[error(transparent)]
+    Layer(#[from] LayerError),
+    #[error("{path}: {source}")]
+    Read {
+        path: String,
+        source: Arc<ContentError>,
+    },
+}
+
+/// What one layer turned out to be when it was opened.
+#[derive(Clone, Debug)]
+pub struct OpenedLayer {
+    pub digest: Digest,
+    pub format: LayerFormat,
+    pub size: u64,
+    pub prefetch_end: Option<u64>,
+}
+
+/// First read-ahead window of a sequential streak, and the largest one.
+const MIN_READ_AHEAD: u64 = 1 << 20;
+pub const MAX_READ_AHEAD: u64 = 16 << 20;
+/// Files tracked for streaks before the table is reset (bounds its memory).
+const MAX_STREAKS: usize = 4096;
+
+#[derive(Clone, Copy, Debug)]
+struct Streak {
+    /// Where a sequential reader's next read would start.
+    next: u64,
+    window: u64,
+}
+
+pub struct ImageFs {
+    pub image: ResolvedImage,
+    pub tree: MergedTree,
+    pub layers: Vec<OpenedLayer>,
+    content: Arc<ContentReader>,
+    /// Sequential-read detection per inode, for read-ahead.
+    streaks: std::sync::Mutex<HashMap<Ino, Streak>>,
+    cache: Arc<ChunkCache>,
+    stats: Arc<FetchStats>,
+    disk: Option<Arc<DiskCache>>,
+    recorder: Option<Recorder>,
+}
+
+/// Counts requests and bytes of everything fetched through it.
+pub struct CountingSource {
+    inner: Arc<dyn ImageSource>,
+    stats: Arc<FetchStats>,
+}
+
+impl CountingSource {
+    /// Wraps `source`; the returned counters see every request made through the wrapper.
+    pub fn wrap(source: Arc<dyn ImageSource>) -> (Arc<dyn ImageSource>, Arc<FetchStats>) {
+        let stats = Arc::new(FetchStats::default());
+        let counted = Arc::new(CountingSource {
+            inner: source,
+            stats: stats.clone(),
+        });
+        (counted, stats)
+    }
+}
+
+#[async_trait]
+impl ImageSource for CountingSource {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+
+    async fn manifest(&self, selector: &ManifestSelector) -> Result<FetchedManifest, SourceError> {
+        self.inner.manifest(selector).await
+    }
+
+    async fn blob(&self, descriptor: &Descriptor, limit: u64) -> Result<Bytes, SourceError> {
+        self.stats.record_request(&descriptor.digest);
+        let data = self.inner.blob(descriptor, limit).await?;
+        self.stats
+            .record_bytes(&descriptor.digest, data.len() as u64);
+        Ok(data)
+    }
+
+    async fn blob_range(
+        &self,
+        digest: &Digest,
+        range: std::ops::Range<u64>,
+    ) -> Result<ByteStream, SourceError> {
+        self.stats.record_request(digest);
+        let stream = self.inner.blob_range(digest, range).await?;
+        let stats = self.stats.clone();
+        let digest = digest.clone();
+        Ok(Box::pin(stream.inspect(move |piece| {
+            if let Ok(bytes) = piece {
+                stats.record_bytes(&digest, bytes.len() as u64);
+            }
+        })))
+    }
+    async fn referrers(
+        &self,
+        subject: &Digest,
+        artifact_type: &str,
+    ) -> Result<Vec<Descriptor>, SourceError> {
+        self.inner.referrers(subject, artifact_type).await
+    }
+}
+
+/// Puts the file data of a streamed layer into the caches as it goes past. Writing to the disk
+/// tier before the blob is verified is safe: a chunk file is named by its content's digest and
+/// is used only where a verified index asks for that digest.
+struct CacheFiller {
+    cache: Arc<ChunkCache>,
+    disk: Option<Arc<DiskCache>>,
+    layer: Digest,
+}
+
+impl StreamObserver for CacheFiller {
+    fn chunk(&self, offset: u64, data: &Bytes, digest: &Digest) {
+        if let Some(disk) = &self.disk {
+            disk.put(digest, data);
+        }
+        self.cache.insert(
+            ChunkKey {
+                layer: self.layer.clone(),
+                offset,
+                inner: 0,
+            },
+            data.clone(),
+        );
+    }
+}
+
+impl ImageFs {
+    /// Reads every layer's index and builds the merged tree.
+    pub async fn open(
+        source: Arc<dyn ImageSource>,
+        image: ResolvedImage,
+        options: &ImageFsOptions,
+    ) -> Result<ImageFs, ImageFsError> {
+        let (source, stats) = CountingSource::wrap(source);
+        ImageFs::open_counted(source, stats, image, options).await
+    }
+
+    /// As [`ImageFs::open`], for a source already wrapped by [`CountingSource::wrap`] (so that
+    /// the counters also include what the caller fetched before).
+    pub async fn open_counted(
+        source: Arc<dyn ImageSource>,
+        stats: Arc<FetchStats>,
+        image: ResolvedImage,
+        options: &ImageFsOptions,
+    ) -> Result<ImageFs, ImageFsError> {
+        let cache = Arc::new(ChunkCache::new(options.cache_bytes));
+        let loads = image.layers.iter().map(|layer| {
+            let source = source.clone();
+            let digest = layer.descriptor.digest.clone();
+            let filler = Arc::new(CacheFiller {
+                cache: cache.clone(),
+                disk: options.disk.clone(),
+                layer: digest.clone(),
+            });
+            let cache = cache.clone();
+            let disk = options.disk.clone();
+            let policy = &options.retry;
+            async move {
+                let what = || format!("index of layer {digest}");
+
+                retry::retry(policy, what, || async {
+                    let result =
+                        layer::load(source.clone(), layer, filler.clone(), disk.as_deref()).await;
+                    if result.is_err() {
+                        // Data streamed before a failed verification must not be served.
+                        cache.remove_layer(&digest);
+                    }
+                    result
+                })
+                .await
+            }
+        });
+        let indexes = futures_util::future::try_join_all(loads).await?;
+        let layers: Vec<OpenedLayer> = indexes
+            .iter()
+            .zip(&image.layers)
+            .map(|(index, layer)| OpenedLayer {
+                digest: index.digest.clone(),
+                format: index.format,
+                size: layer.descriptor.size,
+                prefetch_end: index.prefetch_end,
+            })
+            .collect();
+        let infos = image
+            .layers
+            .iter()
+            .zip(&indexes)
+            .map(|(layer, index)| LayerInfo {
+                descriptor: layer.descriptor.clone(),
+                format: index.format,
+                checkpoints: index.checkpoints.clone(),
+            })
+            .collect();
+        let tree = MergedTree::build(indexes.into_iter().map(|i| (i.digest, i.entries)))?;
+        // Every compressed chunk in blob order: the neighbours a read is amplified with, what
+        // background filling fetches, and where the landmark's chunks are found.
+        let all_chunks = chunks_in_blob_order(&tree, &layers);
+        let content = Arc::new(
+            ContentReader::new(
+                source,
+                cache.clone(),
+                options.disk.clone(),
+                infos,
+                stats.clone(),
+                RequestScheduler::new(options.request_slots),
+                options.retry.clone(),
+            )
+            .with_amplification(all_chunks.clone(), options.amplify_bytes),
+        );
+        let recorder = options
+            .profile_window
+            .filter(|_| options.disk.is_some())
+            .map(Recorder::new);
+        let profile = options
+            .disk
+            .as_deref()
+            .filter(|_| recorder.is_some())
+            .and_then(|disk| profile::load(disk, &image.source));
+        let background = options
+            .background_bytes_per_second
+            .filter(|_| options.disk.is_some());
+        // Prioritised files: the eStargz landmark's (the image author's list), then the
+        // learned profile's.
+        let mut work = landmark_work(&all_chunks, &layers);
+        if let Some(profile) = profile {
+            work.extend(profile_work(&tree, &profile));
+        }
+        if work.is_empty() {
+            stats
+                .profile_prefetched
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            tokio::spawn(prefetch_files(content.clone(), work, stats.clone()));
+        }
+        if let Some(rate) = background {
+            tokio::spawn(fill_in_background(
+                content.clone(),
+                all_chunks,
+                rate,
+                stats.clone(),
+            ));
+        } else {
+            stats
+                .background_complete
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(ImageFs {
+            image,
+            tree,
+            layers,
+            content,
+            streaks: std::sync::Mutex::new(HashMap::new()),
+            cache,
+            stats,
+            disk: options.disk.clone(),
+            recorder,
+        })
+    }
+
+    /// Reads up to `len` bytes at `offset` of a regular file; empty past the end or for
+    /// anything that is not a regular file.
+    ///
+    /// A read that continues where the previous read of the same file ended extends a streak,
+    /// and the bytes after it are fetched ahead in the background, in a window that doubles with
+    /// the streak (up to [`MAX_READ_AHEAD`]) and collapses on a seek, as mountpoint-s3's
+    /// prefetcher does. The kernel's own readahead asks for one window at a time; this keeps
+    /// the network busy with the next windows meanwhile.
+    pub async fn read(&self, ino: Ino, offset: u64, len: u64) -> Result<Bytes, Arc<ContentError>> {
+        let Some(NodeKind::File {
+            size,
+            layer,
+            chunks,
+        }) = self.tree.node(ino).map(|n| &n.kind)
+        else {
+            return Ok(Bytes::new());
+        };
+        if let Some(recorder) = &self.recorder {
+            recorder.record(ino);
+        }
+        let window = self.streak(ino, offset, len);
+        let ahead = offset.saturating_add(len);
+        if window > 0 && ahead < *size {
+            let (content, layer, chunks, size) =
+                (self.content.clone(), *layer, chunks.clone(), *size);
+            tokio::spawn(async move {
+                // A failure here is not the reader's: the real read will fetch again.
+                let _ = content
+                    .read(layer, &chunks, size, ahead, window, Priority::Prefetch)
+                    .await;
+            });
+        }
+        self.content
+            .read(*layer, chunks, *size, offset, len, Priority::Reader)
+            .await
+    }
+
+    /// Updates the streak of `ino` and returns how far to read ahead (0: not sequential).
+    fn streak(&self, ino: Ino, offset: u64, len: u64) -> u64 {
+        let mut streaks = self.streaks.lock().unwrap();
+        if streaks.len() > MAX_STREAKS {
+            streaks.clear();
+        }
+        let streak = streaks.entry(ino).or_insert(Streak { next: 0, window: 0 });
+        streak.window = if offset > 0 && offset == streak.next {
+            (streak.window * 2).clamp(MIN_READ_AHEAD, MAX_READ_AHEAD)
+        } else {
+            0
+        };
+        streak.next = offset.saturating_add(len);
+        streak.window
+    }
+
+    /// Stores the start-up profile recorded so far (once; see [`crate::fs::profile`]).
+    pub fn save_profile(&self) {
+        if let (Some(recorder), Some(disk)) = (&self.recorder, &self.disk) {
+            recorder.save(disk, &self.image.source, &self.tree);
+        }
+    }
+
+    /// How long reads are recorded for the profile, when they are.
+    pub fn profile_window(&self) -> Option<std::time::Duration> {
+        self.recorder.as_ref().map(Recorder::window)
+    }
+
+    pub fn stats(&self) -> &FetchStats {
+        &self.stats
+    }
+
+    pub fn cache(&self) -> &ChunkCache {
+        &self.cache
+    }
+
+    pub fn disk(&self) -> Option<&DiskCache> {
+        self.disk.as_deref()
+    }
+
+    /// Requests waiting for a slot, per priority (background, prefetch, reader).
+    pub fn queued(&self) -> [usize; 3] {
+        self.content.queued()
+    }
+}
+
+/// Every compressed chunk of every file in the merged tree, per layer (bottom layer first, as
+/// lower layers are needed by more images), in blob order so that neighbours merge into one
+/// request. Chunks of streamed layers are left out: they were all cached when the layer streamed.
+fn chunks_in_blob_order(tree: &MergedTree, layers: &[OpenedLayer]) -> Vec<(usize, Vec<ChunkRef>)> {
+    let mut per_layer: Vec<Vec<ChunkRef>> = vec![Vec::new(); layers.len()];
+    let mut seen = std::collections::HashSet::new();
+    tree.walk(crate::fs::tree::ROOT, |_, ino| {
+        if let Some(NodeKind::File { layer, chunks, .. }) = tree.node(ino).map(|n| &n.kind)
+            && seen.insert(ino)
+        {
+            per_layer[*layer].extend(
+                chunks
+                    .iter()
+                    .filter(|c| matches!(c.source, ChunkSource::Compressed { .. }))
+                    .cloned(),
+            );
+        }
+    });
+    per_layer
+        .into_iter()
+        .enumerate()
+        .filter(|(_, chunks)| !chunks.is_empty())
+        .map(|(layer, mut chunks)| {
+            chunks.sort_by_key(blob_order);
+            (layer, chunks)
+        })
+        .collect()
+}
+
+/// How many chunks the background filler hands to the reader at once (it merges neighbours
+/// into one request), and how many such batches run at once: one request slot is always left
+/// to readers beyond what they can take by priority.
+const BACKGROUND_BATCH: usize = 64;
+const BACKGROUND_PARALLEL: usize = 3;
+
+async fn fill_in_background(
+    content: Arc<ContentReader>,
+    work: Vec<(usize, Vec<ChunkRef>)>,
+    bytes_per_second: u64,
+    stats: Arc<FetchStats>,
+) {
+    let started = std::time::Instant::now();
+    let mut fetched = 0u64;
+    let batches = work.into_iter().flat_map(|(layer, chunks)| {
+        chunks
+            .chunks(BACKGROUND_BATCH)
+            .map(|b| (layer, b.to_vec()))
+            .collect::<Vec<_>>()
+    });
+    let mut done = futures_util::stream::iter(batches)
+        .map(|(layer, batch)| {
+            let content = content.clone();
+            async move {
+                let missing = content.missing(layer, &batch);
+                let bytes: u64 = missing.iter().map(|c| c.size).sum();
+                if !missing.is_empty()
+                    && let Err(e) = content
+                        .fetch_chunks(layer, &missing, Priority::Background)
+                        .await
+                {
+                    tracing::debug!("background fetch: {e}");
+                }
+                bytes
+            }
+        })
+        .buffer_unordered(BACKGROUND_PARALLEL);
+    while let Some(bytes) = done.next().await {
+        fetched += bytes;
+        // Stay under the rate: pause until the bytes so far fit the time so far.
+        let due = std::time::Duration::from_secs_f64(fetched as f64 / bytes_per_second as f64);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+    stats
+        .background_complete
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The chunks an eStargz layer's author placed before its prefetch landmark (the files its
+/// workload needs first), per layer.
+fn landmark_work(
+    all_chunks: &[(usize, Vec<ChunkRef>)],
+    layers: &[OpenedLayer],
+) -> Vec<(usize, Vec<ChunkRef>)> {
+    let mut work = Vec::new();
+    for (index, chunks) in all_chunks {
+        let Some(end) = layers[*index].prefetch_end.filter(|&e| e > 0) else {
+            continue;
+        };
+        let before: Vec<ChunkRef> = chunks
+            .iter()
+            .filter(|c| matches!(c.source, ChunkSource::Compressed { start, .. } if start < end))
+            .cloned()
+            .collect();
+        if !before.is_empty() {
+            work.push((*index, before));
+        }
+    }
+    work
+}
+
+/// The chunks of a profile's files, in the profile's order.
+fn profile_work(tree: &MergedTree, profile: &Profile) -> Vec<(usize, Vec<ChunkRef>)> {
+    profile
+        .files
+        .iter()
+        .filter_map(|path| {
+            let ino = tree.lookup_path(path.as_bytes())?;
+            match &tree.node(ino)?.kind {
+                NodeKind::File { layer, chunks, .. } if !chunks.is_empty() => {
+                    Some((*layer, chunks.to_vec()))
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// Profile files fetched as one group: within a group, chunks are sorted by blob offset so that
+/// neighbours merge into one request (files of a start-up tend to sit together in a layer);
+/// groups go in the profile's order, so what is needed first arrives first.
+const PROFILE_GROUP: usize = 32;
+
+/// Compressed bytes between two prioritised chunks that are fetched along rather than split
+/// into two requests: 256 KiB take 10 ms at 200 Mbit/s, half a 20 ms round trip.
+const PREFETCH_GAP: u64 = 256 << 10;
+
+/// Fetches prioritised files, group by group, at prefetch priority.
+async fn prefetch_files(
+    content: Arc<ContentReader>,
+    work: Vec<(usize, Vec<ChunkRef>)>,
+    stats: Arc<FetchStats>,
+) {
+    let groups: Vec<Vec<(usize, Vec<ChunkRef>)>> =
+        work.chunks(PROFILE_GROUP).map(|g| g.to_vec()).collect();
+    let mut done = futures_util::stream::iter(groups)
+        .map(|group| {
+            let content = content.clone();
+            async move {
+                let mut per_layer: std::collections::BTreeMap<usize, Vec<ChunkRef>> =
+                    Default::default();
+                for (layer, chunks) in group {
+                    per_layer.entry(layer).or_default().extend(chunks);
+                }
+                for (layer, mut chunks) in per_layer {
+                    chunks.sort_by_key(blob_order);
+                    chunks.dedup();
+                    let chunks = content.fill_gaps(layer, &chunks, PREFETCH_GAP);
+                    let missing = content.missing(layer, &chunks);
+                    if !missing.is_empty()
+                        && let Err(e) = content
+                            .fetch_chunks(layer, &missing, Priority::Prefetch)
+                            .await
+                    {
+                        tracing::debug!("profile prefetch: {e}");
+                    }
+                }
+            }
+        })
+        .buffered(BACKGROUND_PARALLEL);
+    while done.next().await.is_some() {}
+    stats
+        .profile_prefetched
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Where a chunk sits in its blob, for sorting neighbours together.
+fn blob_order(c: &ChunkRef) -> (u64, u64) {
+    match c.source {
+        ChunkSource::Compressed {
+            start,
+            inner_offset,
+            ..
+        } => (start, inner_offset),
+        ChunkSource::TarStream { offset } => (offset, 0),
+        ChunkSource::Zeros => (0, 0),
+    }
+}

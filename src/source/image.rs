@@ -1,0 +1,254 @@
+//! Resolving a reference to one runnable image: manifest, config and layers.
+//!
+//! A tag may name an index (multi-platform image); it is resolved to the entry for the wanted
+//! platform, as `docker pull` does, and the choice is recorded so that `inspect` can say which of
+//! the offered platforms was taken. Nested indexes are followed a few levels deep (some tools emit
+//! an index of indexes); deeper nesting is treated as hostile.
+//!
+//! Resolution costs one manifest request per level plus one config request: the minimum the
+//! format allows, since the layer list lives in the manifest and the diff IDs in the config.
+
+use crate::model::digest::Digest;
+use crate::model::oci::{
+    Descriptor, ImageConfig, ImageManifest, LayerCompression, LazyIndex, MAX_CONFIG_BYTES,
+    Manifest, ManifestError, Platform,
+};
+use crate::model::reference::ManifestSelector;
+use crate::source::{ImageSource, SourceError};
+
+/// Indexes nested deeper than this are refused (real images use at most two levels).
+const MAX_INDEX_DEPTH: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("image {image}: {what} {digest} is malformed: {source}")]
+    Malformed {
+        image: String,
+        what: &'static str,
+        digest: Digest,
+        source: ManifestError,
+    },
+    #[error(
+        "image {image} has no manifest for platform {wanted}; it offers: {} (choose one with --platform)",
+        if available.is_empty() { "none".to_string() } else { available.join(", ") }
+    )]
+    NoMatchingPlatform {
+        image: String,
+        wanted: Platform,
+        available: Vec<String>,
+    },
+    #[error("image {image}: {reason}")]
+    Inconsistent { image: String, reason: String },
+}
+
+/// An index that was resolved to one of its entries.
+#[derive(Clone, Debug)]
+pub struct ResolvedIndex {
+    pub digest: Digest,
+    /// Platforms the index offered, in its order.
+    pub platforms: Vec<Platform>,
+}
+
+/// A layer of a resolved image.
+#[derive(Clone, Debug)]
+pub struct Layer {
+    pub descriptor: Descriptor,
+    /// Digest of the uncompressed tar (from the config's `rootfs.diff_ids`).
+    pub diff_id: Digest,
+    pub lazy_index: Option<LazyIndex>,
+}
+
+impl Layer {
+    pub fn compression(&self) -> Result<LayerCompression, ManifestError> {
+        LayerCompression::from_media_type(&self.descriptor.media_type)
+    }
+}
+
+/// One image, resolved to a single platform, with everything needed to read its layers.
+#[derive(Clone, Debug)]
+pub struct ResolvedImage {
+    /// The source's name, for messages.
+    pub source: String,
+    /// The index the reference pointed to, outermost first, when it pointed to one.
+    pub indexes: Vec<ResolvedIndex>,
+    pub manifest_digest: Digest,
+    /// Length of the manifest's bytes (what a descriptor of it says).
+    pub manifest_size: u64,
+    pub manifest_media_type: String,
+    pub manifest: ImageManifest,
+    pub config: ImageConfig,
+    /// The platform the image is for: the matched index entry's, else the config's.
+    pub platform: Platform,
+    pub layers: Vec<Layer>,
+}
+
+impl ResolvedImage {
+    pub fn compressed_size(&self) -> u64 {
+        self.layers.iter().map(|l| l.descriptor.size).sum()
+    }
+}
+
+/// Resolves `selector` in `source` to the image for `platform`.
+pub async fn resolve(
+    source: &dyn ImageSource,
+    selector: &ManifestSelector,
+    platform: &Platform,
+) -> Result<ResolvedImage, ImageError> {
+    let image = source.name();
+    let malformed = |what, digest: &Digest, source| ImageError::Malformed {
+        image: image.clone(),
+        what,
+        digest: digest.clone(),
+        source,
+    };
+    let mut indexes = Vec::new();
+    let mut chosen_platform = None;
+    let mut selector = selector.clone();
+    let (fetched, manifest) = loop {
+        let fetched = source.manifest(&selector).await?;
+        let parsed = Manifest::parse(&fetched.bytes, fetched.media_type.as_deref())
+            .map_err(|e| malformed("manifest", &fetched.digest, e))?;
+        let index = match parsed {
+            Manifest::Image(m) => break (fetched, *m),
+            Manifest::Index(index) => index,
+        };
+        if indexes.len() >= MAX_INDEX_DEPTH {
+            return Err(ImageError::Inconsistent {
+                image,
+                reason: format!("indexes nested more than {MAX_INDEX_DEPTH} deep"),
+            });
+        }
+        let platforms: Vec<Platform> = index
+            .manifests
+            .iter()
+            .filter_map(|d| d.platform.clone())
+            .collect();
+        let entry = index
+            .manifests
+            .iter()
+            .find(|d| d.platform.as_ref().is_some_and(|p| platform.matches(p)))
+            .or(match index.manifests.as_slice() {
+                // A single entry without a platform (an OCI layout's index, or a nested index)
+                // is simply "the" image.
+                [only] if only.platform.is_none() => Some(only),
+                _ => None,
+            })
+            .ok_or_else(|| ImageError::NoMatchingPlatform {
+                image: image.clone(),
+                wanted: platform.clone(),
+                available: platforms.iter().map(ToString::to_string).collect(),
+            })?;
+        if entry.platform.is_some() {
+            chosen_platform = entry.platform.clone().map(Platform::normalized);
+        }
+        selector = ManifestSelector::Digest(entry.digest.clone());
+        indexes.push(ResolvedIndex {
+            digest: fetched.digest,
+            platforms,
+        });
+    };
+    let manifest_media_type = manifest
+        .media_type
+        .clone()
+        .or(fetched.media_type.clone())
+        .unwrap_or_else(|| crate::model::oci::MEDIA_OCI_MANIFEST.to_string());
+    let config_bytes = source.blob(&manifest.config, MAX_CONFIG_BYTES).await?;
+    let config = ImageConfig::parse(&config_bytes)
+        .map_err(|e| malformed("config", &manifest.config.digest, e))?;
+    if config.rootfs.diff_ids.len() != manifest.layers.len() {
+        return Err(ImageError::Inconsistent {
+            image,
+            reason: format!(
+                "manifest {} lists {} layers but its config lists {} diff_ids",
+                fetched.digest,
+                manifest.layers.len(),
+                config.rootfs.diff_ids.len()
+            ),
+        });
+    }
+    let mut layers = manifest
+        .layers
+        .iter()
+        .zip(&config.rootfs.diff_ids)
+        .map(|(descriptor, diff_id)| {
+            let lazy_index =
+                LazyIndex::of(descriptor).map_err(|e| malformed("manifest", &fetched.digest, e))?;
+            Ok(Layer {
+                descriptor: descriptor.clone(),
+                diff_id: diff_id.clone(),
+                lazy_index,
+            })
+        })
+        .collect::<Result<Vec<Layer>, ImageError>>()?;
+    let unindexed_gzip =
+        |l: &Layer| l.lazy_index.is_none() && l.compression().ok() == Some(LayerCompression::Gzip);
+    if layers.iter().any(unindexed_gzip) {
+        match find_gzip_indexes(source, &fetched.digest).await {
+            Ok(found) => {
+                for layer in layers.iter_mut().filter(|l| unindexed_gzip(l)) {
+                    if let Some(index) = found.get(&layer.descriptor.digest) {
+                        layer.lazy_index = Some(LazyIndex::GzipIndex {
+                            index: index.clone(),
+                        });
+                    }
+                }
+            }
+            // The layers still read correctly, streamed whole.
+            Err(e) => tracing::warn!(%image, "looking for gzip seek indexes: {e}"),
+        }
+    }
+    Ok(ResolvedImage {
+        source: image,
+        indexes,
+        manifest_size: fetched.bytes.len() as u64,
+        manifest_digest: fetched.digest,
+        manifest_media_type,
+        platform: chosen_platform.unwrap_or_else(|| config.platform().normalized()),
+        manifest,
+        config,
+        layers,
+    })
+}
+
+/// The gzip seek index blobs published as referrers of `manifest` (by `lazylayer index`), by
+/// the digest of the layer each indexes. Later artifacts win over earlier ones for a layer.
+async fn find_gzip_indexes(
+    source: &dyn ImageSource,
+    manifest: &Digest,
+) -> Result<std::collections::HashMap<Digest, Descriptor>, ImageError> {
+    use crate::model::oci::{
+        ANNOTATION_GZIP_INDEX_LAYER as ANNOTATION_LAYER, GZIP_INDEX_ARTIFACT_TYPE as ARTIFACT_TYPE,
+        MEDIA_GZIP_INDEX_BLOB as MEDIA_INDEX_BLOB,
+    };
+    let mut found = std::collections::HashMap::new();
+    for referrer in source.referrers(manifest, ARTIFACT_TYPE).await? {
+        let fetched = source
+            .manifest(&ManifestSelector::Digest(referrer.digest.clone()))
+            .await?;
+        let Ok(Manifest::Image(artifact)) =
+            Manifest::parse(&fetched.bytes, fetched.media_type.as_deref())
+        else {
+            continue;
+        };
+        let ours = artifact.artifact_type.as_deref() == Some(ARTIFACT_TYPE)
+            && artifact
+                .subject
+                .as_ref()
+                .is_some_and(|s| s.digest == *manifest);
+        if !ours {
+            continue;
+        }
+        for blob in artifact.layers {
+            let layer = blob
+                .annotations
+                .get(ANNOTATION_LAYER)
+                .and_then(|d| d.parse::<Digest>().ok());
+            if let (Some(layer), true) = (layer, blob.media_type == MEDIA_INDEX_BLOB) {
+                found.insert(layer, blob);
+            }
+        }
+    }
+    Ok(found)
+}

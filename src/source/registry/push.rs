@@ -1,0 +1,140 @@
+//! Pushing to a registry: blobs (monolithic upload) and manifests, as `lazylayer convert` needs.
+//!
+//! A blob the registry already has is not sent again (`HEAD` first). An upload is a `POST` that
+//! opens an upload session, then one `PUT` of the whole blob to the session's location with the
+//! digest; the registry checks the digest itself. The repository handle asks for a
+//! `pull,push` token scope. Bodies are streamed from their file, so a large layer never sits in
+//! memory, and can be sent again if the first attempt meets a `401` (token renewal).
+
+use std::path::Path;
+
+use reqwest::StatusCode;
+use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
+
+use super::{Registry, RegistryError, Repository, header_str, shown, status_error};
+use crate::model::digest::Digest;
+
+impl Registry {
+    /// A repository handle whose requests carry a token good for pushing.
+    pub fn repository_for_push(self: &std::sync::Arc<Self>, name: &str) -> Repository {
+        Repository {
+            registry: self.clone(),
+            name: name.to_string(),
+            scope: format!("repository:{name}:pull,push"),
+        }
+    }
+}
+
+impl Repository {
+    /// Whether the registry has blob `digest` in this repository.
+    pub async fn has_blob(&self, digest: &Digest) -> Result<bool, RegistryError> {
+        let url = self.url("blobs", &digest.to_string());
+        let http = &self.registry.http;
+        let resp = self
+            .registry
+            .send(|| http.head(url.clone()), &url, &self.scope)
+            .await?;
+        match resp.status() {
+            s if s.is_success() => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            _ => Err(status_error(resp, &url).await),
+        }
+    }
+
+    /// Uploads the file at `path` as blob `digest` (`size` bytes), unless the registry has it.
+    pub async fn push_blob(
+        &self,
+        digest: &Digest,
+        size: u64,
+        path: &Path,
+    ) -> Result<(), RegistryError> {
+        if self.has_blob(digest).await? {
+            return Ok(());
+        }
+        let start = self.url("blobs", "uploads/");
+        let http = &self.registry.http;
+        let resp = self
+            .registry
+            .send(
+                || http.post(start.clone()).header(CONTENT_LENGTH, 0),
+                &start,
+                &self.scope,
+            )
+            .await?;
+        if resp.status() != StatusCode::ACCEPTED {
+            return Err(status_error(resp, &start).await);
+        }
+        let location = header_str(&resp, LOCATION).ok_or_else(|| RegistryError::Transport {
+            url: shown(&start),
+            reason: "upload session without a Location".into(),
+        })?;
+        let mut url = start
+            .join(&location)
+            .map_err(|e| RegistryError::Transport {
+                url: shown(&start),
+                reason: format!("bad upload location {location:?}: {e}"),
+            })?;
+        url.query_pairs_mut()
+            .append_pair("digest", &digest.to_string());
+        let body = || -> reqwest::Body {
+            match std::fs::File::open(path) {
+                Ok(file) => reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(
+                    tokio::fs::File::from_std(file),
+                )),
+                // Surfaces as a transport error of the PUT, naming the URL.
+                Err(e) => reqwest::Body::wrap_stream(futures_util::stream::once(async move {
+                    Err::<bytes::Bytes, _>(e)
+                })),
+            }
+        };
+        let resp = self
+            .registry
+            .send(
+                || {
+                    http.put(url.clone())
+                        .header(CONTENT_TYPE, "application/octet-stream")
+                        .header(CONTENT_LENGTH, size)
+                        .body(body())
+                },
+                &url,
+                &self.scope,
+            )
+            .await?;
+        match resp.status() {
+            StatusCode::CREATED | StatusCode::ACCEPTED | StatusCode::NO_CONTENT => Ok(()),
+            _ => Err(status_error(resp, &url).await),
+        }
+    }
+
+    /// Puts a manifest under `reference` (a tag or its digest). Returns whether the registry
+    /// says it indexed the manifest's `subject` (the `OCI-Subject` header of registries with the
+    /// referrers API).
+    pub async fn put_manifest(
+        &self,
+        reference: &str,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> Result<bool, RegistryError> {
+        let url = self.url("manifests", reference);
+        let http = &self.registry.http;
+        let body = bytes::Bytes::copy_from_slice(bytes);
+        let resp = self
+            .registry
+            .send(
+                || {
+                    http.put(url.clone())
+                        .header(CONTENT_TYPE, media_type)
+                        .body(body.clone())
+                },
+                &url,
+                &self.scope,
+            )
+            .await?;
+        match resp.status() {
+            StatusCode::CREATED | StatusCode::OK | StatusCode::ACCEPTED => {
+                Ok(resp.headers().contains_key("oci-subject"))
+            }
+            _ => Err(status_error(resp, &url).await),
+        }
+    }
+}

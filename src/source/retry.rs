@@ -1,0 +1,390 @@
+//! Retrying remote reads: backoff, resumption, and when to give up.
+//!
+//! Design:
+//! - Every error says whether trying again can help ([`Transient::verdict`]): a reset
+//!   connection, a stall, a truncated body, a 5xx, a 408 or 429, or bytes that failed their
+//!   digest (a broken proxy flips bits) can; a 404, a refused credential or a malformed request
+//!   cannot, and is returned at once. A 401 is not retried here: the registry client already
+//!   renews its token once.
+//! - Waits grow exponentially from [`RetryPolicy::initial_backoff`] to
+//!   [`RetryPolicy::max_backoff`] with "full jitter" (a uniformly random wait below the cap), so
+//!   many readers hitting one failure do not come back in lock step. A `Retry-After` from the
+//!   server wins when it fits in the time left.
+//! - A read gives up after [`RetryPolicy::max_attempts`] failures in a row, or when it has gone
+//!   [`RetryPolicy::read_timeout`] without receiving a byte, whichever comes first. Both reset
+//!   when bytes arrive: a large transfer that keeps making progress through a flaky link is never
+//!   cut off, while a dead source fails a read within a bounded time. A single attempt that
+//!   hangs is ended by the transfer's stall timeout (no byte for `--stall-timeout`), never by
+//!   a deadline on the whole transfer.
+//! - [`RetryingSource`] resumes a range read at the first byte not yet received, instead of
+//!   fetching the whole range again (moby's pull threw partial layers away; on a bad link that
+//!   turns one failure into a restart of the largest transfer).
+//!
+//! Counters of retries and exhausted reads are process-wide (one daemon serves one mount), so
+//! `stats` and the metrics endpoint can report them without threading a handle everywhere.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use crate::model::digest::Digest;
+use crate::model::oci::Descriptor;
+use crate::model::reference::ManifestSelector;
+use crate::source::{ByteStream, FetchedManifest, ImageSource, SourceError};
+
+/// How remote reads are retried. Defaults suit a registry across the internet.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts per read before it fails (the first try included). 5: four retries cover a
+    /// registry restart or a load balancer shuffle (a few seconds with the default backoff)
+    /// without making a reader of a truly missing blob wait long.
+    pub max_attempts: u32,
+    /// The longest a read may go without receiving a byte, retries and waits included, before
+    /// it fails with EIO. 60 s: above the default stall timeout plus a few backoffs, and below
+    /// the point where a user or an orchestrator gives up on a container start.
+    pub read_timeout: Duration,
+    /// First wait between attempts. 200 ms: a round trip or two on a slow link; shorter waits
+    /// mostly hit the same failure again.
+    pub initial_backoff: Duration,
+    /// Largest wait between attempts. 5 s: keeps a reader from sleeping through a recovery.
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 5,
+            read_timeout: Duration::from_secs(60),
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Whether an error is worth another attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Trying again cannot help (not found, refused credentials, a malformed request).
+    Fatal,
+    /// Try again, after the server's `Retry-After` if it sent one.
+    Retry(Option<Duration>),
+}
+
+/// Errors that know whether they are transient.
+pub trait Transient {
+    fn verdict(&self) -> Verdict;
+}
+
+static RETRIES: AtomicU64 = AtomicU64::new(0);
+static EXHAUSTED: AtomicU64 = AtomicU64::new(0);
+
+/// Process-wide counts: attempts that failed and were retried, and reads that failed after
+/// their retry budget.
+pub fn counters() -> (u64, u64) {
+    (
+        RETRIES.load(Ordering::Relaxed),
+        EXHAUSTED.load(Ordering::Relaxed),
+    )
+}
+
+/// The retry state of one read.
+pub struct Backoff<'a> {
+    policy: &'a RetryPolicy,
+    /// Failures since the last progress.
+    failures: u32,
+    /// When the read last received bytes (or started).
+    since: Instant,
+}
+
+impl<'a> Backoff<'a> {
+    pub fn new(policy: &'a RetryPolicy) -> Self {
+        Backoff {
+            policy,
+            failures: 0,
+            since: Instant::now(),
+        }
+    }
+
+    /// Bytes arrived: the budget starts over.
+    pub fn progress(&mut self) {
+        self.failures = 0;
+        self.since = Instant::now();
+    }
+
+    /// Time left before the read gives up for lack of progress.
+    pub fn remaining(&self) -> Duration {
+        self.policy
+            .read_timeout
+            .saturating_sub(self.since.elapsed())
+    }
+
+    /// Failures since the last progress.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// Records a failure; returns how long to wait before the next attempt, or `None` when the
+    /// read must give up (the error is fatal, or the budget is spent).
+    pub fn failed(&mut self, verdict: Verdict) -> Option<Duration> {
+        self.failures += 1;
+        let Verdict::Retry(retry_after) = verdict else {
+            return None;
+        };
+        if self.failures >= self.policy.max_attempts.max(1) {
+            EXHAUSTED.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let cap = self
+            .policy
+            .initial_backoff
+            .saturating_mul(1 << (self.failures - 1).min(16))
+            .min(self.policy.max_backoff);
+        let wait = retry_after.unwrap_or_else(|| cap.mul_f64(fastrand::f64()));
+        if wait >= self.remaining() {
+            EXHAUSTED.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        RETRIES.fetch_add(1, Ordering::Relaxed);
+        Some(wait)
+    }
+
+    /// The error to report when the read ran out of time waiting on an attempt.
+    pub fn timed_out(&self, what: String) -> SourceError {
+        EXHAUSTED.fetch_add(1, Ordering::Relaxed);
+        SourceError::TimedOut {
+            what,
+            secs: self.policy.read_timeout.as_secs_f64(),
+            attempts: self.failures + 1,
+        }
+    }
+}
+
+/// Runs `attempt` until it succeeds, fails fatally, or the policy gives up. An attempt is not
+/// cut off here: a whole-object fetch or a layer stream that keeps receiving bytes may take as
+/// long as it needs, and one that stops receiving them is ended below by the stall timeout of
+/// its transfer. The read's deadline is checked between attempts.
+pub async fn retry<T, E, F, Fut>(
+    policy: &RetryPolicy,
+    what: impl Fn() -> String,
+    mut attempt: F,
+) -> Result<T, E>
+where
+    E: Transient + std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut backoff = Backoff::new(policy);
+    loop {
+        let err = match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        match backoff.failed(err.verdict()) {
+            Some(wait) => {
+                tracing::debug!(what = %what(), error = %err, attempt = backoff.failures(), ?wait, "retrying");
+                tokio::time::sleep(wait).await;
+            }
+            None => return Err(err),
+        }
+    }
+}
+
+/// A source whose reads are retried, and whose range reads resume where they broke off.
+pub struct RetryingSource {
+    inner: Arc<dyn ImageSource>,
+    policy: Arc<RetryPolicy>,
+}
+
+impl RetryingSource {
+    pub fn wrap(inner: Arc<dyn ImageSource>, policy: RetryPolicy) -> Arc<dyn ImageSource> {
+        Arc::new(RetryingSource {
+            inner,
+            policy: Arc::new(policy),
+        })
+    }
+}
+
+#[async_trait]
+impl ImageSource for RetryingSource {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+
+    async fn manifest(&self, selector: &ManifestSelector) -> Result<FetchedManifest, SourceError> {
+        let what = || format!("manifest {selector} from {}", self.inner.name());
+        retry(&self.policy, what, || self.inner.manifest(selector)).await
+    }
+
+    async fn blob(&self, descriptor: &Descriptor, limit: u64) -> Result<Bytes, SourceError> {
+        let what = || format!("blob {} from {}", descriptor.digest, self.inner.name());
+        retry(&self.policy, what, || self.inner.blob(descriptor, limit)).await
+    }
+
+    async fn referrers(
+        &self,
+        subject: &Digest,
+        artifact_type: &str,
+    ) -> Result<Vec<Descriptor>, SourceError> {
+        let what = || format!("referrers of {subject} in {}", self.inner.name());
+        retry(&self.policy, what, || {
+            self.inner.referrers(subject, artifact_type)
+        })
+        .await
+    }
+
+    async fn blob_range(
+        &self,
+        digest: &Digest,
+        range: Range<u64>,
+    ) -> Result<ByteStream, SourceError> {
+        let mut resuming = Resuming {
+            inner: self.inner.clone(),
+            policy: self.policy.clone(),
+            digest: digest.clone(),
+            next: range.start,
+            end: range.end,
+            stream: None,
+        };
+        // Open eagerly so that a fatal error (a missing blob) is reported by this call, as the
+        // unwrapped source would.
+        resuming.open().await?;
+        Ok(Box::pin(futures_util::stream::unfold(
+            resuming,
+            |mut r| async move {
+                match r.next_piece().await {
+                    Ok(Some(piece)) => Some((Ok(piece), r)),
+                    Ok(None) => None,
+                    Err(e) => {
+                        r.next = r.end; // the stream ends after its error
+                        Some((Err(e), r))
+                    }
+                }
+            },
+        )))
+    }
+}
+
+/// A range read that reopens itself at the first missing byte after a failure.
+struct Resuming {
+    inner: Arc<dyn ImageSource>,
+    policy: Arc<RetryPolicy>,
+    digest: Digest,
+    /// First byte not yet handed out.
+    next: u64,
+    end: u64,
+    stream: Option<ByteStream>,
+}
+
+impl Resuming {
+    fn describe(&self) -> String {
+        format!(
+            "bytes {}-{} of blob {} from {}",
+            self.next,
+            self.end.saturating_sub(1),
+            self.digest,
+            self.inner.name()
+        )
+    }
+
+    /// Opens the rest of the range, retrying.
+    async fn open(&mut self) -> Result<(), SourceError> {
+        let (inner, digest, range) = (&self.inner, &self.digest, self.next..self.end);
+        let what = || format!("bytes {range:?} of blob {digest} from {}", inner.name());
+        let stream = retry(&self.policy, what, || {
+            inner.blob_range(digest, range.clone())
+        })
+        .await?;
+        self.stream = Some(stream);
+        Ok(())
+    }
+
+    /// The next piece of the range, resuming after failures; `None` at the end.
+    async fn next_piece(&mut self) -> Result<Option<Bytes>, SourceError> {
+        let policy = self.policy.clone();
+        let mut backoff = Backoff::new(&policy);
+        loop {
+            if self.next >= self.end {
+                return Ok(None);
+            }
+            let failure = match self.stream.as_mut() {
+                None => {
+                    let range = self.next..self.end;
+                    let opened = tokio::time::timeout(
+                        backoff.remaining(),
+                        self.inner.blob_range(&self.digest, range),
+                    )
+                    .await;
+                    match opened {
+                        Ok(Ok(s)) => {
+                            self.stream = Some(s);
+                            continue;
+                        }
+                        Ok(Err(e)) => e,
+                        Err(_) => return Err(backoff.timed_out(self.describe())),
+                    }
+                }
+                Some(stream) => {
+                    match tokio::time::timeout(backoff.remaining(), stream.next()).await {
+                        Ok(Some(Ok(piece))) => {
+                            let take = piece.len().min((self.end - self.next) as usize);
+                            self.next += take as u64;
+                            return Ok(Some(piece.slice(..take)));
+                        }
+                        Ok(Some(Err(e))) => e,
+                        Ok(None) => SourceError::EndedEarly {
+                            what: self.describe(),
+                        },
+                        Err(_) => return Err(backoff.timed_out(self.describe())),
+                    }
+                }
+            };
+            self.stream = None;
+            match backoff.failed(failure.verdict()) {
+                Some(wait) => {
+                    tracing::debug!(read = %self.describe(), error = %failure, ?wait, "resuming range read");
+                    tokio::time::sleep(wait).await;
+                }
+                None => return Err(failure),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_gives_up() {
+        let policy = RetryPolicy {
+            max_attempts: 4,
+            read_timeout: Duration::from_secs(60),
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(250),
+        };
+        let mut b = Backoff::new(&policy);
+        let retry = Verdict::Retry(None);
+        assert!(b.failed(retry).unwrap() <= Duration::from_millis(100));
+        assert!(b.failed(retry).unwrap() <= Duration::from_millis(200));
+        assert!(b.failed(retry).unwrap() <= Duration::from_millis(250));
+        assert_eq!(b.failed(retry), None, "fourth failure ends the read");
+        b.progress();
+        assert!(b.failed(retry).is_some(), "progress restores the budget");
+        assert_eq!(b.failed(Verdict::Fatal), None);
+        // Retry-After is honoured when it fits, refused when it would outlast the read.
+        let mut b = Backoff::new(&policy);
+        assert_eq!(
+            b.failed(Verdict::Retry(Some(Duration::from_secs(2)))),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            b.failed(Verdict::Retry(Some(Duration::from_secs(120)))),
+            None
+        );
+    }
+}
