@@ -16,8 +16,8 @@ use lazylayer::layer::LayerFormat;
 use lazylayer::model::oci::{ANNOTATION_ESTARGZ_TOC as ESTARGZ_TOC, Platform};
 use lazylayer::model::reference::ImageRef;
 use lazylayer::source;
+use lazylayer::source::config::FetchConfig;
 use lazylayer::source::image;
-use lazylayer::source::registry::RegistryConfig;
 use support::conformance::{assert_same_tree, disk_tree, image_tree, umoci_unpack};
 use support::containerd::Containerd;
 use support::mount::Mounted;
@@ -34,7 +34,7 @@ fn convert(src: &str, dst: &str, extra: &[&str]) -> String {
 
 async fn open(reference: &str) -> Arc<ImageFs> {
     let reference = ImageRef::parse(reference).unwrap();
-    let (source, selector) = source::open(&reference, &RegistryConfig::default())
+    let (source, selector) = source::open::open(&reference, &FetchConfig::default())
         .await
         .unwrap();
     let image = image::resolve(source.as_ref(), &selector, &Platform::host())

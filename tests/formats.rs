@@ -17,8 +17,8 @@ use lazylayer::layer::{ChunkSource, LayerFormat};
 use lazylayer::model::oci::Platform;
 use lazylayer::model::reference::ImageRef;
 use lazylayer::source;
+use lazylayer::source::config::FetchConfig;
 use lazylayer::source::image;
-use lazylayer::source::registry::RegistryConfig;
 use support::conformance::{assert_same_tree, disk_tree, image_tree, umoci_unpack};
 use support::containerd::{Containerd, LazyFormat, python_app_as_estargz};
 use support::mount::Mounted;
@@ -30,7 +30,7 @@ async fn open(reference: &str) -> Arc<ImageFs> {
 
 async fn open_with(reference: &str, options: &ImageFsOptions) -> Arc<ImageFs> {
     let reference = ImageRef::parse(reference).unwrap();
-    let (source, selector) = source::open(&reference, &RegistryConfig::default())
+    let (source, selector) = source::open::open(&reference, &FetchConfig::default())
         .await
         .unwrap();
     let image = image::resolve(source.as_ref(), &selector, &Platform::host())

@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use lazylayer::model::digest::Digest;
 use lazylayer::model::reference::ImageRef;
-use lazylayer::source::registry::auth::Credentials;
-use lazylayer::source::registry::{Registry as Client, RegistryConfig, RegistryError, Repository};
+use lazylayer::source::config::Credentials;
+use lazylayer::source::config::FetchConfig;
+use lazylayer::source::registry::{Registry as Client, RegistryError, Repository};
 use serde_json::{Value, json};
 use support::http::{HttpServer, Response};
 use support::token::{TokenPolicy, TokenServer};
@@ -225,17 +226,17 @@ fn lazy_index_annotations_are_reported_per_layer() {
     .assert_error(&["toc.digest", layer0]);
 }
 
-fn client(host: &str, repo: &str, config: &RegistryConfig) -> Repository {
+fn client(host: &str, repo: &str, config: &FetchConfig) -> Repository {
     let ImageRef::Registry(r) = ImageRef::parse(&format!("{host}/{repo}")).unwrap() else {
         panic!()
     };
     Client::new(&r, config).unwrap().repository(&r.repository)
 }
 
-fn no_docker_config() -> RegistryConfig {
-    RegistryConfig {
+fn no_docker_config() -> FetchConfig {
+    FetchConfig {
         docker_config: None,
-        ..RegistryConfig::default()
+        ..FetchConfig::default()
     }
 }
 
@@ -442,7 +443,7 @@ async fn token_renewal_case(valid_for: i64, expires_in: u64) -> usize {
         ..bob()
     };
     let (tokens, reg) = token_registry(&anon, policy);
-    let config = RegistryConfig {
+    let config = FetchConfig {
         credentials: Some(Credentials::parse("bob:hunter2").unwrap()),
         ..no_docker_config()
     };
@@ -574,7 +575,7 @@ async fn blob_redirects_drop_authorization_and_are_remembered() {
         Response::new(404)
     });
 
-    let config = RegistryConfig {
+    let config = FetchConfig {
         credentials: Some(Credentials::parse("alice:pw").unwrap()),
         ..no_docker_config()
     };

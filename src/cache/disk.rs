@@ -31,8 +31,9 @@ use tracing::warn;
 
 use crate::model::digest::Digest;
 use crate::model::oci::Descriptor;
+use crate::model::oci::FetchedManifest;
 use crate::model::reference::ManifestSelector;
-use crate::source::{ByteStream, FetchedManifest, ImageSource, SourceError};
+use crate::source::{ByteStream, ImageSource, SourceError};
 use async_trait::async_trait;
 
 /// How long writes stay off after a write failed (no space, read-only).

@@ -29,7 +29,7 @@ pub struct ConfigFile {
 }
 
 /// `[fetch]`: how remote reads are made and retried. Every field is optional; see
-/// [`crate::source::retry::RetryPolicy`] and [`crate::source::registry::RegistryConfig`] for the defaults.
+/// [`crate::source::retry::RetryPolicy`] and [`crate::source::config::FetchConfig`] for the defaults.
 #[derive(Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct FetchSection {

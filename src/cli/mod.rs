@@ -23,9 +23,9 @@ use crate::fs::tree::{NodeKind, ResolveError};
 use crate::fs::{CountingSource, ImageFs, ImageFsError, ImageFsOptions};
 use crate::model::oci::Platform;
 use crate::model::reference::{ImageRef, ReferenceError};
+use crate::source::config::Credentials;
+use crate::source::config::FetchConfig;
 use crate::source::image::{self, ImageError};
-use crate::source::registry::RegistryConfig;
-use crate::source::registry::auth::Credentials;
 use crate::source::retry::RetryPolicy;
 use crate::source::{self, SourceError};
 
@@ -667,9 +667,9 @@ fn seconds(name: &'static str, value: f64) -> Result<Duration, CliError> {
 
 impl RemoteArgs {
     /// The registry settings: flags first, then the config file, then built-in defaults.
-    pub fn registry_config(&self) -> Result<RegistryConfig, CliError> {
+    pub fn registry_config(&self) -> Result<FetchConfig, CliError> {
         let file = ConfigFile::load(self.config.as_deref())?.fetch;
-        let defaults = RegistryConfig::default();
+        let defaults = FetchConfig::default();
         let secs = |name: &'static str, flag: Option<f64>, file: Option<f64>, default: Duration| {
             flag.or(file).map_or(Ok(default), |v| seconds(name, v))
         };
@@ -700,7 +700,7 @@ impl RemoteArgs {
         if retry.max_attempts == 0 {
             return Err(CliError::Attempts);
         }
-        let mut config = RegistryConfig {
+        let mut config = FetchConfig {
             plain_http: self.plain_http,
             credentials: self
                 .user
@@ -721,7 +721,7 @@ impl RemoteArgs {
                 defaults.stall_timeout,
             )?,
             retry,
-            s3: crate::source::s3::S3Config {
+            s3: crate::source::config::S3Config {
                 endpoint: self.s3_endpoint.clone(),
                 region: self.s3_region.clone(),
             },
@@ -1157,7 +1157,7 @@ fn daemonize(args: &MountArgs) -> Result<(), CliError> {
 
 async fn profile(args: ProfileArgs) -> Result<(), CliError> {
     let reference = ImageRef::parse(&args.reference)?;
-    let (source, _) = source::open(&reference, &args.remote.registry_config()?).await?;
+    let (source, _) = source::open::open(&reference, &args.remote.registry_config()?).await?;
     let image = source.name();
     let disk = open_cache(&args.cache_dir, u64::MAX)?;
     let Some(profile) = crate::fs::profile::load(&disk, &image) else {
@@ -1325,7 +1325,7 @@ async fn resolve_image(
     let reference = ImageRef::parse(reference)?;
     let platform = remote.platform()?;
     let config = remote.registry_config()?;
-    let (source, selector) = source::open(&reference, &config).await?;
+    let (source, selector) = source::open::open(&reference, &config).await?;
     // Count what reaches the network only: the disk tier sits in front of the counter.
     let (source, stats) = CountingSource::wrap(source);
     let source = match disk {
@@ -1514,7 +1514,7 @@ async fn inspect(args: InspectArgs) -> Result<(), CliError> {
     let reference = ImageRef::parse(&args.reference)?;
     let platform = args.remote.platform()?;
     let config = args.remote.registry_config()?;
-    let (source, selector) = source::open(&reference, &config).await?;
+    let (source, selector) = source::open::open(&reference, &config).await?;
     let image = image::resolve(source.as_ref(), &selector, &platform).await?;
     let report = InspectReport::new(reference.to_string(), &image);
     if args.json {

@@ -32,8 +32,8 @@ use crate::containerd::snapshotter::{IMAGE_LABELS, LAYER_LABELS, MANIFEST_LABEL,
 use crate::model::digest::Digest;
 use crate::model::oci::{Descriptor, MAX_CONFIG_BYTES, Platform};
 use crate::model::reference::{ImageRef, ManifestSelector, ReferenceError};
+use crate::source::config::FetchConfig;
 use crate::source::image::{self, ResolvedImage};
-use crate::source::registry::RegistryConfig;
 use crate::source::{self, ImageSource, SourceError};
 
 /// Bytes per message when streaming a blob into the content store (containerd accepts up to
@@ -74,7 +74,7 @@ pub struct PullOptions {
     pub namespace: String,
     /// Snapshotter to unpack into (as named in containerd's config).
     pub snapshotter: String,
-    pub registry: RegistryConfig,
+    pub registry: FetchConfig,
     pub platform: Platform,
 }
 
@@ -186,7 +186,7 @@ pub async fn pull(reference: &str, options: &PullOptions) -> Result<PullReport, 
         return Err(PullError::NotRegistry(reference.to_string()));
     };
     let name = registry_ref.to_string();
-    let (source, selector) = source::open(&parsed, &options.registry).await?;
+    let (source, selector) = source::open::open(&parsed, &options.registry).await?;
     let image = image::resolve(source.as_ref(), &selector, &options.platform).await?;
     let manifest = source
         .manifest(&ManifestSelector::Digest(image.manifest_digest.clone()))

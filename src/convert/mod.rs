@@ -30,8 +30,8 @@ use crate::layer::{ChunkSource, EntryKind, LayerEntry, LayerError};
 use crate::model::digest::Digest;
 use crate::model::oci::{Descriptor, MAX_CONFIG_BYTES, Platform};
 use crate::model::reference::ImageRef;
+use crate::source::config::FetchConfig;
 use crate::source::image::{self, ResolvedImage};
-use crate::source::registry::RegistryConfig;
 use crate::source::{self, ImageSource, SourceError};
 
 /// The layer formats `convert` writes.
@@ -343,13 +343,13 @@ async fn convert_layer(
 /// Converts image `reference` to `options.format`.
 pub async fn convert(
     reference: &str,
-    registry: &RegistryConfig,
+    registry: &FetchConfig,
     platform: &Platform,
     options: &ConvertOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<ConvertedImage, ConvertError> {
     let parsed = ImageRef::parse(reference)?;
-    let (source, selector) = source::open(&parsed, registry).await?;
+    let (source, selector) = source::open::open(&parsed, registry).await?;
     let image: ResolvedImage = image::resolve(source.as_ref(), &selector, platform).await?;
     let name = parsed.to_string();
     let config_bytes = source

@@ -88,7 +88,7 @@ pub fn write_layout(image: &ConvertedImage, dest: &LayoutRef) -> Result<(), Conv
 pub async fn push(
     image: &ConvertedImage,
     target: &crate::model::reference::RegistryRef,
-    config: &crate::source::registry::RegistryConfig,
+    config: &crate::source::config::FetchConfig,
 ) -> Result<(), ConvertError> {
     let failed = |e: crate::source::registry::RegistryError| {
         ConvertError::Output(format!("pushing to {target}: {e}"))

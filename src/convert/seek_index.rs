@@ -23,8 +23,8 @@ use crate::model::oci::{
 };
 use crate::model::reference::ImageRef;
 use crate::source;
+use crate::source::config::FetchConfig;
 use crate::source::image::{self, ResolvedImage};
-use crate::source::registry::RegistryConfig;
 
 /// Media type and content of the empty config an artifact without one carries (OCI 1.1).
 const MEDIA_EMPTY: &str = "application/vnd.oci.empty.v1+json";
@@ -44,7 +44,7 @@ pub struct Published {
 /// as a referrer of its manifest. `span`: uncompressed bytes between checkpoints.
 pub async fn index(
     reference: &str,
-    registry: &RegistryConfig,
+    registry: &FetchConfig,
     platform: &Platform,
     span: u64,
     progress: Arc<dyn Progress>,
@@ -56,7 +56,7 @@ pub async fn index(
              S3 use `lazylayer convert` to write a lazy copy instead"
         )));
     };
-    let (source, selector) = source::open(&parsed, registry).await?;
+    let (source, selector) = source::open::open(&parsed, registry).await?;
     let image: ResolvedImage = image::resolve(source.as_ref(), &selector, platform).await?;
     let count = image.layers.len();
     let mut indexed = Vec::new();

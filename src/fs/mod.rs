@@ -27,10 +27,11 @@ use crate::layer::{self, LayerError, LayerFormat};
 use crate::layer::{ChunkRef, ChunkSource};
 use crate::model::digest::Digest;
 use crate::model::oci::Descriptor;
+use crate::model::oci::FetchedManifest;
 use crate::model::reference::ManifestSelector;
 use crate::source::image::ResolvedImage;
 use crate::source::retry::{self, RetryPolicy};
-use crate::source::{ByteStream, FetchedManifest, ImageSource, SourceError};
+use crate::source::{ByteStream, ImageSource, SourceError};
 use profile::{Profile, Recorder};
 
 /// Settings for an opened image.

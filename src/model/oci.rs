@@ -16,6 +16,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::model::digest::Digest;
@@ -481,6 +482,16 @@ impl LazyIndex {
             LazyIndex::GzipIndex { .. } => "gzip index",
         }
     }
+}
+
+/// A manifest as a source served it, already checked against its digest.
+#[derive(Clone, Debug)]
+pub struct FetchedManifest {
+    pub bytes: Bytes,
+    /// What the source said the media type is (HTTP `Content-Type`, or the layout's index
+    /// entry); the JSON's own `mediaType` wins when set.
+    pub media_type: Option<String>,
+    pub digest: Digest,
 }
 
 #[cfg(test)]

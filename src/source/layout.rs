@@ -14,9 +14,11 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::model::digest::{Digest, DigestError};
+use crate::model::oci::FetchedManifest;
 use crate::model::oci::{Descriptor, ImageIndex, MAX_MANIFEST_BYTES};
 use crate::model::reference::{LayoutRef, ManifestSelector};
-use crate::source::{ByteStream, FetchedManifest, ImageSource, SourceError};
+use crate::source::retry::{Transient, Verdict};
+use crate::source::{ByteStream, ImageSource, SourceError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
@@ -58,6 +60,19 @@ pub enum LayoutError {
         end: u64,
         size: u64,
     },
+}
+
+impl Transient for LayoutError {
+    /// Local files: trying again reads the same bytes.
+    fn verdict(&self) -> Verdict {
+        Verdict::Fatal
+    }
+}
+
+impl From<LayoutError> for SourceError {
+    fn from(e: LayoutError) -> Self {
+        SourceError::backend(e)
+    }
 }
 
 /// An opened OCI image layout.

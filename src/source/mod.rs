@@ -2,7 +2,7 @@
 //!
 //! The rest of lazylayer (image resolution, formats, the mount) asks an [`ImageSource`] for
 //! manifests, small whole blobs and byte ranges of layer blobs; it never knows whether they come
-//! from a registry, a local OCI layout or (later) an object store. Every source returns only
+//! from a registry, a local OCI layout or an S3 bucket. Every source returns only
 //! verified manifests and small blobs; layer ranges cannot be verified as a whole and are checked
 //! chunk by chunk by the format readers.
 //!
@@ -10,46 +10,36 @@
 //! the reference the user typed, and a boxed future per request is negligible next to a network
 //! round trip.
 
+pub mod config;
 pub mod image;
 pub mod layout;
+pub mod open;
 pub mod registry;
 pub mod retry;
+pub mod retrying;
 pub mod s3;
 
 use std::ops::Range;
 use std::pin::Pin;
-use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 
 use crate::model::digest::Digest;
-use crate::model::oci::Descriptor;
-use crate::model::reference::{ImageRef, ManifestSelector};
-use crate::source::layout::{LayoutError, LayoutSource};
-use crate::source::registry::{Registry, RegistryConfig, RegistryError, Repository};
-use crate::source::retry::{RetryingSource, Transient, Verdict};
-use crate::source::s3::{S3Error, S3Source};
-
-/// A manifest as a source served it, already checked against its digest.
-#[derive(Clone, Debug)]
-pub struct FetchedManifest {
-    pub bytes: Bytes,
-    /// What the source said the media type is (HTTP `Content-Type`, or the layout's index
-    /// entry); the JSON's own `mediaType` wins when set.
-    pub media_type: Option<String>,
-    pub digest: Digest,
-}
+use crate::model::oci::{Descriptor, FetchedManifest};
+use crate::model::reference::ManifestSelector;
+use crate::source::retry::{Transient, Verdict};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error(transparent)]
-    Registry(#[from] RegistryError),
-    #[error(transparent)]
-    Layout(#[from] LayoutError),
-    #[error(transparent)]
-    S3(#[from] S3Error),
+    /// What a backend (registry, layout, S3) reported, with its own verdict on retrying.
+    /// Each backend converts its error type with `From`, so this module names none of them.
+    #[error("{error}")]
+    Backend {
+        error: Box<dyn std::error::Error + Send + Sync>,
+        verdict: Verdict,
+    },
     #[error(
         "{what}: no data for {secs:.0} s ({attempts} attempts); the source is down or unreachable \
          (raise --read-timeout to wait longer)"
@@ -63,13 +53,24 @@ pub enum SourceError {
     EndedEarly { what: String },
 }
 
+impl SourceError {
+    /// Wraps a backend's error, keeping its verdict.
+    pub fn backend<E>(error: E) -> SourceError
+    where
+        E: Transient + std::error::Error + Send + Sync + 'static,
+    {
+        let verdict = error.verdict();
+        SourceError::Backend {
+            error: Box::new(error),
+            verdict,
+        }
+    }
+}
+
 impl Transient for SourceError {
     fn verdict(&self) -> Verdict {
         match self {
-            SourceError::Registry(e) => e.verdict(),
-            // Local files: trying again reads the same bytes.
-            SourceError::Layout(_) => Verdict::Fatal,
-            SourceError::S3(e) => e.verdict(),
+            SourceError::Backend { verdict, .. } => *verdict,
             SourceError::TimedOut { .. } => Verdict::Fatal,
             SourceError::EndedEarly { .. } => Verdict::Retry(None),
         }
@@ -115,80 +116,5 @@ pub trait ImageSource: Send + Sync {
             out.extend_from_slice(&piece?);
         }
         Ok(out.freeze())
-    }
-}
-
-#[async_trait]
-impl ImageSource for Repository {
-    fn name(&self) -> String {
-        self.display_name()
-    }
-
-    async fn manifest(&self, selector: &ManifestSelector) -> Result<FetchedManifest, SourceError> {
-        Ok(Repository::manifest(self, selector).await?)
-    }
-
-    async fn blob(&self, descriptor: &Descriptor, limit: u64) -> Result<Bytes, SourceError> {
-        Ok(Repository::blob(self, &descriptor.digest, descriptor.size, limit).await?)
-    }
-
-    async fn blob_range(
-        &self,
-        digest: &Digest,
-        range: Range<u64>,
-    ) -> Result<ByteStream, SourceError> {
-        let stream = Repository::blob_range(self, digest, range).await?;
-        Ok(Box::pin(stream.map(|r| r.map_err(SourceError::from))))
-    }
-
-    async fn referrers(
-        &self,
-        subject: &Digest,
-        artifact_type: &str,
-    ) -> Result<Vec<Descriptor>, SourceError> {
-        Ok(Repository::referrers(self, subject, artifact_type).await?)
-    }
-}
-
-/// Opens the source a reference names and says which manifest in it the reference means.
-/// For a registry this makes one request (`GET /v2/`) so that a wrong host, a dead registry or
-/// a non-registry URL is reported before anything else.
-pub async fn open(
-    reference: &ImageRef,
-    config: &RegistryConfig,
-) -> Result<(Arc<dyn ImageSource>, ManifestSelector), SourceError> {
-    match reference {
-        ImageRef::Registry(r) => {
-            let registry = Registry::new(r, config)?;
-            let what = || format!("registry {}", r.registry);
-            crate::source::retry::retry(&config.retry, what, || async {
-                Ok::<_, SourceError>(registry.ping().await?)
-            })
-            .await?;
-            let repo = Arc::new(registry.repository(&r.repository));
-            Ok((
-                RetryingSource::wrap(repo, config.retry.clone()),
-                r.selector(),
-            ))
-        }
-        ImageRef::S3(r) => {
-            let what = || format!("s3://{}/{}", r.bucket, r.prefix);
-            let s3 = crate::source::retry::retry(&config.retry, what, || async {
-                S3Source::open(r, &config.s3, config.connect_timeout, config.stall_timeout)
-                    .await
-                    .map_err(SourceError::from)
-            })
-            .await?;
-            let selector = s3.selector(r)?;
-            Ok((
-                RetryingSource::wrap(Arc::new(s3), config.retry.clone()),
-                selector,
-            ))
-        }
-        ImageRef::Layout(l) => {
-            let layout = LayoutSource::open(&l.path)?;
-            let selector = layout.selector(l)?;
-            Ok((Arc::new(layout), selector))
-        }
     }
 }

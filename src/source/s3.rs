@@ -5,7 +5,7 @@
 //! - The client is `object_store` (its `aws` feature): SigV4 signing, path-style addressing for
 //!   S3-compatible stores, connection pooling. Version 0.12 is used because it shares reqwest
 //!   0.12 and ring with the registry client; 0.13+ brings a second HTTP stack and aws-lc.
-//!   Its own retries are turned off: [`crate::source::retry::RetryingSource`] retries every source the
+//!   Its own retries are turned off: [`crate::source::retrying::RetryingSource`] retries every source the
 //!   same way, resuming broken ranges, so two retry loops would multiply attempts.
 //! - Credentials come from where AWS tools look: `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`
 //!   (`AWS_SESSION_TOKEN`), else the `AWS_PROFILE` (or `default`) profile of
@@ -31,20 +31,12 @@ use object_store::path::Path as KeyPath;
 use object_store::{ClientOptions, GetOptions, GetRange, ObjectStore, RetryConfig};
 
 use crate::model::digest::{Digest, DigestError};
+use crate::model::oci::FetchedManifest;
 use crate::model::oci::{Descriptor, ImageIndex, MAX_MANIFEST_BYTES};
 use crate::model::reference::{ManifestSelector, S3Ref};
+use crate::source::config::S3Config;
 use crate::source::retry::{Transient, Verdict};
-use crate::source::{ByteStream, FetchedManifest, ImageSource, SourceError};
-
-/// How to reach S3; every field falls back to the environment as the AWS tools do.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct S3Config {
-    /// Endpoint of an S3-compatible store (`http://127.0.0.1:9000`); requests then use
-    /// path-style addressing, which every such store supports. `None`: AWS itself.
-    pub endpoint: Option<String>,
-    /// Region to sign for. `None`: from the environment or profile, else `us-east-1`.
-    pub region: Option<String>,
-}
+use crate::source::{ByteStream, ImageSource, SourceError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum S3Error {
@@ -91,6 +83,12 @@ pub enum S3Error {
     Credentials { path: PathBuf, reason: String },
     #[error("S3 client for bucket {bucket}: {reason}")]
     Client { bucket: String, reason: String },
+}
+
+impl From<S3Error> for SourceError {
+    fn from(e: S3Error) -> Self {
+        SourceError::backend(e)
+    }
 }
 
 impl Transient for S3Error {

@@ -50,8 +50,8 @@ use crate::model::digest::Digest;
 use crate::model::oci::Platform;
 use crate::model::reference::{ImageRef, ManifestSelector};
 use crate::mount::{Companions, MountOptions, detach};
+use crate::source::config::FetchConfig;
 use crate::source::image::{self, ResolvedImage};
-use crate::source::registry::RegistryConfig;
 use crate::source::{self, ImageSource};
 use store::{Kind, Record, RemoteLayer, Store};
 
@@ -105,7 +105,7 @@ pub struct SnapshotterConfig {
     /// Snapshot directories and the metadata file live here.
     pub root: PathBuf,
     /// How remote layers are fetched (credentials, timeouts, retries).
-    pub registry: RegistryConfig,
+    pub registry: FetchConfig,
     /// The platform to pick when a reference names a multi-platform index.
     pub platform: Platform,
     /// How each lazily mounted run of layers reads and caches.
@@ -439,7 +439,7 @@ impl Snapshotter {
             None => {
                 let reference =
                     ImageRef::parse(&remote.image).map_err(|e| failed(e.to_string()))?;
-                let (raw, mut selector) = source::open(&reference, &self.config.registry)
+                let (raw, mut selector) = source::open::open(&reference, &self.config.registry)
                     .await
                     .map_err(|e| failed(e.to_string()))?;
                 if let Some(manifest) = &remote.manifest {
@@ -716,7 +716,7 @@ mod tests {
     async fn open(root: &Path) -> Snapshotter {
         Snapshotter::open(SnapshotterConfig {
             root: root.to_path_buf(),
-            registry: RegistryConfig::default(),
+            registry: FetchConfig::default(),
             platform: Platform::host(),
             image_fs: ImageFsOptions::default(),
         })

@@ -19,8 +19,7 @@
 //! `docker login` is not seen. Credentials never appear in logs or `Debug` output.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -29,42 +28,14 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 
 use super::RegistryError;
+use crate::source::config::Credentials;
 
-/// A user name and password (or access token used as password).
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credentials {
-    pub username: String,
-    pub password: String,
-}
-
-impl fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "Credentials {{ username: {:?}, password: <redacted> }}",
-            self.username
-        )
-    }
-}
-
-impl Credentials {
-    /// Parses `USER:PASSWORD` as given to `--user`.
-    pub fn parse(s: &str) -> Result<Credentials, String> {
-        match s.split_once(':') {
-            Some((u, p)) if !u.is_empty() => Ok(Credentials {
-                username: u.to_string(),
-                password: p.to_string(),
-            }),
-            _ => Err("expected USER:PASSWORD".to_string()),
-        }
-    }
-
-    fn basic_header(&self) -> String {
-        format!(
-            "Basic {}",
-            BASE64.encode(format!("{}:{}", self.username, self.password))
-        )
-    }
+/// `Authorization: Basic` for `credentials`.
+fn basic_header(credentials: &Credentials) -> String {
+    format!(
+        "Basic {}",
+        BASE64.encode(format!("{}:{}", credentials.username, credentials.password))
+    )
 }
 
 /// The authentication scheme a registry asked for.
@@ -170,14 +141,6 @@ struct DockerAuthEntry {
     username: Option<String>,
     #[serde(default)]
     password: Option<String>,
-}
-
-/// Where Docker keeps `config.json`: `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
-pub fn default_docker_config_path() -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os("DOCKER_CONFIG") {
-        return Some(PathBuf::from(dir).join("config.json"));
-    }
-    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker").join("config.json"))
 }
 
 /// Looks up credentials for `registry` (as written in image references; `docker.io` for Docker
@@ -306,7 +269,7 @@ impl Authenticator {
             return Ok(None);
         };
         match challenge.scheme {
-            Scheme::Basic => Ok(self.credentials.as_ref().map(Credentials::basic_header)),
+            Scheme::Basic => Ok(self.credentials.as_ref().map(basic_header)),
             Scheme::Bearer => {
                 let mut tokens = self.tokens.lock().await;
                 if let Some(t) = tokens.get(scope)

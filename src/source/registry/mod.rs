@@ -11,7 +11,7 @@
 //! - Redirects are followed by hand: a blob GET that answers 307 to an object store or CDN is
 //!   retried there *without* the registry's `Authorization` (those URLs carry their own
 //!   signature, and our token must not leak to a third party), and the target URL is remembered
-//!   for [`RegistryConfig::redirect_ttl`] so later ranges of the same blob skip the registry
+//!   for [`FetchConfig::redirect_ttl`] so later ranges of the same blob skip the registry
 //!   round trip. A failing remembered URL (expired signature) is dropped and the registry asked
 //!   again.
 //! - Plain HTTP is used only when asked (`--plain-http`) or for loopback registries, as
@@ -21,17 +21,18 @@
 //!   large but progressing transfer. Retries with backoff are layered on top by the fetcher.
 
 pub mod auth;
+mod body;
+mod error;
 mod push;
 pub mod referrers;
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Mutex;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use reqwest::StatusCode;
@@ -39,167 +40,14 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_RANGE, CONTENT_TYPE, LOCATI
 use url::Url;
 
 use crate::model::digest::{Digest, DigestError};
+use crate::model::oci::{Descriptor, FetchedManifest};
 use crate::model::reference::{ManifestSelector, RegistryRef};
-use crate::source::FetchedManifest;
-use crate::source::retry::{RetryPolicy, Transient, Verdict};
-use auth::{Authenticator, Credentials};
-
-/// How to reach registries. Defaults suit a registry on the internet; tests shorten timeouts.
-#[derive(Clone, Debug)]
-pub struct RegistryConfig {
-    /// Talk plain HTTP to every registry. Off by default: only loopback hosts get plain HTTP
-    /// without asking, so credentials never cross a network unencrypted by accident.
-    pub plain_http: bool,
-    /// Credentials given on the command line; they win over Docker's config file.
-    pub credentials: Option<Credentials>,
-    /// Docker `config.json` to read credentials from; `None` disables the lookup. Defaults to
-    /// `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`, where `docker login` writes.
-    pub docker_config: Option<PathBuf>,
-    /// TCP + TLS connect timeout. 10 s: long enough for a slow TLS handshake across the world,
-    /// short enough that a dead registry is reported before a user gives up.
-    pub connect_timeout: Duration,
-    /// Give up on a response when no bytes arrived for this long. 30 s: registries behind
-    /// throttling proxies pause for seconds, but a silent half-minute means a dead connection.
-    pub stall_timeout: Duration,
-    /// How long a blob redirect target is reused. 5 min: well inside the 20 min that
-    /// distribution's S3 driver signs URLs for, and a stale one only costs one retry.
-    pub redirect_ttl: Duration,
-    /// How failed reads are retried; see [`RetryPolicy`].
-    pub retry: RetryPolicy,
-    /// Where `s3://` references are read from (endpoint, region); the connect and stall
-    /// timeouts and the retry policy above apply to them too.
-    pub s3: crate::source::s3::S3Config,
-}
-
-impl Default for RegistryConfig {
-    fn default() -> Self {
-        RegistryConfig {
-            plain_http: false,
-            credentials: None,
-            docker_config: auth::default_docker_config_path(),
-            connect_timeout: Duration::from_secs(10),
-            stall_timeout: Duration::from_secs(30),
-            redirect_ttl: Duration::from_secs(300),
-            retry: RetryPolicy::default(),
-            s3: crate::source::s3::S3Config::default(),
-        }
-    }
-}
-
-/// Everything that can go wrong talking to a registry. Each variant names the registry, URL or
-/// object involved, and what the user can do where there is something to do.
-#[derive(Debug, thiserror::Error)]
-pub enum RegistryError {
-    #[error(
-        "cannot reach registry {registry} at {url}: {reason} (is it running and reachable?{})",
-        if url.starts_with("https:") { " for a registry without TLS use --plain-http" } else { "" }
-    )]
-    Connect {
-        registry: String,
-        url: String,
-        reason: String,
-    },
-    #[error("request to {url} failed: {reason}")]
-    Transport { url: String, reason: String },
-    #[error(
-        "unauthorized at registry {registry}: {detail} (pass --user USER:PASSWORD or `docker login` to store credentials)"
-    )]
-    Unauthorized { registry: String, detail: String },
-    #[error("registry {registry} asks for unsupported auth scheme `{scheme}`")]
-    UnsupportedAuth { registry: String, scheme: String },
-    #[error("registry {registry} sent an unusable auth challenge: {reason}")]
-    BadChallenge { registry: String, reason: String },
-    #[error("cannot get a token for registry {registry} from {realm}: {reason}")]
-    Token {
-        registry: String,
-        realm: String,
-        reason: String,
-    },
-    #[error("cannot read docker config {}: {reason}", path.display())]
-    Config { path: PathBuf, reason: String },
-    #[error("{what} not found: {url} (check the repository name, tag or digest)")]
-    NotFound { what: &'static str, url: String },
-    #[error("{url} answered HTTP {status}{}", if body.is_empty() { String::new() } else { format!(": {body}") })]
-    Status {
-        url: String,
-        status: StatusCode,
-        body: String,
-        /// The server's `Retry-After`, for 429 and 503.
-        retry_after: Option<Duration>,
-    },
-    #[error("{what} {digest} from {url} is {size} bytes, more than the {limit}-byte limit")]
-    TooLarge {
-        what: &'static str,
-        digest: String,
-        url: String,
-        size: u64,
-        limit: u64,
-    },
-    #[error("{what} from {url} failed verification: {source}")]
-    Digest {
-        what: &'static str,
-        url: String,
-        source: DigestError,
-    },
-    #[error("bad range response from {url}: {reason}")]
-    BadRange { url: String, reason: String },
-    #[error("range {start}-{end} of blob {digest} is outside the blob{} at {url}", size.map(|s| format!(" ({s} bytes)")).unwrap_or_default())]
-    RangeNotSatisfiable {
-        digest: Digest,
-        start: u64,
-        end: u64,
-        size: Option<u64>,
-        url: String,
-    },
-    #[error("response body from {url} ended after {got} of {expected} bytes")]
-    Truncated {
-        url: String,
-        expected: u64,
-        got: u64,
-    },
-    #[error("too many redirects fetching {url}")]
-    TooManyRedirects { url: String },
-}
-
-/// A URL as it may appear in messages and logs: without user info, query or fragment, which
-/// is where pre-signed object-store URLs keep their signatures.
-pub(crate) fn shown(url: &Url) -> String {
-    let mut url = url.clone();
-    let _ = url.set_username("");
-    let _ = url.set_password(None);
-    url.set_query(None);
-    url.set_fragment(None);
-    url.to_string()
-}
-
-/// Formats a reqwest error with its causes ("error sending request: connection refused").
-pub(crate) fn describe_reqwest(e: &reqwest::Error) -> String {
-    let mut out = if e.is_timeout() {
-        "timed out".to_string()
-    } else {
-        String::new()
-    };
-    let mut cur: Option<&dyn std::error::Error> = Some(e);
-    while let Some(err) = cur {
-        // reqwest repeats the URL (which may carry a signed query) and hyper names its
-        // layer; keep the causes.
-        let full = err.to_string();
-        let s = full
-            .split(" for url (")
-            .next()
-            .unwrap_or_default()
-            .to_string();
-        let noise = s == "error sending request" || s.starts_with("client error (");
-        if !out.contains(&s) && !noise {
-            if !out.is_empty() {
-                out.push_str(": ");
-            }
-            out.push_str(&s);
-        }
-        cur = err.source();
-    }
-    if out.is_empty() { e.to_string() } else { out }
-}
+use crate::source::config::FetchConfig;
+use crate::source::{ByteStream, ImageSource, SourceError};
+use auth::Authenticator;
+use body::{RangeBody, parse_content_range, read_capped};
+pub use error::RegistryError;
+use error::{blob_status_error, describe_reqwest, header_str, shown, status_error};
 
 /// One registry host: connection pool, auth state, remembered redirects.
 pub struct Registry {
@@ -220,14 +68,14 @@ pub struct Repository {
 }
 
 /// A stream of body bytes from a range read.
-pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, RegistryError>> + Send>>;
+pub type RangeStream = Pin<Box<dyn Stream<Item = Result<Bytes, RegistryError>> + Send>>;
 
 impl Registry {
     /// A client for the registry of `reference`. Reads credentials (from `config` or Docker's
     /// config file) but makes no request yet.
     pub fn new(
         reference: &RegistryRef,
-        config: &RegistryConfig,
+        config: &FetchConfig,
     ) -> Result<std::sync::Arc<Registry>, RegistryError> {
         let scheme = if config.plain_http || reference.is_loopback() {
             "http"
@@ -386,87 +234,6 @@ impl Registry {
     }
 }
 
-fn header_str(resp: &reqwest::Response, name: reqwest::header::HeaderName) -> Option<String> {
-    resp.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-}
-
-/// An error for an unexpected status, with the start of the body (registries explain there).
-async fn status_error(resp: reqwest::Response, url: &Url) -> RegistryError {
-    let status = resp.status();
-    let retry_after = header_str(&resp, reqwest::header::RETRY_AFTER)
-        .as_deref()
-        .and_then(parse_retry_after);
-    let body = resp.text().await.unwrap_or_default();
-    let mut body: String = body.trim().chars().take(300).collect();
-    body.retain(|c| !c.is_control());
-    RegistryError::Status {
-        url: shown(url),
-        status,
-        body,
-        retry_after,
-    }
-}
-
-/// `Retry-After` is either seconds or an HTTP date.
-fn parse_retry_after(value: &str) -> Option<Duration> {
-    if let Ok(secs) = value.trim().parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let when = chrono::DateTime::parse_from_rfc2822(value.trim()).ok()?;
-    let secs = (when.timestamp() - chrono::Utc::now().timestamp()).max(0);
-    Some(Duration::from_secs(secs as u64))
-}
-
-impl Transient for RegistryError {
-    fn verdict(&self) -> Verdict {
-        match self {
-            RegistryError::Connect { .. }
-            | RegistryError::Transport { .. }
-            | RegistryError::Truncated { .. }
-            | RegistryError::BadRange { .. }
-            // The token endpoint may be down for a while, as any server.
-            | RegistryError::Token { .. }
-            // Bytes that fail their digest were damaged on the way; the stored ones are checked
-            // by digest too, so a second look is all it takes to tell.
-            | RegistryError::Digest { .. } => Verdict::Retry(None),
-            RegistryError::Status {
-                status,
-                retry_after,
-                ..
-            } => match status.as_u16() {
-                // 501 and 505 say the server cannot do this at all.
-                501 | 505 => Verdict::Fatal,
-                408 | 429 | 500..=599 => Verdict::Retry(*retry_after),
-                _ => Verdict::Fatal,
-            },
-            RegistryError::Unauthorized { .. }
-            | RegistryError::UnsupportedAuth { .. }
-            | RegistryError::BadChallenge { .. }
-            | RegistryError::Config { .. }
-            | RegistryError::NotFound { .. }
-            | RegistryError::TooLarge { .. }
-            | RegistryError::RangeNotSatisfiable { .. }
-            | RegistryError::TooManyRedirects { .. } => Verdict::Fatal,
-        }
-    }
-}
-
-/// Parses `Content-Range: bytes START-END/TOTAL` into (START, END, TOTAL); TOTAL may be `*`.
-fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
-    let rest = v.trim().strip_prefix("bytes ")?;
-    let (range, total) = rest.split_once('/')?;
-    let (a, b) = range.split_once('-')?;
-    let (a, b) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
-    let total = match total.trim() {
-        "*" => None,
-        t => Some(t.parse().ok()?),
-    };
-    (a <= b).then_some((a, b, total))
-}
-
 impl Repository {
     pub fn registry(&self) -> &Registry {
         &self.registry
@@ -595,7 +362,7 @@ impl Repository {
         &self,
         digest: &Digest,
         range: Range<u64>,
-    ) -> Result<ByteStream, RegistryError> {
+    ) -> Result<RangeStream, RegistryError> {
         if range.is_empty() {
             return Ok(Box::pin(futures_util::stream::empty()));
         }
@@ -733,190 +500,34 @@ impl Repository {
     }
 }
 
-async fn blob_status_error(resp: reqwest::Response, url: &Url) -> RegistryError {
-    if resp.status() == StatusCode::NOT_FOUND {
-        RegistryError::NotFound {
-            what: "blob",
-            url: shown(url),
-        }
-    } else {
-        status_error(resp, url).await
-    }
-}
-
-/// Reads a whole body of at most `limit` bytes.
-async fn read_capped(
-    resp: reqwest::Response,
-    url: &Url,
-    what: &'static str,
-    name: &str,
-    limit: u64,
-) -> Result<Bytes, RegistryError> {
-    let too_large = |size| RegistryError::TooLarge {
-        what,
-        digest: name.to_string(),
-        url: shown(url),
-        size,
-        limit,
-    };
-    if let Some(len) = resp.content_length()
-        && len > limit
-    {
-        return Err(too_large(len));
-    }
-    let mut out = BytesMut::new();
-    let mut stream = resp.bytes_stream();
-    while let Some(piece) = stream.next().await {
-        let piece = piece.map_err(|e| RegistryError::Transport {
-            url: shown(url),
-            reason: describe_reqwest(&e),
-        })?;
-        if (out.len() + piece.len()) as u64 > limit {
-            return Err(too_large((out.len() + piece.len()) as u64));
-        }
-        out.extend_from_slice(&piece);
-    }
-    Ok(out.freeze())
-}
-
-/// The body of a range response, trimmed to exactly the requested bytes.
-struct RangeBody {
-    inner: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
-    url: String,
-    /// Bytes still to drop before the range starts (only when the server ignored `Range`).
-    skip: u64,
-    remaining: u64,
-    expected: u64,
-}
-
-impl Stream for RangeBody {
-    type Item = Result<Bytes, RegistryError>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        loop {
-            if self.remaining == 0 {
-                return Poll::Ready(None);
-            }
-            match self.inner.as_mut().poll_next(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(None) => {
-                    let (expected, got) = (self.expected, self.expected - self.remaining);
-                    self.remaining = 0;
-                    return Poll::Ready(Some(Err(RegistryError::Truncated {
-                        url: self.url.clone(),
-                        expected,
-                        got,
-                    })));
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    self.remaining = 0;
-                    return Poll::Ready(Some(Err(RegistryError::Transport {
-                        url: self.url.clone(),
-                        reason: describe_reqwest(&e),
-                    })));
-                }
-                Poll::Ready(Some(Ok(mut piece))) => {
-                    if self.skip > 0 {
-                        let drop = self.skip.min(piece.len() as u64);
-                        self.skip -= drop;
-                        piece = piece.slice(drop as usize..);
-                    }
-                    if piece.is_empty() {
-                        continue;
-                    }
-                    let take = self.remaining.min(piece.len() as u64);
-                    self.remaining -= take;
-                    return Poll::Ready(Some(Ok(piece.slice(..take as usize))));
-                }
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn content_range_parsing() {
-        assert_eq!(
-            parse_content_range("bytes 0-9/100"),
-            Some((0, 9, Some(100)))
-        );
-        assert_eq!(parse_content_range("bytes 5-5/*"), Some((5, 5, None)));
-        assert_eq!(parse_content_range("bytes 0-9/x"), None);
-        assert_eq!(parse_content_range("bytes 9-0/100"), None);
-        assert_eq!(parse_content_range("bytes */100"), None);
-        assert_eq!(parse_content_range("items 0-9/100"), None);
-        assert_eq!(parse_content_range(""), None);
+#[async_trait]
+impl ImageSource for Repository {
+    fn name(&self) -> String {
+        self.display_name()
     }
 
-    #[test]
-    fn retry_after_and_verdicts() {
-        assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
-        assert_eq!(
-            parse_retry_after("Thu, 01 Jan 1970 00:00:00 GMT"),
-            Some(Duration::ZERO),
-            "a date in the past means now"
-        );
-        assert_eq!(parse_retry_after("soon"), None);
-        let status = |code: u16, retry_after| RegistryError::Status {
-            url: "u".into(),
-            status: StatusCode::from_u16(code).unwrap(),
-            body: String::new(),
-            retry_after,
-        };
-        let later = Some(Duration::from_secs(2));
-        assert_eq!(status(503, later).verdict(), Verdict::Retry(later));
-        assert_eq!(status(429, None).verdict(), Verdict::Retry(None));
-        assert_eq!(status(408, None).verdict(), Verdict::Retry(None));
-        assert_eq!(status(502, None).verdict(), Verdict::Retry(None));
-        for fatal in [400, 403, 404, 405, 416, 501] {
-            assert_eq!(status(fatal, None).verdict(), Verdict::Fatal, "{fatal}");
-        }
+    async fn manifest(&self, selector: &ManifestSelector) -> Result<FetchedManifest, SourceError> {
+        Ok(Repository::manifest(self, selector).await?)
     }
 
-    #[test]
-    fn shown_urls_lose_credentials_and_signatures() {
-        let url =
-            Url::parse("https://user:pw@bucket.s3.example/blob?X-Amz-Signature=secret#f").unwrap();
-        assert_eq!(shown(&url), "https://bucket.s3.example/blob");
+    async fn blob(&self, descriptor: &Descriptor, limit: u64) -> Result<Bytes, SourceError> {
+        Ok(Repository::blob(self, &descriptor.digest, descriptor.size, limit).await?)
     }
 
-    #[tokio::test]
-    async fn range_body_skips_trims_and_reports_truncation() {
-        let pieces: Vec<reqwest::Result<Bytes>> = vec![
-            Ok(Bytes::from_static(b"0123")),
-            Ok(Bytes::from_static(b"456789")),
-        ];
-        let body = RangeBody {
-            inner: Box::pin(futures_util::stream::iter(pieces)),
-            url: "u".into(),
-            skip: 3,
-            remaining: 5,
-            expected: 5,
-        };
-        let got: Vec<_> = body.collect().await;
-        let bytes: Vec<u8> = got.into_iter().flat_map(|r| r.unwrap().to_vec()).collect();
-        assert_eq!(bytes, b"34567");
+    async fn blob_range(
+        &self,
+        digest: &Digest,
+        range: Range<u64>,
+    ) -> Result<ByteStream, SourceError> {
+        let stream = Repository::blob_range(self, digest, range).await?;
+        Ok(Box::pin(stream.map(|r| r.map_err(SourceError::from))))
+    }
 
-        let short: Vec<reqwest::Result<Bytes>> = vec![Ok(Bytes::from_static(b"01"))];
-        let body = RangeBody {
-            inner: Box::pin(futures_util::stream::iter(short)),
-            url: "u".into(),
-            skip: 0,
-            remaining: 4,
-            expected: 4,
-        };
-        let got: Vec<_> = body.collect().await;
-        assert_eq!(got.len(), 2);
-        assert!(matches!(
-            got[1],
-            Err(RegistryError::Truncated {
-                expected: 4,
-                got: 2,
-                ..
-            })
-        ));
+    async fn referrers(
+        &self,
+        subject: &Digest,
+        artifact_type: &str,
+    ) -> Result<Vec<Descriptor>, SourceError> {
+        Ok(Repository::referrers(self, subject, artifact_type).await?)
     }
 }
