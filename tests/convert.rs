@@ -10,7 +10,6 @@ use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
-use lazylayer::fetch::stats::FetchStats;
 use lazylayer::fs::{ImageFs, ImageFsOptions};
 use lazylayer::layer::LayerFormat;
 use lazylayer::model::oci::{ANNOTATION_ESTARGZ_TOC as ESTARGZ_TOC, Platform};
@@ -18,6 +17,7 @@ use lazylayer::model::reference::ImageRef;
 use lazylayer::source;
 use lazylayer::source::config::FetchConfig;
 use lazylayer::source::image;
+use lazylayer::source::stats::FetchStats;
 use support::conformance::{assert_same_tree, disk_tree, image_tree, umoci_unpack};
 use support::containerd::Containerd;
 use support::mount::Mounted;

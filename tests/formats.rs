@@ -10,7 +10,6 @@ mod support;
 
 use std::sync::Arc;
 
-use lazylayer::fetch::stats::FetchStats;
 use lazylayer::fs::tree::NodeKind;
 use lazylayer::fs::{ImageFs, ImageFsOptions};
 use lazylayer::layer::{ChunkSource, LayerFormat};
@@ -19,6 +18,7 @@ use lazylayer::model::reference::ImageRef;
 use lazylayer::source;
 use lazylayer::source::config::FetchConfig;
 use lazylayer::source::image;
+use lazylayer::source::stats::FetchStats;
 use support::conformance::{assert_same_tree, disk_tree, image_tree, umoci_unpack};
 use support::containerd::{Containerd, LazyFormat, python_app_as_estargz};
 use support::mount::Mounted;

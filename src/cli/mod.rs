@@ -12,21 +12,23 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::cache::disk::{DiskBackedSource, DiskCache};
+use crate::cache::disk::DiskCache;
 use crate::cli::config::{ConfigError, ConfigFile};
 use crate::cli::output::inspect::{InspectReport, human_bytes};
 use crate::cli::output::listing::{self, ListOptions};
 use crate::fetch::ContentError;
-use crate::fetch::stats::FetchStats;
 use crate::fs::stream_read::{self, Outcome};
 use crate::fs::tree::{NodeKind, ResolveError};
-use crate::fs::{CountingSource, ImageFs, ImageFsError, ImageFsOptions};
+use crate::fs::{ImageFs, ImageFsError, ImageFsOptions};
 use crate::model::oci::Platform;
 use crate::model::reference::{ImageRef, ReferenceError};
 use crate::source::config::Credentials;
 use crate::source::config::FetchConfig;
+use crate::source::counting::CountingSource;
+use crate::source::disk_backed::DiskBackedSource;
 use crate::source::image::{self, ImageError};
 use crate::source::retry::RetryPolicy;
+use crate::source::stats::FetchStats;
 use crate::source::{self, SourceError};
 
 #[derive(Parser, Debug)]

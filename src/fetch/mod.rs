@@ -14,7 +14,6 @@
 //! memory only for now; the disk tier and prefetching build on this interface.
 
 pub mod scheduler;
-pub mod stats;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -28,12 +27,12 @@ use lru::LruCache;
 
 use crate::cache::disk::DiskCache;
 use crate::fetch::scheduler::{Priority, RequestScheduler, SharedPriority};
-use crate::fetch::stats::FetchStats;
 use crate::layer::gzip_index::{self, Checkpoints};
 use crate::layer::{ChunkRef, ChunkSource, Codec, LayerError, LayerFormat, tar_stream};
 use crate::model::digest::Digest;
 use crate::model::oci::{Descriptor, LayerCompression};
 use crate::source::retry::{self, RetryPolicy, Transient, Verdict};
+use crate::source::stats::FetchStats;
 use crate::source::{ImageSource, SourceError};
 
 /// Identifies a chunk: the blob it comes from and where in the blob (compressed offset plus

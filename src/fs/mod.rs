@@ -13,25 +13,22 @@ pub mod tree;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
 use crate::cache::disk::DiskCache;
 use crate::fetch::scheduler::{Priority, RequestScheduler};
-use crate::fetch::stats::FetchStats;
 use crate::fetch::{ChunkCache, ChunkKey, ContentError, ContentReader, LayerInfo};
 use crate::fs::tree::{Ino, MergedTree, NodeKind};
 use crate::layer::tar_stream::StreamObserver;
 use crate::layer::{self, LayerError, LayerFormat};
 use crate::layer::{ChunkRef, ChunkSource};
 use crate::model::digest::Digest;
-use crate::model::oci::Descriptor;
-use crate::model::oci::FetchedManifest;
-use crate::model::reference::ManifestSelector;
+use crate::source::ImageSource;
+use crate::source::counting::CountingSource;
 use crate::source::image::ResolvedImage;
 use crate::source::retry::{self, RetryPolicy};
-use crate::source::{ByteStream, ImageSource, SourceError};
+use crate::source::stats::FetchStats;
 use profile::{Profile, Recorder};
 
 /// Settings for an opened image.
@@ -121,66 +118,6 @@ pub struct ImageFs {
     stats: Arc<FetchStats>,
     disk: Option<Arc<DiskCache>>,
     recorder: Option<Recorder>,
-}
-
-/// Counts requests and bytes of everything fetched through it.
-pub struct CountingSource {
-    inner: Arc<dyn ImageSource>,
-    stats: Arc<FetchStats>,
-}
-
-impl CountingSource {
-    /// Wraps `source`; the returned counters see every request made through the wrapper.
-    pub fn wrap(source: Arc<dyn ImageSource>) -> (Arc<dyn ImageSource>, Arc<FetchStats>) {
-        let stats = Arc::new(FetchStats::default());
-        let counted = Arc::new(CountingSource {
-            inner: source,
-            stats: stats.clone(),
-        });
-        (counted, stats)
-    }
-}
-
-#[async_trait]
-impl ImageSource for CountingSource {
-    fn name(&self) -> String {
-        self.inner.name()
-    }
-
-    async fn manifest(&self, selector: &ManifestSelector) -> Result<FetchedManifest, SourceError> {
-        self.inner.manifest(selector).await
-    }
-
-    async fn blob(&self, descriptor: &Descriptor, limit: u64) -> Result<Bytes, SourceError> {
-        self.stats.record_request(&descriptor.digest);
-        let data = self.inner.blob(descriptor, limit).await?;
-        self.stats
-            .record_bytes(&descriptor.digest, data.len() as u64);
-        Ok(data)
-    }
-
-    async fn blob_range(
-        &self,
-        digest: &Digest,
-        range: std::ops::Range<u64>,
-    ) -> Result<ByteStream, SourceError> {
-        self.stats.record_request(digest);
-        let stream = self.inner.blob_range(digest, range).await?;
-        let stats = self.stats.clone();
-        let digest = digest.clone();
-        Ok(Box::pin(stream.inspect(move |piece| {
-            if let Ok(bytes) = piece {
-                stats.record_bytes(&digest, bytes.len() as u64);
-            }
-        })))
-    }
-    async fn referrers(
-        &self,
-        subject: &Digest,
-        artifact_type: &str,
-    ) -> Result<Vec<Descriptor>, SourceError> {
-        self.inner.referrers(subject, artifact_type).await
-    }
 }
 
 /// Puts the file data of a streamed layer into the caches as it goes past. Writing to the disk

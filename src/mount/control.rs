@@ -13,8 +13,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::warn;
 
-use crate::fetch::stats::{FetchStats, LayerStats};
 use crate::fs::ImageFs;
+use crate::source::stats::{FetchStats, LayerStats};
 
 /// What `lazylayer stats` shows.
 #[derive(Debug, Serialize, Deserialize)]

@@ -11,8 +11,8 @@ use std::sync::atomic::Ordering;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::fetch::stats::FetchStats;
 use crate::fs::ImageFs;
+use crate::source::stats::FetchStats;
 
 /// The metrics page.
 pub fn render(fs: &ImageFs) -> String {

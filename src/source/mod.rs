@@ -11,6 +11,8 @@
 //! round trip.
 
 pub mod config;
+pub mod counting;
+pub mod disk_backed;
 pub mod image;
 pub mod layout;
 pub mod open;
@@ -18,6 +20,7 @@ pub mod registry;
 pub mod retry;
 pub mod retrying;
 pub mod s3;
+pub mod stats;
 
 use std::ops::Range;
 use std::pin::Pin;

@@ -42,16 +42,17 @@ use std::sync::Arc;
 
 use containerd_client::types::Mount;
 
-use crate::cache::disk::DiskBackedSource;
-use crate::fetch::stats::FetchStats;
-use crate::fs::{CountingSource, ImageFs, ImageFsOptions};
+use crate::fs::{ImageFs, ImageFsOptions};
 use crate::layer::tar_stream::Ignore;
 use crate::model::digest::Digest;
 use crate::model::oci::Platform;
 use crate::model::reference::{ImageRef, ManifestSelector};
 use crate::mount::{Companions, MountOptions, detach};
 use crate::source::config::FetchConfig;
+use crate::source::counting::CountingSource;
+use crate::source::disk_backed::DiskBackedSource;
 use crate::source::image::{self, ResolvedImage};
+use crate::source::stats::FetchStats;
 use crate::source::{self, ImageSource};
 use store::{Kind, Record, RemoteLayer, Store};
 

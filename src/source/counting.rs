@@ -1,0 +1,77 @@
+//! A source wrapper that counts every request and byte that passes through it, per layer, into
+//! the image's [`FetchStats`] (what `lazylayer stats`, the control socket and the metrics
+//! endpoint report). It sits directly above the retrying source, so a retried request counts
+//! once per attempt the user would see on the wire, and below the disk-backed source, so a blob
+//! served from disk costs no request.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use crate::model::digest::Digest;
+use crate::model::oci::{Descriptor, FetchedManifest};
+use crate::model::reference::ManifestSelector;
+use crate::source::stats::FetchStats;
+use crate::source::{ByteStream, ImageSource, SourceError};
+
+/// Counts requests and bytes of everything fetched through it.
+pub struct CountingSource {
+    inner: Arc<dyn ImageSource>,
+    stats: Arc<FetchStats>,
+}
+
+impl CountingSource {
+    /// Wraps `source`; the returned counters see every request made through the wrapper.
+    pub fn wrap(source: Arc<dyn ImageSource>) -> (Arc<dyn ImageSource>, Arc<FetchStats>) {
+        let stats = Arc::new(FetchStats::default());
+        let counted = Arc::new(CountingSource {
+            inner: source,
+            stats: stats.clone(),
+        });
+        (counted, stats)
+    }
+}
+
+#[async_trait]
+impl ImageSource for CountingSource {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+
+    async fn manifest(&self, selector: &ManifestSelector) -> Result<FetchedManifest, SourceError> {
+        self.inner.manifest(selector).await
+    }
+
+    async fn blob(&self, descriptor: &Descriptor, limit: u64) -> Result<Bytes, SourceError> {
+        self.stats.record_request(&descriptor.digest);
+        let data = self.inner.blob(descriptor, limit).await?;
+        self.stats
+            .record_bytes(&descriptor.digest, data.len() as u64);
+        Ok(data)
+    }
+
+    async fn blob_range(
+        &self,
+        digest: &Digest,
+        range: std::ops::Range<u64>,
+    ) -> Result<ByteStream, SourceError> {
+        self.stats.record_request(digest);
+        let stream = self.inner.blob_range(digest, range).await?;
+        let stats = self.stats.clone();
+        let digest = digest.clone();
+        Ok(Box::pin(stream.inspect(move |piece| {
+            if let Ok(bytes) = piece {
+                stats.record_bytes(&digest, bytes.len() as u64);
+            }
+        })))
+    }
+    async fn referrers(
+        &self,
+        subject: &Digest,
+        artifact_type: &str,
+    ) -> Result<Vec<Descriptor>, SourceError> {
+        self.inner.referrers(subject, artifact_type).await
+    }
+}
