@@ -16,9 +16,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
+use crate::cache::ChunkTiers;
 use crate::cache::disk::DiskCache;
+use crate::cache::memory::{ChunkCache, ChunkKey};
 use crate::fetch::scheduler::{Priority, RequestScheduler};
-use crate::fetch::{ChunkCache, ChunkKey, ContentError, ContentReader, LayerInfo};
+use crate::fetch::{ContentError, ContentReader, LayerInfo};
 use crate::fs::tree::{Ino, MergedTree, NodeKind};
 use crate::layer::tar_stream::StreamObserver;
 use crate::layer::{self, LayerError, LayerFormat};
@@ -124,24 +126,18 @@ pub struct ImageFs {
 /// tier before the blob is verified is safe: a chunk file is named by its content's digest and
 /// is used only where a verified index asks for that digest.
 struct CacheFiller {
-    cache: Arc<ChunkCache>,
-    disk: Option<Arc<DiskCache>>,
+    tiers: ChunkTiers,
     layer: Digest,
 }
 
 impl StreamObserver for CacheFiller {
     fn chunk(&self, offset: u64, data: &Bytes, digest: &Digest) {
-        if let Some(disk) = &self.disk {
-            disk.put(digest, data);
-        }
-        self.cache.insert(
-            ChunkKey {
-                layer: self.layer.clone(),
-                offset,
-                inner: 0,
-            },
-            data.clone(),
-        );
+        let key = ChunkKey {
+            layer: self.layer.clone(),
+            offset,
+            inner: 0,
+        };
+        self.tiers.keep(Some(key), Some(digest), data, false);
     }
 }
 
@@ -165,12 +161,15 @@ impl ImageFs {
         options: &ImageFsOptions,
     ) -> Result<ImageFs, ImageFsError> {
         let cache = Arc::new(ChunkCache::new(options.cache_bytes));
+        let tiers = ChunkTiers {
+            memory: cache.clone(),
+            disk: options.disk.clone(),
+        };
         let loads = image.layers.iter().map(|layer| {
             let source = source.clone();
             let digest = layer.descriptor.digest.clone();
             let filler = Arc::new(CacheFiller {
-                cache: cache.clone(),
-                disk: options.disk.clone(),
+                tiers: tiers.clone(),
                 layer: digest.clone(),
             });
             let cache = cache.clone();
@@ -219,8 +218,7 @@ impl ImageFs {
         let content = Arc::new(
             ContentReader::new(
                 source,
-                cache.clone(),
-                options.disk.clone(),
+                tiers,
                 infos,
                 stats.clone(),
                 RequestScheduler::new(options.request_slots),

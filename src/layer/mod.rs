@@ -18,6 +18,7 @@
 //! Entry paths are normalised here, once, and hostile names (`..` components, NUL bytes) are
 //! refused here, so no later stage sees them.
 
+pub mod codec;
 pub mod estargz;
 pub mod gzip_index;
 pub mod tar_stream;
@@ -29,6 +30,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::cache::disk::DiskCache;
+use crate::cache::memory::ChunkKey;
 use crate::model::digest::Digest;
 use crate::model::oci::{LayerCompression, LazyIndex};
 use crate::source::image::Layer;
@@ -155,6 +157,27 @@ pub struct ChunkRef {
     pub source: ChunkSource,
     /// What the uncompressed bytes must hash to; `None` only for [`ChunkSource::Zeros`].
     pub digest: Option<Digest>,
+}
+
+impl ChunkRef {
+    /// The chunk's memory-cache key within `layer`, or `None` for chunks that are never stored
+    /// (runs of zeros).
+    pub fn cache_key(&self, layer: &Digest) -> Option<ChunkKey> {
+        let (offset, inner) = match self.source {
+            ChunkSource::Compressed {
+                start,
+                inner_offset,
+                ..
+            } => (start, inner_offset),
+            ChunkSource::TarStream { offset } => (offset, 0),
+            ChunkSource::Zeros => return None,
+        };
+        Some(ChunkKey {
+            layer: layer.clone(),
+            offset,
+            inner,
+        })
+    }
 }
 
 /// The type-specific part of an entry.

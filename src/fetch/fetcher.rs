@@ -1,0 +1,239 @@
+//! The network side of a chunk read: one ranged request for a chunk or a merged run, inflated
+//! and checked against each chunk's digest before anything is kept or returned, so that a
+//! corrupted blob, a lying registry or a broken proxy can make a read fail but never return
+//! wrong bytes.
+//!
+//! Requests wait for a slot of the image's [`RequestScheduler`] at their priority. Transport
+//! failures are retried by the source below; what fails verification is fetched again here,
+//! within the same retry policy, because bytes damaged in transit are worth one more try while
+//! a blob that is really corrupt fails every time and then surfaces as EIO.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use super::scheduler::{Priority, RequestScheduler, SharedPriority};
+use super::{ContentError, LayerInfo};
+use crate::cache::ChunkTiers;
+use crate::layer::{ChunkRef, ChunkSource, Codec, LayerFormat, codec, tar_stream};
+use crate::model::digest::Digest;
+use crate::model::oci::LayerCompression;
+use crate::source::ImageSource;
+use crate::source::retry::{self, RetryPolicy};
+use crate::source::stats::FetchStats;
+
+/// What a fetch needs, cheap to clone into the future that runs it.
+#[derive(Clone)]
+pub struct Fetcher {
+    pub source: Arc<dyn ImageSource>,
+    pub tiers: ChunkTiers,
+    pub stats: Arc<FetchStats>,
+    pub scheduler: Arc<RequestScheduler>,
+    pub retry: Arc<RetryPolicy>,
+}
+
+impl Fetcher {
+    /// Whether either cache tier holds a chunk of `layer`.
+    pub fn holds(&self, layer: &Digest, chunk: &ChunkRef) -> bool {
+        self.tiers
+            .holds(chunk.cache_key(layer).as_ref(), chunk.digest.as_ref())
+    }
+
+    fn keep(&self, layer: &Digest, chunk: &ChunkRef, data: &Bytes, priority: &SharedPriority) {
+        let background = priority.get() == Priority::Background;
+        self.tiers.keep(
+            chunk.cache_key(layer),
+            chunk.digest.as_ref(),
+            data,
+            background,
+        );
+    }
+
+    /// Fetches, verifies and keeps one chunk.
+    pub async fn fetch_one(
+        self,
+        info: LayerInfo,
+        chunk: ChunkRef,
+        priority: SharedPriority,
+    ) -> Result<Bytes, Arc<ContentError>> {
+        let started = Instant::now();
+        let data = self
+            .refetching(&info, chunk.file_offset, || {
+                self.fetch_chunk(&info, &chunk, &priority)
+            })
+            .await
+            .map_err(Arc::new)?;
+        let layer = &info.descriptor.digest;
+        self.stats.record_miss(layer, started.elapsed());
+        self.keep(layer, &chunk, &data, &priority);
+        Ok(data)
+    }
+
+    /// Fetches a run of compressed chunks (see [`super::plan::merged_runs`]) with one ranged
+    /// request; inflates, verifies and keeps each.
+    pub async fn fetch_run(
+        self,
+        info: LayerInfo,
+        run: Vec<ChunkRef>,
+        priority: SharedPriority,
+    ) -> Result<Arc<Vec<Bytes>>, Arc<ContentError>> {
+        let layer = &info.descriptor.digest;
+        let span = |c: &ChunkRef| match c.source {
+            ChunkSource::Compressed {
+                start,
+                end,
+                inner_offset,
+                codec,
+            } => (start, end, inner_offset, codec),
+            _ => unreachable!("only compressed chunks are merged"),
+        };
+        let started = Instant::now();
+        let base = span(&run[0]).0;
+        let last = run
+            .iter()
+            .map(|c| span(c).1)
+            .max()
+            .expect("a run is not empty");
+        // Chunks sharing a compressed span (one gzip-index span holds many files) are inflated
+        // together, once, as far as the furthest of them reaches.
+        let mut wanted_len: HashMap<u64, u64> = HashMap::new();
+        for c in &run {
+            let (start, _, inner, _) = span(c);
+            let len = wanted_len.entry(start).or_default();
+            *len = (*len).max(inner + c.size);
+        }
+        let out = self
+            .refetching(&info, run[0].file_offset, || async {
+                let permit = self.scheduler.acquire_shared(&priority).await;
+                let compressed = self.source.read_range(layer, base..last).await?;
+                drop(permit);
+                let mut out = Vec::with_capacity(run.len());
+                let mut inflated: Option<(u64, Bytes)> = None;
+                for c in &run {
+                    let (start, end, inner, codec) = span(c);
+                    if inflated.as_ref().is_none_or(|(at, _)| *at != start) {
+                        let piece =
+                            compressed.slice((start - base) as usize..(end - base) as usize);
+                        let data = inflate(&info, start, &piece, codec, 0, wanted_len[&start])?;
+                        inflated = Some((start, data));
+                    }
+                    let (_, span_data) = inflated.as_ref().expect("inflated above");
+                    let data = span_data.slice(inner as usize..(inner + c.size) as usize);
+                    verify(layer, start, c, &data)?;
+                    out.push(data);
+                }
+                Ok(out)
+            })
+            .await
+            .map_err(Arc::new)?;
+        let took = started.elapsed();
+        for (c, data) in run.iter().zip(&out) {
+            self.stats.record_miss(layer, took);
+            self.keep(layer, c, data, &priority);
+        }
+        Ok(Arc::new(out))
+    }
+
+    /// Runs a fetch again while its bytes fail verification (damaged in transit; what the
+    /// source stores is checked again on the next try), within the retry policy. Transport
+    /// failures were already retried by the source. A fetch that still fails is logged once
+    /// here, however many readers wait on it, and each of them gets EIO.
+    async fn refetching<T, F, Fut>(
+        &self,
+        info: &LayerInfo,
+        file_offset: u64,
+        attempt: F,
+    ) -> Result<T, ContentError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ContentError>>,
+    {
+        let layer = &info.descriptor.digest;
+        let what = || format!("chunk at file offset {file_offset} of layer {layer}");
+        let result = retry::retry(&self.retry, what, attempt).await;
+        if let Err(e) = &result {
+            tracing::warn!(source = %self.source.name(), %layer, file_offset, error = %e, "read failed; the next read of this data tries again");
+        }
+        result
+    }
+
+    /// Fetches, inflates and verifies one chunk.
+    async fn fetch_chunk(
+        &self,
+        info: &LayerInfo,
+        chunk: &ChunkRef,
+        priority: &SharedPriority,
+    ) -> Result<Bytes, ContentError> {
+        let layer = &info.descriptor.digest;
+        let source = self.source.as_ref();
+        // The slot stays taken while the source backs off between attempts: a registry that
+        // asks us to slow down (429, 503) then sees fewer requests from us, not the same number.
+        let _permit = self.scheduler.acquire_shared(priority).await;
+        let (data, offset) = match chunk.source {
+            ChunkSource::Zeros => return Ok(Bytes::from(vec![0u8; chunk.size as usize])),
+            ChunkSource::Compressed {
+                start,
+                end,
+                inner_offset,
+                codec,
+            } => {
+                let compressed = source.read_range(layer, start..end).await?;
+                (
+                    inflate(info, start, &compressed, codec, inner_offset, chunk.size)?,
+                    start,
+                )
+            }
+            ChunkSource::TarStream { offset } => {
+                let compression = match info.format {
+                    LayerFormat::TarStream(c) => c,
+                    _ => LayerCompression::Gzip,
+                };
+                let data = tar_stream::restream(
+                    source,
+                    &info.descriptor,
+                    compression,
+                    offset..offset + chunk.size,
+                )
+                .await?;
+                (data, offset)
+            }
+        };
+        verify(layer, offset, chunk, &data)?;
+        Ok(data)
+    }
+}
+
+/// [`codec::inflate`], with the layer and blob offset named in its error.
+fn inflate(
+    info: &LayerInfo,
+    offset: u64,
+    compressed: &Bytes,
+    codec: Codec,
+    skip: u64,
+    size: u64,
+) -> Result<Bytes, ContentError> {
+    codec::inflate(compressed, codec, info.checkpoints.as_ref(), skip, size).map_err(|reason| {
+        ContentError::Decompress {
+            layer: info.descriptor.digest.clone(),
+            offset,
+            reason,
+        }
+    })
+}
+
+fn verify(layer: &Digest, offset: u64, chunk: &ChunkRef, data: &[u8]) -> Result<(), ContentError> {
+    if let Some(expected) = &chunk.digest {
+        let actual = Digest::of(data);
+        if actual != *expected {
+            return Err(ContentError::ChunkDigest {
+                layer: layer.clone(),
+                offset,
+                expected: expected.clone(),
+                actual,
+            });
+        }
+    }
+    Ok(())
+}

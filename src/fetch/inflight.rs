@@ -1,0 +1,105 @@
+//! In-flight deduplication: concurrent reads of the same chunk share one fetch.
+//!
+//! The first reader of a missing chunk starts its fetch as a shared future under the chunk's key;
+//! later readers await the same future, and one that is more urgent raises the priority its
+//! request waits at (a prefetch that a reader catches up with must not keep the reader queued
+//! behind other prefetches). A merged run registers each of its chunks, so a reader of any one of
+//! them joins the run instead of starting a second request.
+//!
+//! Entries are removed when their fetch completes, whether it succeeded or not: a failed fetch
+//! is not remembered, the next read tries again.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
+
+use super::ContentError;
+use super::plan;
+use super::scheduler::{Priority, SharedPriority};
+use crate::cache::memory::ChunkKey;
+use crate::layer::ChunkRef;
+use crate::model::digest::Digest;
+
+type Fetch<T> = BoxFuture<'static, Result<T, Arc<ContentError>>>;
+type SharedFetch = Shared<Fetch<Bytes>>;
+
+/// The fetches in flight for one image, by chunk.
+#[derive(Clone, Default)]
+pub struct InFlight {
+    fetches: Arc<Mutex<HashMap<ChunkKey, (SharedFetch, SharedPriority)>>>,
+}
+
+impl InFlight {
+    /// The chunk `key`: joins its fetch in flight, raising it to `priority`, or starts one with
+    /// `start`, which gets the priority its request is to wait at.
+    pub async fn join_or_start(
+        &self,
+        key: ChunkKey,
+        priority: Priority,
+        start: impl FnOnce(SharedPriority) -> Fetch<Bytes>,
+    ) -> Result<Bytes, Arc<ContentError>> {
+        let fetch = {
+            let mut fetches = self.fetches.lock().unwrap();
+            let (fetch, shared_priority) = fetches.entry(key.clone()).or_insert_with(|| {
+                let shared_priority = SharedPriority::new(priority);
+                (start(shared_priority.clone()).shared(), shared_priority)
+            });
+            shared_priority.raise(priority);
+            fetch.clone()
+        };
+        let result = fetch.await;
+        self.fetches.lock().unwrap().remove(&key);
+        result
+    }
+
+    /// Starts one fetch (with `start`) for each merged run of the chunks of `wanted` (of
+    /// `layer`, in blob order) that are neither `held` nor in flight, and registers each chunk
+    /// of the run under its key, so that [`InFlight::join_or_start`] finds it.
+    pub fn start_runs(
+        &self,
+        layer: &Digest,
+        wanted: &[&ChunkRef],
+        priority: Priority,
+        held: impl Fn(&ChunkRef) -> bool,
+        start: impl Fn(Vec<ChunkRef>, SharedPriority) -> Fetch<Arc<Vec<Bytes>>>,
+    ) {
+        let mut fetches = self.fetches.lock().unwrap();
+        let runs = plan::merged_runs(wanted, |c| {
+            c.cache_key(layer)
+                .is_some_and(|k| !fetches.contains_key(&k))
+                && !held(c)
+        });
+        for run in runs {
+            let keys: Vec<ChunkKey> = run
+                .iter()
+                .map(|c| c.cache_key(layer).expect("a merged chunk is compressed"))
+                .collect();
+            let shared_priority = SharedPriority::new(priority);
+            let fetch = start(run, shared_priority.clone());
+            // Chunks of the run that no reader awaits (amplification) are kept by the run;
+            // their entries must not outlive it.
+            let (registry, run_keys) = (self.fetches.clone(), keys.clone());
+            let fetch = async move {
+                let result = fetch.await;
+                let mut fetches = registry.lock().unwrap();
+                for key in &run_keys {
+                    fetches.remove(key);
+                }
+                result
+            }
+            .boxed()
+            .shared();
+            for (i, key) in keys.into_iter().enumerate() {
+                let one = fetch
+                    .clone()
+                    .map(move |r| r.map(|all| all[i].clone()))
+                    .boxed()
+                    .shared();
+                fetches.insert(key, (one, shared_priority.clone()));
+            }
+        }
+    }
+}

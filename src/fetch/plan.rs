@@ -1,0 +1,227 @@
+//! Read planning: which chunks one request carries. Pure functions over a layer's chunk list,
+//! so that the policy can be tested without a source, a cache or a runtime.
+//!
+//! Three decisions live here:
+//! - [`amplification`]: a read that must fetch also takes the missing chunks that follow it back
+//!   to back in the blob, within a byte budget (start-up reads many small neighbouring files).
+//! - [`fill_gaps`]: a prefetch of chunks that sit close together but not back to back also takes
+//!   what lies in small gaps between them, so the stretch is one request.
+//! - [`merged_runs`]: the chunks one read or prefetch needs, grouped into runs that one ranged
+//!   request can fetch, each at most [`MAX_MERGED_SPAN`] compressed bytes.
+//!
+//! Only compressed chunks are planned: a streamed layer's chunks come from re-reading the stream
+//! and zero runs are never fetched.
+
+use crate::layer::{ChunkRef, ChunkSource};
+
+/// Compressed bytes one merged request may span: large enough to cover a few chunks of a big
+/// read, small enough that a failed request wastes little.
+pub const MAX_MERGED_SPAN: u64 = 8 << 20;
+
+/// Where a compressed chunk starts in its blob (0 for others, which are never amplified).
+pub fn compressed_start(c: &ChunkRef) -> u64 {
+    match c.source {
+        ChunkSource::Compressed { start, .. } => start,
+        _ => 0,
+    }
+}
+
+/// `chunks` (sorted in blob order) plus every chunk of `list` (the layer's compressed chunks,
+/// in blob order) lying between two of them that are at most `max_gap` compressed bytes apart.
+/// A small gap costs less to carry along than the round trip it saves.
+pub fn fill_gaps(list: &[ChunkRef], chunks: &[ChunkRef], max_gap: u64) -> Vec<ChunkRef> {
+    let mut out: Vec<ChunkRef> = Vec::with_capacity(chunks.len());
+    for c in chunks {
+        if let (Some(prev), ChunkSource::Compressed { start, .. }) = (out.last(), &c.source)
+            && let ChunkSource::Compressed { end: prev_end, .. } = prev.source
+            && prev_end < *start
+            && start - prev_end <= max_gap
+        {
+            let from = list.partition_point(|n| compressed_start(n) < prev_end);
+            let to = list.partition_point(|n| compressed_start(n) < *start);
+            out.extend(list[from..to].iter().cloned());
+        }
+        out.push(c.clone());
+    }
+    out
+}
+
+/// The chunks of `list` (a layer's compressed chunks, in blob order) to fetch along with a read
+/// whose last chunk is `last` and whose first missing chunk starts at `first_start`: those that
+/// share `last`'s compressed span (a gzip seek index span holds many files; inflated once, all
+/// of them are had for free), and those that follow back to back while the request stays within
+/// `budget` compressed bytes (0: none). Stops at the first chunk `held` says is already held.
+pub fn amplification(
+    list: &[ChunkRef],
+    first_start: u64,
+    last: &ChunkRef,
+    budget: u64,
+    held: impl Fn(&ChunkRef) -> bool,
+) -> Vec<ChunkRef> {
+    let ChunkSource::Compressed { start, end, .. } = &last.source else {
+        return Vec::new();
+    };
+    let from = list.partition_point(|c| compressed_start(c) < *start);
+    let mut out = Vec::new();
+    let mut reach = *end;
+    for c in &list[from..] {
+        let ChunkSource::Compressed {
+            start: c_start,
+            end: c_end,
+            ..
+        } = c.source
+        else {
+            break;
+        };
+        let same_span = c_start == *start;
+        if !same_span && (budget == 0 || c_start > reach || c_end - first_start > budget) {
+            break;
+        }
+        if held(c) || c == last {
+            if same_span {
+                continue;
+            }
+            break;
+        }
+        reach = reach.max(c_end);
+        out.push(c.clone());
+    }
+    out
+}
+
+/// `wanted` (in blob order) cut into runs of compressed chunks that `needs_fetch` and that lie
+/// back to back or overlap in the blob (chunks of one gzip-index span share it), each spanning
+/// at most [`MAX_MERGED_SPAN`]. Only runs of two or more chunks are returned: a lone chunk is
+/// fetched on its own.
+pub fn merged_runs(
+    wanted: &[&ChunkRef],
+    needs_fetch: impl Fn(&ChunkRef) -> bool,
+) -> Vec<Vec<ChunkRef>> {
+    let mut runs: Vec<Vec<ChunkRef>> = Vec::new();
+    let mut run: Vec<ChunkRef> = Vec::new();
+    // The furthest blob byte the current run needs.
+    let mut run_reach = 0u64;
+    for &c in wanted {
+        let span = match c.source {
+            ChunkSource::Compressed { start, end, .. } if needs_fetch(c) => Some((start, end)),
+            _ => None,
+        };
+        let Some((start, end)) = span else {
+            runs.push(std::mem::take(&mut run));
+            continue;
+        };
+        let extends = run.first().is_some_and(|first| {
+            let run_start = compressed_start(first);
+            run_start <= start
+                && start <= run_reach
+                && end.max(run_reach) - run_start <= MAX_MERGED_SPAN
+        });
+        if !extends {
+            runs.push(std::mem::take(&mut run));
+            run_reach = 0;
+        }
+        run_reach = run_reach.max(end);
+        run.push(c.clone());
+    }
+    runs.push(run);
+    runs.retain(|r| r.len() > 1);
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::Codec;
+
+    fn chunk(start: u64, end: u64, inner: u64) -> ChunkRef {
+        ChunkRef {
+            file_offset: start + inner,
+            size: 1,
+            source: ChunkSource::Compressed {
+                start,
+                end,
+                inner_offset: inner,
+                codec: Codec::Gzip,
+            },
+            digest: None,
+        }
+    }
+
+    /// A layer of ten back-to-back chunks of 10 compressed bytes each.
+    fn layer() -> Vec<ChunkRef> {
+        (0..10).map(|i| chunk(i * 10, i * 10 + 10, 0)).collect()
+    }
+
+    fn starts(chunks: &[ChunkRef]) -> Vec<u64> {
+        chunks.iter().map(compressed_start).collect()
+    }
+
+    #[test]
+    fn small_gaps_between_prefetched_chunks_are_filled() {
+        let list = layer();
+        // Two wanted chunks 20 bytes apart, then a far one.
+        let wanted = [chunk(0, 10, 0), chunk(30, 40, 0), chunk(90, 100, 0)];
+        assert_eq!(starts(&fill_gaps(&list, &wanted, 25)), [0, 10, 20, 30, 90]);
+        assert_eq!(fill_gaps(&list, &wanted, 0).len(), 3);
+        assert_eq!(fill_gaps(&[], &wanted, 1000).len(), 3);
+    }
+
+    #[test]
+    fn amplification_follows_the_blob_within_its_budget() {
+        let list = layer();
+        let none_held = |_: &ChunkRef| false;
+        // Request from 0: chunks ending at 20 and 30 fit a 35-byte budget, the next does not.
+        let extra = amplification(&list, 0, &list[0], 35, none_held);
+        assert_eq!(starts(&extra), [10, 20]);
+        // The budget counts from the first missing chunk, not from the last one.
+        assert_eq!(
+            starts(&amplification(&list, 0, &list[2], 35, none_held)),
+            [] as [u64; 0]
+        );
+        // A held chunk ends the stretch: it would split the request anyway.
+        let held_20 = |c: &ChunkRef| compressed_start(c) == 20;
+        assert_eq!(
+            starts(&amplification(&list, 0, &list[0], 1000, held_20)),
+            [10]
+        );
+        assert!(amplification(&list, 0, &list[0], 0, none_held).is_empty());
+    }
+
+    #[test]
+    fn chunks_of_the_same_span_come_along_even_without_a_budget() {
+        // A gzip seek index span 0..10 holding three files, then the next span.
+        let list = vec![
+            chunk(0, 10, 0),
+            chunk(0, 10, 5),
+            chunk(0, 10, 9),
+            chunk(10, 20, 0),
+        ];
+        let extra = amplification(&list, 0, &list[0], 0, |_| false);
+        assert_eq!(extra, [list[1].clone(), list[2].clone()]);
+        // A held file of the span is skipped, not a stop.
+        let extra = amplification(&list, 0, &list[0], 0, |c| *c == list[1]);
+        assert_eq!(extra, [list[2].clone()]);
+    }
+
+    #[test]
+    fn runs_break_at_gaps_held_chunks_and_the_span_limit() {
+        let list = layer();
+        let wanted: Vec<&ChunkRef> = [0, 1, 3, 4, 5].iter().map(|&i| &list[i]).collect();
+        let runs = merged_runs(&wanted, |_| true);
+        let runs: Vec<Vec<u64>> = runs.iter().map(|r| starts(r)).collect();
+        assert_eq!(runs, [vec![0, 10], vec![30, 40, 50]]);
+        // Chunk 1 is held: chunk 0 is left alone and fetched by itself.
+        let runs = merged_runs(&wanted, |c| compressed_start(c) != 10);
+        assert_eq!(runs.len(), 1);
+        assert_eq!(starts(&runs[0]), [30, 40, 50]);
+        // Two chunks that together exceed the span limit are two requests.
+        let (a, b) = (
+            chunk(0, MAX_MERGED_SPAN / 2 + 1, 0),
+            chunk(MAX_MERGED_SPAN / 2 + 1, MAX_MERGED_SPAN + 2, 0),
+        );
+        assert!(merged_runs(&[&a, &b], |_| true).is_empty());
+        // Chunks sharing one span overlap and make one run.
+        let (x, y) = (chunk(0, 10, 0), chunk(0, 10, 5));
+        assert_eq!(merged_runs(&[&x, &y], |_| true).len(), 1);
+    }
+}
