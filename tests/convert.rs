@@ -14,9 +14,8 @@ use lazylayer::fs::{ImageFs, ImageFsOptions};
 use lazylayer::layer::LayerFormat;
 use lazylayer::model::oci::{ANNOTATION_ESTARGZ_TOC as ESTARGZ_TOC, Platform};
 use lazylayer::model::reference::ImageRef;
-use lazylayer::source;
 use lazylayer::source::config::FetchConfig;
-use lazylayer::source::image;
+use lazylayer::source::open::open_image;
 use lazylayer::source::stats::FetchStats;
 use support::conformance::{assert_same_tree, disk_tree, image_tree, umoci_unpack};
 use support::containerd::Containerd;
@@ -34,14 +33,17 @@ fn convert(src: &str, dst: &str, extra: &[&str]) -> String {
 
 async fn open(reference: &str) -> Arc<ImageFs> {
     let reference = ImageRef::parse(reference).unwrap();
-    let (source, selector) = source::open::open(&reference, &FetchConfig::default())
-        .await
-        .unwrap();
-    let image = image::resolve(source.as_ref(), &selector, &Platform::host())
-        .await
-        .unwrap();
+    let opened = open_image(
+        &reference,
+        None,
+        &FetchConfig::default(),
+        &Platform::host(),
+        None,
+    )
+    .await
+    .unwrap();
     Arc::new(
-        ImageFs::open(source, image, &ImageFsOptions::default())
+        ImageFs::open(opened, &ImageFsOptions::default())
             .await
             .unwrap_or_else(|e| panic!("open {reference}: {e}")),
     )

@@ -15,9 +15,8 @@ use lazylayer::fs::{ImageFs, ImageFsOptions};
 use lazylayer::layer::{ChunkSource, LayerFormat};
 use lazylayer::model::oci::Platform;
 use lazylayer::model::reference::ImageRef;
-use lazylayer::source;
 use lazylayer::source::config::FetchConfig;
-use lazylayer::source::image;
+use lazylayer::source::open::open_image;
 use lazylayer::source::stats::FetchStats;
 use support::conformance::{assert_same_tree, disk_tree, image_tree, umoci_unpack};
 use support::containerd::{Containerd, LazyFormat, python_app_as_estargz};
@@ -30,14 +29,17 @@ async fn open(reference: &str) -> Arc<ImageFs> {
 
 async fn open_with(reference: &str, options: &ImageFsOptions) -> Arc<ImageFs> {
     let reference = ImageRef::parse(reference).unwrap();
-    let (source, selector) = source::open::open(&reference, &FetchConfig::default())
-        .await
-        .unwrap();
-    let image = image::resolve(source.as_ref(), &selector, &Platform::host())
-        .await
-        .unwrap();
+    let opened = open_image(
+        &reference,
+        None,
+        &FetchConfig::default(),
+        &Platform::host(),
+        None,
+    )
+    .await
+    .unwrap();
     Arc::new(
-        ImageFs::open(source, image, options)
+        ImageFs::open(opened, options)
             .await
             .unwrap_or_else(|e| panic!("open {reference}: {e}")),
     )

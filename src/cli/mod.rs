@@ -24,9 +24,8 @@ use crate::model::oci::Platform;
 use crate::model::reference::{ImageRef, ReferenceError};
 use crate::source::config::Credentials;
 use crate::source::config::FetchConfig;
-use crate::source::counting::CountingSource;
-use crate::source::disk_backed::DiskBackedSource;
-use crate::source::image::{self, ImageError};
+use crate::source::image::ImageError;
+use crate::source::open::{OpenedImage, open_image};
 use crate::source::retry::RetryPolicy;
 use crate::source::stats::FetchStats;
 use crate::source::{self, SourceError};
@@ -822,7 +821,7 @@ async fn mount(args: MountArgs) -> Result<(), CliError> {
     let resolved = resolve_image(&args.reference, &args.remote, disk.clone()).await?;
     let name = resolved.name.clone();
     let options = args.read.image_fs_options(disk, resolved.retry)?;
-    let fs = ImageFs::open_counted(resolved.source, resolved.stats, resolved.image, &options)
+    let fs = ImageFs::open(resolved.opened, &options)
         .await
         .map_err(|source| CliError::Open {
             image: name.clone(),
@@ -1310,12 +1309,10 @@ async fn stats(args: StatsArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// An image resolved to one platform, with a source that counts what it fetches.
+/// An image resolved to one platform, with the name errors give it and its retry policy.
 struct Resolved {
     name: String,
-    source: std::sync::Arc<dyn source::ImageSource>,
-    stats: std::sync::Arc<FetchStats>,
-    image: image::ResolvedImage,
+    opened: OpenedImage,
     retry: RetryPolicy,
 }
 
@@ -1325,41 +1322,27 @@ async fn resolve_image(
     disk: Option<std::sync::Arc<DiskCache>>,
 ) -> Result<Resolved, CliError> {
     let reference = ImageRef::parse(reference)?;
-    let platform = remote.platform()?;
     let config = remote.registry_config()?;
-    let (source, selector) = source::open::open(&reference, &config).await?;
-    // Count what reaches the network only: the disk tier sits in front of the counter.
-    let (source, stats) = CountingSource::wrap(source);
-    let source = match disk {
-        Some(disk) => DiskBackedSource::wrap(source, disk),
-        None => source,
-    };
-    let image = image::resolve(source.as_ref(), &selector, &platform).await?;
+    let opened = open_image(&reference, None, &config, &remote.platform()?, disk).await?;
     Ok(Resolved {
         name: reference.to_string(),
-        source,
-        stats,
-        image,
+        opened,
         retry: config.retry,
     })
 }
 
 impl Resolved {
     async fn open(self) -> Result<(String, ImageFs), CliError> {
-        let fs = ImageFs::open_counted(
-            self.source,
-            self.stats,
-            self.image,
-            &ImageFsOptions {
-                retry: self.retry,
-                ..ImageFsOptions::default()
-            },
-        )
-        .await
-        .map_err(|source| CliError::Open {
-            image: self.name.clone(),
-            source,
-        })?;
+        let options = ImageFsOptions {
+            retry: self.retry,
+            ..ImageFsOptions::default()
+        };
+        let fs = ImageFs::open(self.opened, &options)
+            .await
+            .map_err(|source| CliError::Open {
+                image: self.name.clone(),
+                source,
+            })?;
         Ok((self.name, fs))
     }
 }
@@ -1422,12 +1405,18 @@ async fn cat(args: CatArgs) -> Result<(), CliError> {
     let resolved = resolve_image(&args.reference, &args.remote, None).await?;
     // Layers without an index would have to be downloaded whole before the tree exists; try to
     // find the file while they stream and print it as it arrives.
-    if resolved.image.layers.iter().any(|l| l.lazy_index.is_none()) {
+    if resolved
+        .opened
+        .image
+        .layers
+        .iter()
+        .any(|l| l.lazy_index.is_none())
+    {
         let mut output = Ok(());
         let mut printed = false;
         let outcome = stream_read::read_file(
-            resolved.source.clone(),
-            &resolved.image,
+            resolved.opened.source.clone(),
+            &resolved.opened.image,
             args.path.as_bytes(),
             |data| match write_stdout(data) {
                 Ok(more) => {
@@ -1459,7 +1448,7 @@ async fn cat(args: CatArgs) -> Result<(), CliError> {
         match outcome {
             Outcome::Done => {
                 if args.stats {
-                    print_stats(&resolved.stats);
+                    print_stats(&resolved.opened.stats);
                 }
                 return Ok(());
             }
@@ -1514,11 +1503,10 @@ async fn cat(args: CatArgs) -> Result<(), CliError> {
 
 async fn inspect(args: InspectArgs) -> Result<(), CliError> {
     let reference = ImageRef::parse(&args.reference)?;
-    let platform = args.remote.platform()?;
     let config = args.remote.registry_config()?;
-    let (source, selector) = source::open::open(&reference, &config).await?;
-    let image = image::resolve(source.as_ref(), &selector, &platform).await?;
-    let report = InspectReport::new(reference.to_string(), &image);
+    let platform = args.remote.platform()?;
+    let opened = open_image(&reference, None, &config, &platform, None).await?;
+    let report = InspectReport::new(reference.to_string(), &opened.image);
     if args.json {
         println!("{}", report.to_json());
     } else {

@@ -34,7 +34,8 @@ use crate::model::oci::{Descriptor, MAX_CONFIG_BYTES, Platform};
 use crate::model::reference::{ImageRef, ManifestSelector, ReferenceError};
 use crate::source::config::FetchConfig;
 use crate::source::image::{self, ResolvedImage};
-use crate::source::{self, ImageSource, SourceError};
+use crate::source::open::{OpenedImage, open_image};
+use crate::source::{ImageSource, SourceError};
 
 /// Bytes per message when streaming a blob into the content store (containerd accepts up to
 /// 16 MiB per message; 1 MiB keeps memory flat).
@@ -186,8 +187,8 @@ pub async fn pull(reference: &str, options: &PullOptions) -> Result<PullReport, 
         return Err(PullError::NotRegistry(reference.to_string()));
     };
     let name = registry_ref.to_string();
-    let (source, selector) = source::open::open(&parsed, &options.registry).await?;
-    let image = image::resolve(source.as_ref(), &selector, &options.platform).await?;
+    let OpenedImage { source, image, .. } =
+        open_image(&parsed, None, &options.registry, &options.platform, None).await?;
     let manifest = source
         .manifest(&ManifestSelector::Digest(image.manifest_digest.clone()))
         .await?;

@@ -31,8 +31,9 @@ use crate::model::digest::Digest;
 use crate::model::oci::{Descriptor, MAX_CONFIG_BYTES, Platform};
 use crate::model::reference::ImageRef;
 use crate::source::config::FetchConfig;
-use crate::source::image::{self, ResolvedImage};
-use crate::source::{self, ImageSource, SourceError};
+use crate::source::image;
+use crate::source::open::{OpenedImage, open_image};
+use crate::source::{ImageSource, SourceError};
 
 /// The layer formats `convert` writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -349,8 +350,8 @@ pub async fn convert(
     progress: Arc<dyn Progress>,
 ) -> Result<ConvertedImage, ConvertError> {
     let parsed = ImageRef::parse(reference)?;
-    let (source, selector) = source::open::open(&parsed, registry).await?;
-    let image: ResolvedImage = image::resolve(source.as_ref(), &selector, platform).await?;
+    let OpenedImage { source, image, .. } =
+        open_image(&parsed, None, registry, platform, None).await?;
     let name = parsed.to_string();
     let config_bytes = source
         .blob(&image.manifest.config, MAX_CONFIG_BYTES)

@@ -22,9 +22,8 @@ use crate::model::oci::{
     Descriptor, ImageManifest, LayerCompression, LazyIndex, MEDIA_OCI_MANIFEST, Platform,
 };
 use crate::model::reference::ImageRef;
-use crate::source;
 use crate::source::config::FetchConfig;
-use crate::source::image::{self, ResolvedImage};
+use crate::source::open::{OpenedImage, open_image};
 
 /// Media type and content of the empty config an artifact without one carries (OCI 1.1).
 const MEDIA_EMPTY: &str = "application/vnd.oci.empty.v1+json";
@@ -56,8 +55,8 @@ pub async fn index(
              S3 use `lazylayer convert` to write a lazy copy instead"
         )));
     };
-    let (source, selector) = source::open::open(&parsed, registry).await?;
-    let image: ResolvedImage = image::resolve(source.as_ref(), &selector, platform).await?;
+    let OpenedImage { source, image, .. } =
+        open_image(&parsed, None, registry, platform, None).await?;
     let count = image.layers.len();
     let mut indexed = Vec::new();
     let mut skipped = Vec::new();

@@ -26,9 +26,8 @@ use crate::layer::tar_stream::StreamObserver;
 use crate::layer::{self, LayerError, LayerFormat};
 use crate::layer::{ChunkRef, ChunkSource};
 use crate::model::digest::Digest;
-use crate::source::ImageSource;
-use crate::source::counting::CountingSource;
 use crate::source::image::ResolvedImage;
+use crate::source::open::OpenedImage;
 use crate::source::retry::{self, RetryPolicy};
 use crate::source::stats::FetchStats;
 use profile::{Profile, Recorder};
@@ -142,24 +141,18 @@ impl StreamObserver for CacheFiller {
 }
 
 impl ImageFs {
-    /// Reads every layer's index and builds the merged tree.
+    /// Reads every layer's index and builds the merged tree. The image's counters
+    /// ([`OpenedImage::stats`]) go on counting what its reads fetch.
     pub async fn open(
-        source: Arc<dyn ImageSource>,
-        image: ResolvedImage,
+        opened: OpenedImage,
         options: &ImageFsOptions,
     ) -> Result<ImageFs, ImageFsError> {
-        let (source, stats) = CountingSource::wrap(source);
-        ImageFs::open_counted(source, stats, image, options).await
-    }
-
-    /// As [`ImageFs::open`], for a source already wrapped by [`CountingSource::wrap`] (so that
-    /// the counters also include what the caller fetched before).
-    pub async fn open_counted(
-        source: Arc<dyn ImageSource>,
-        stats: Arc<FetchStats>,
-        image: ResolvedImage,
-        options: &ImageFsOptions,
-    ) -> Result<ImageFs, ImageFsError> {
+        let OpenedImage {
+            source,
+            stats,
+            image,
+            ..
+        } = opened;
         let cache = Arc::new(ChunkCache::new(options.cache_bytes));
         let tiers = ChunkTiers {
             memory: cache.clone(),

@@ -1,20 +1,83 @@
-//! Opening the source a reference names, wrapped for retries.
+//! Opening the image a reference names: the one place that maps an [`ImageRef`] to a backend
+//! and stacks the source wrappers, always in the same order.
 //!
-//! The one place that maps an [`ImageRef`] to a backend: a registry (pinged first, so that a
-//! wrong host or a dead registry is reported before anything else), an S3 bucket, or a local
-//! layout. Remote sources come back wrapped in [`RetryingSource`]; a local layout is not,
-//! because reading a file again reads the same bytes.
+//! [`open`] picks the backend: a registry (pinged first, so that a wrong host or a dead registry
+//! is reported before anything else), an S3 bucket, or a local layout. Remote sources come back
+//! wrapped in [`RetryingSource`]; a local layout is not, because reading a file again reads the
+//! same bytes.
+//!
+//! [`open_image`] is what callers use: [`open`], then [`stack`] (the counter, then the disk tier
+//! in front of it), then [`image::resolve`] through that stack, so that the manifest and config
+//! requests are counted too and a remount serves the config from disk.
 
 use std::sync::Arc;
 
+use crate::cache::disk::DiskCache;
+use crate::model::digest::Digest;
+use crate::model::oci::Platform;
 use crate::model::reference::{ImageRef, ManifestSelector};
 use crate::source::config::FetchConfig;
+use crate::source::counting::CountingSource;
+use crate::source::disk_backed::DiskBackedSource;
+use crate::source::image::{self, ImageError, ResolvedImage};
 use crate::source::layout::LayoutSource;
 use crate::source::registry::Registry;
 use crate::source::retry::retry;
 use crate::source::retrying::RetryingSource;
 use crate::source::s3::S3Source;
+use crate::source::stats::FetchStats;
 use crate::source::{ImageSource, SourceError};
+
+/// An image resolved to one platform, and the source stack it is read through.
+pub struct OpenedImage {
+    /// The backend with its retries only, for a caller that keeps it to [`stack`] again later
+    /// (the snapshotter remembers resolved images across the layers of one pull).
+    pub raw: Arc<dyn ImageSource>,
+    /// `raw` as [`stack`] wraps it: read the image through this.
+    pub source: Arc<dyn ImageSource>,
+    /// What `source` fetched, from the manifest on.
+    pub stats: Arc<FetchStats>,
+    pub image: ResolvedImage,
+}
+
+/// Opens the image `reference` names, or with `pin` the manifest of that digest in the same
+/// repository (a containerd snapshot names the exact manifest it was pulled from), and resolves
+/// it for `platform` through [`stack`].
+pub async fn open_image(
+    reference: &ImageRef,
+    pin: Option<&Digest>,
+    config: &FetchConfig,
+    platform: &Platform,
+    disk: Option<Arc<DiskCache>>,
+) -> Result<OpenedImage, ImageError> {
+    let (raw, mut selector) = open(reference, config).await?;
+    if let Some(digest) = pin {
+        selector = ManifestSelector::Digest(digest.clone());
+    }
+    let (source, stats) = stack(raw.clone(), disk);
+    let image = image::resolve(source.as_ref(), &selector, platform).await?;
+    Ok(OpenedImage {
+        raw,
+        source,
+        stats,
+        image,
+    })
+}
+
+/// The one order of source wrappers over a backend that [`open`] returned: a counter directly
+/// above it, so that what reaches the network is counted (each retry is a request on the wire),
+/// and the disk tier in front of the counter, so that a blob served from disk costs nothing.
+pub fn stack(
+    raw: Arc<dyn ImageSource>,
+    disk: Option<Arc<DiskCache>>,
+) -> (Arc<dyn ImageSource>, Arc<FetchStats>) {
+    let (counted, stats) = CountingSource::wrap(raw);
+    let source = match disk {
+        Some(disk) => DiskBackedSource::wrap(counted, disk),
+        None => counted,
+    };
+    (source, stats)
+}
 
 /// Opens the source a reference names and says which manifest in it the reference means.
 /// For a registry this makes one request (`GET /v2/`) so that a wrong host, a dead registry or

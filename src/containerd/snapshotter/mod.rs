@@ -46,13 +46,11 @@ use crate::fs::{ImageFs, ImageFsOptions};
 use crate::layer::tar_stream::Ignore;
 use crate::model::digest::Digest;
 use crate::model::oci::Platform;
-use crate::model::reference::{ImageRef, ManifestSelector};
+use crate::model::reference::ImageRef;
 use crate::mount::{Companions, MountOptions, detach};
 use crate::source::config::FetchConfig;
-use crate::source::counting::CountingSource;
-use crate::source::disk_backed::DiskBackedSource;
-use crate::source::image::{self, ResolvedImage};
-use crate::source::stats::FetchStats;
+use crate::source::image::ResolvedImage;
+use crate::source::open::{OpenedImage, open_image};
 use crate::source::{self, ImageSource};
 use store::{Kind, Record, RemoteLayer, Store};
 
@@ -373,8 +371,8 @@ impl Snapshotter {
             )
         };
         let failed = |reason: String| remote.failed(reason);
-        let (source, stats, mut image) = self.resolve(&remote).await?;
-        let position = layer_position(&image, &remote).map_err(failed)?;
+        let mut opened = self.resolve(&remote).await?;
+        let position = layer_position(&opened.image, &remote).map_err(failed)?;
         if position + 1 != depth {
             return Err(failed(format!(
                 "it is layer {} of the image but snapshot {name} stands on {} layers",
@@ -382,8 +380,8 @@ impl Snapshotter {
                 depth
             )));
         }
-        image.layers.truncate(depth);
-        let fs = ImageFs::open_counted(source, stats, image, &self.config.image_fs)
+        opened.image.layers.truncate(depth);
+        let fs = ImageFs::open(opened, &self.config.image_fs)
             .await
             .map_err(|e| failed(e.to_string()))?;
         let fs = Arc::new(fs);
@@ -423,10 +421,7 @@ impl Snapshotter {
     /// and keeps indexes in the disk cache. Images pinned by manifest digest are resolved once
     /// and remembered: every layer of a pull asks for the same image, and each resolution costs
     /// two round trips (manifest, config) before the layer's own TOC.
-    async fn resolve(
-        &self,
-        remote: &RemoteLayer,
-    ) -> Result<(Arc<dyn ImageSource>, Arc<FetchStats>, ResolvedImage), SnapshotError> {
+    async fn resolve(&self, remote: &RemoteLayer) -> Result<OpenedImage, SnapshotError> {
         let failed = |reason: String| remote.failed(reason);
         let pinned = remote
             .manifest
@@ -435,41 +430,39 @@ impl Snapshotter {
         let remembered = pinned
             .as_ref()
             .and_then(|key| self.images.lock().unwrap().get(key).cloned());
-        let (raw, image) = match remembered {
-            Some(found) => found,
-            None => {
-                let reference =
-                    ImageRef::parse(&remote.image).map_err(|e| failed(e.to_string()))?;
-                let (raw, mut selector) = source::open::open(&reference, &self.config.registry)
-                    .await
-                    .map_err(|e| failed(e.to_string()))?;
-                if let Some(manifest) = &remote.manifest {
-                    selector = ManifestSelector::Digest(manifest.clone());
-                }
-                let image = image::resolve(raw.as_ref(), &selector, &self.config.platform)
-                    .await
-                    .map_err(|e| failed(e.to_string()))?;
-                if let Some(key) = pinned {
-                    self.images
-                        .lock()
-                        .unwrap()
-                        .put(key, (raw.clone(), image.clone()));
-                }
-                (raw, image)
-            }
-        };
-        let (source, stats) = CountingSource::wrap(raw);
-        let source = match &self.config.image_fs.disk {
-            Some(disk) => DiskBackedSource::wrap(source, disk.clone()),
-            None => source,
-        };
-        Ok((source, stats, image))
+        let disk = self.config.image_fs.disk.clone();
+        if let Some((raw, image)) = remembered {
+            let (source, stats) = source::open::stack(raw.clone(), disk);
+            return Ok(OpenedImage {
+                raw,
+                source,
+                stats,
+                image,
+            });
+        }
+        let reference = ImageRef::parse(&remote.image).map_err(|e| failed(e.to_string()))?;
+        let opened = open_image(
+            &reference,
+            remote.manifest.as_ref(),
+            &self.config.registry,
+            &self.config.platform,
+            disk,
+        )
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+        if let Some(key) = pinned {
+            self.images
+                .lock()
+                .unwrap()
+                .put(key, (opened.raw.clone(), opened.image.clone()));
+        }
+        Ok(opened)
     }
 
     /// Fetches and verifies a remote layer's lazy index: the layer can then be mounted lazily.
     async fn check_remote(&self, remote: &RemoteLayer) -> Result<(), SnapshotError> {
         let failed = |reason: String| remote.failed(reason);
-        let (source, _, image) = self.resolve(remote).await?;
+        let OpenedImage { source, image, .. } = self.resolve(remote).await?;
         let layer = &image.layers[layer_position(&image, remote).map_err(failed)?];
         if layer.lazy_index.is_none() {
             return Err(failed(
