@@ -170,6 +170,32 @@ impl DiskCache {
         }
     }
 
+    /// A verified document from the `meta/` files, or fetched and stored for next time: the one
+    /// way layer formats keep what they read before their index (TOCs, seek indexes, indexes of
+    /// streamed layers). `decode` checks a stored copy (against the digest the image names, or
+    /// the layer it belongs to) and returns `None` to refuse it, so that a damaged or stale file
+    /// costs a fetch, never a wrong index; `fetch` returns only what it verified itself, and
+    /// `encode` is what gets stored.
+    pub async fn meta_or_fetch<T, E, Fut>(
+        disk: Option<&DiskCache>,
+        name: &str,
+        decode: impl FnOnce(&[u8]) -> Option<T>,
+        fetch: impl FnOnce() -> Fut,
+        encode: impl FnOnce(&T) -> Vec<u8>,
+    ) -> Result<T, E>
+    where
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        if let Some(found) = disk.and_then(|d| d.get_meta(name)).and_then(|b| decode(&b)) {
+            return Ok(found);
+        }
+        let fetched = fetch().await?;
+        if let Some(disk) = disk {
+            disk.put_meta(name, &encode(&fetched));
+        }
+        Ok(fetched)
+    }
+
     fn write_atomically(&self, path: &Path, data: &[u8]) -> std::io::Result<()> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;

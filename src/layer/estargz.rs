@@ -103,15 +103,34 @@ pub async fn load(
     disk: Option<&DiskCache>,
 ) -> Result<LayerIndex, LayerError> {
     let layer = &descriptor.digest;
-    // Cached as the TOC offset (8 bytes, little endian) followed by the TOC JSON.
-    let cache_name = format!("estargz-toc-{}", toc_digest.hex());
-    if let Some(cached) = disk.and_then(|d| d.get_meta(&cache_name))
-        && cached.len() > 8
-        && Digest::of(&cached[8..]) == *toc_digest
-    {
-        let toc_offset = u64::from_le_bytes(cached[..8].try_into().expect("8 bytes"));
-        return index_from_json(layer, &cached[8..], toc_offset);
-    }
+    // Stored as the TOC offset (8 bytes, little endian) followed by the TOC JSON.
+    let (toc_offset, json) = DiskCache::meta_or_fetch(
+        disk,
+        &format!("estargz-toc-{}", toc_digest.hex()),
+        |stored| {
+            let (offset, json) = stored.split_at_checked(8)?;
+            (Digest::of(json) == *toc_digest).then(|| {
+                (
+                    u64::from_le_bytes(offset.try_into().expect("8 bytes")),
+                    json.to_vec(),
+                )
+            })
+        },
+        || fetch_toc(source, descriptor, toc_digest),
+        |(offset, json)| [&offset.to_le_bytes()[..], json].concat(),
+    )
+    .await?;
+    index_from_json(layer, &json, toc_offset)
+}
+
+/// Finds the TOC through the footer, fetches it and checks it against `toc_digest`: its blob
+/// offset and its JSON.
+async fn fetch_toc(
+    source: &dyn ImageSource,
+    descriptor: &Descriptor,
+    toc_digest: &Digest,
+) -> Result<(u64, Vec<u8>), LayerError> {
+    let layer = &descriptor.digest;
     let size = descriptor.size;
     if size < LEGACY_FOOTER_SIZE {
         return Err(LayerError::malformed(
@@ -153,12 +172,7 @@ pub async fn load(
             actual,
         });
     }
-    if let Some(disk) = disk {
-        let mut cached = toc_offset.to_le_bytes().to_vec();
-        cached.extend_from_slice(&json);
-        disk.put_meta(&cache_name, &cached);
-    }
-    index_from_json(layer, &json, toc_offset)
+    Ok((toc_offset, json))
 }
 
 /// Builds the index from a TOC already checked against its digest (public for the fuzzer).

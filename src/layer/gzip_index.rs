@@ -500,18 +500,15 @@ pub async fn load(
     index: &Descriptor,
     disk: Option<&DiskCache>,
 ) -> Result<LayerIndex, LayerError> {
-    let cache_name = format!("gzip-index-{}", index.digest.hex());
-    let blob = match disk.and_then(|d| d.get_meta(&cache_name)) {
-        Some(cached) if Digest::of(&cached) == index.digest => Bytes::from(cached),
-        _ => {
-            // The source refuses a blob over the limit before fetching it.
-            let blob = source.blob(index, MAX_INDEX_BLOB).await?;
-            if let Some(disk) = disk {
-                disk.put_meta(&cache_name, &blob);
-            }
-            blob
-        }
-    };
+    let blob = DiskCache::meta_or_fetch(
+        disk,
+        &format!("gzip-index-{}", index.digest.hex()),
+        |stored| (Digest::of(stored) == index.digest).then(|| Bytes::copy_from_slice(stored)),
+        // The source checks the digest, and refuses a blob over the limit before fetching it.
+        || source.blob(index, MAX_INDEX_BLOB),
+        |blob| blob.to_vec(),
+    )
+    .await?;
     parse(layer, &blob)
 }
 

@@ -341,22 +341,18 @@ pub async fn load(
         // An index annotation on a layer of another compression cannot be honoured: the
         // chunks would not inflate. Reading the layer as a plain stream is always correct.
         (_, compression) => {
-            let name = format!("stream-index-{}.json", digest.hex());
-            let cached = disk
-                .and_then(|d| d.get_meta(&name))
-                .and_then(|bytes| serde_json::from_slice::<LayerIndex>(&bytes).ok())
-                .filter(|index| index.digest == *digest);
-            if let Some(index) = cached {
-                return Ok(index);
-            }
-            let index = tar_stream::index(source, &layer.descriptor, compression, observer).await?;
-            if let Some(disk) = disk {
-                disk.put_meta(
-                    &name,
-                    &serde_json::to_vec(&index).expect("index serialises"),
-                );
-            }
-            Ok(index)
+            DiskCache::meta_or_fetch(
+                disk,
+                &format!("stream-index-{}.json", digest.hex()),
+                |stored| {
+                    serde_json::from_slice::<LayerIndex>(stored)
+                        .ok()
+                        .filter(|index| index.digest == *digest)
+                },
+                || tar_stream::index(source, &layer.descriptor, compression, observer),
+                |index| serde_json::to_vec(index).expect("index serialises"),
+            )
+            .await
         }
     }
 }

@@ -60,27 +60,26 @@ pub async fn load(
             "{uncompressed} bytes ({length} compressed) exceeds the limit of {MAX_TOC_BYTES}"
         )));
     }
-    let cache_name = format!("zstd-toc-{}", checksum.hex());
-    let cached = disk
-        .and_then(|d| d.get_meta(&cache_name))
-        .filter(|c| Digest::of(c) == *checksum);
-    let fetched = cached.is_none();
-    let compressed = match cached {
-        Some(c) => bytes::Bytes::from(c),
-        None => source.read_range(layer, offset..end).await?,
-    };
-    let actual = Digest::of(&compressed);
-    if actual != *checksum {
-        return Err(LayerError::DigestMismatch {
-            layer: layer.clone(),
-            what: "zstd:chunked TOC".into(),
-            expected: checksum.clone(),
-            actual,
-        });
-    }
-    if let Some(disk) = disk.filter(|_| fetched) {
-        disk.put_meta(&cache_name, &compressed);
-    }
+    let compressed = DiskCache::meta_or_fetch(
+        disk,
+        &format!("zstd-toc-{}", checksum.hex()),
+        |stored| (Digest::of(stored) == *checksum).then(|| bytes::Bytes::copy_from_slice(stored)),
+        || async {
+            let compressed = source.read_range(layer, offset..end).await?;
+            let actual = Digest::of(&compressed);
+            if actual != *checksum {
+                return Err(LayerError::DigestMismatch {
+                    layer: layer.clone(),
+                    what: "zstd:chunked TOC".into(),
+                    expected: checksum.clone(),
+                    actual,
+                });
+            }
+            Ok(compressed)
+        },
+        |compressed| compressed.to_vec(),
+    )
+    .await?;
     // Chunk frames end where the TOC's skippable frame (8-byte header) begins.
     index_from_toc(layer, &compressed, uncompressed, offset.saturating_sub(8))
 }
