@@ -1,0 +1,73 @@
+//! The containerd side: the `snapshotter` daemon and `pull` into containerd.
+
+use super::args::{PullArgs, SnapshotterArgs};
+use super::error::CliError;
+
+pub(super) async fn snapshotter(args: SnapshotterArgs) -> Result<(), CliError> {
+    use crate::containerd::snapshotter::{Snapshotter, SnapshotterConfig, service};
+    let disk = args.read.disk_cache()?;
+    let registry = args.remote.registry_config()?;
+    let config = SnapshotterConfig {
+        root: args.root.clone(),
+        platform: args.remote.platform()?,
+        image_fs: args.read.image_fs_options(disk, registry.retry.clone())?,
+        registry,
+    };
+    let snapshotter = std::sync::Arc::new(Snapshotter::open(config).await?);
+    let recovery = tokio::spawn({
+        let snapshotter = snapshotter.clone();
+        async move { snapshotter.recover().await }
+    });
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| CliError::Daemon(e.to_string()))?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+    };
+    eprintln!(
+        "lazylayer: snapshotter serving on {} (root {})",
+        args.address.display(),
+        args.root.display()
+    );
+    let served = service::serve(snapshotter.clone(), &args.address, shutdown).await;
+    recovery.abort();
+    snapshotter.close().await;
+    served.map_err(|source| CliError::Serve {
+        address: args.address.display().to_string(),
+        source,
+    })
+}
+
+pub(super) async fn pull(args: PullArgs) -> Result<(), CliError> {
+    use crate::containerd::pull::{LayerOutcome, PullOptions};
+    let options = PullOptions {
+        address: args.address.clone(),
+        namespace: args.namespace.clone(),
+        snapshotter: args.snapshotter.clone(),
+        registry: args.remote.registry_config()?,
+        platform: args.remote.platform()?,
+    };
+    let report = crate::containerd::pull::pull(&args.reference, &options).await?;
+    if !args.quiet {
+        for (i, (digest, outcome)) in report.layers.iter().enumerate() {
+            let how = match outcome {
+                LayerOutcome::Lazy => "lazy (fetched on demand)",
+                LayerOutcome::Unpacked => "downloaded and unpacked (no lazy index)",
+                LayerOutcome::Present => "already present",
+            };
+            println!(
+                "layer {}/{} {}: {how}",
+                i + 1,
+                report.layers.len(),
+                digest.short()
+            );
+        }
+        println!(
+            "{} ({}) pulled into namespace {} for snapshotter {} in {:.2} s",
+            report.image, report.manifest, args.namespace, args.snapshotter, report.seconds
+        );
+    }
+    Ok(())
+}

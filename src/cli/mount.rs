@@ -1,0 +1,217 @@
+//! `mount` (in the foreground or as a daemon that reports readiness), and `stats` of a running
+//! mount through its control socket.
+
+use super::args::{MountArgs, StatsArgs};
+use super::error::CliError;
+use super::read::resolve_image;
+use crate::cli::output::inspect::human_bytes;
+use crate::fs::ImageFs;
+use crate::source::retry::RetryPolicy;
+
+/// Environment variable that tells a daemon child to report readiness on stdout.
+const READY_ENV: &str = "LAZYLAYER_REPORT_READY";
+
+pub(super) async fn mount(args: MountArgs) -> Result<(), CliError> {
+    // Bad sizes are reported before a daemon is started.
+    args.read.image_fs_options(None, RetryPolicy::default())?;
+    if args.daemon {
+        return daemonize(&args);
+    }
+    let disk = args.read.disk_cache()?;
+    let metrics_listener = match args.metrics_addr {
+        Some(addr) => Some(
+            crate::mount::metrics::bind(addr)
+                .await
+                .map_err(|e| CliError::Daemon(format!("--metrics-addr {addr}: {e}")))?,
+        ),
+        None => None,
+    };
+    let resolved = resolve_image(&args.reference, &args.remote, disk.clone()).await?;
+    let name = resolved.name.clone();
+    let options = args.read.image_fs_options(disk, resolved.retry)?;
+    let fs = ImageFs::open(resolved.opened, &options)
+        .await
+        .map_err(|source| CliError::Open {
+            image: name.clone(),
+            source,
+        })?;
+    let fs = std::sync::Arc::new(fs);
+    let mount_options = crate::mount::MountOptions {
+        allow_other: args.allow_other,
+        suid_dev: args.suid_dev,
+        ..Default::default()
+    };
+    let session = crate::mount::mount(
+        fs.clone(),
+        &args.dir,
+        &mount_options,
+        tokio::runtime::Handle::current(),
+    )?;
+    let companions = crate::mount::Companions::start(fs.clone(), &args.dir);
+    let metrics = metrics_listener.map(|listener| {
+        let fs = fs.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::mount::metrics::serve(listener, fs).await {
+                tracing::error!("metrics endpoint: {e}");
+            }
+        })
+    });
+    if std::env::var_os(READY_ENV).is_some() {
+        println!("ready");
+    } else {
+        eprintln!(
+            "lazylayer: {name} mounted at {} (Ctrl-C to unmount; `lazylayer stats {}` for figures)",
+            args.dir.display(),
+            args.dir.display()
+        );
+    }
+    // The session ends when the file system is unmounted, by us on a signal or by anyone else.
+    let mut ended = tokio::task::spawn_blocking(move || session.join());
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| CliError::Daemon(e.to_string()))?;
+    let unmount_requested = tokio::select! {
+        _ = &mut ended => false,
+        _ = tokio::signal::ctrl_c() => true,
+        _ = terminate.recv() => true,
+    };
+    if unmount_requested {
+        crate::mount::unmount(&args.dir)?;
+        let _ = ended.await;
+    } else {
+        // The connection ended without an unmount (aborted through fusectl): do not leave a
+        // dead mount point behind. An ordinary `umount` already removed it; that error is moot.
+        let _ = crate::mount::unmount(&args.dir);
+    }
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
+    companions.stop();
+    Ok(())
+}
+
+/// Starts this same command without `--daemon` in the background and waits until it reports that
+/// the mount serves (or fails, in which case its log explains why).
+fn daemonize(args: &MountArgs) -> Result<(), CliError> {
+    use std::io::BufRead;
+    let socket = crate::mount::control_socket(&args.dir);
+    let log = args
+        .log_file
+        .clone()
+        .unwrap_or_else(|| socket.with_extension("log"));
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| CliError::Daemon(format!("{}: {e}", dir.display())))?;
+    }
+    let log_file = std::fs::File::create(&log)
+        .map_err(|e| CliError::Daemon(format!("{}: {e}", log.display())))?;
+    let exe = std::env::current_exe().map_err(|e| CliError::Daemon(e.to_string()))?;
+    let child_args: Vec<std::ffi::OsString> = std::env::args_os()
+        .skip(1)
+        .filter(|a| a != "--daemon")
+        .collect();
+    let mut child = std::process::Command::new(exe)
+        .args(child_args)
+        .env(READY_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(log_file)
+        .spawn()
+        .map_err(|e| CliError::Daemon(e.to_string()))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut line = String::new();
+    let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+    if line.trim() == "ready" {
+        eprintln!(
+            "lazylayer: mounted at {} (daemon pid {}, log {})",
+            args.dir.display(),
+            child.id(),
+            log.display()
+        );
+        return Ok(());
+    }
+    let _ = child.wait();
+    let reason = std::fs::read_to_string(&log).unwrap_or_default();
+    let reason = reason
+        .lines()
+        .rfind(|l| l.contains("error"))
+        .unwrap_or("the daemon exited before the mount was ready")
+        .trim_start_matches("lazylayer: error: ")
+        .to_string();
+    Err(CliError::Daemon(format!(
+        "{reason} (log: {})",
+        log.display()
+    )))
+}
+
+pub(super) async fn stats(args: StatsArgs) -> Result<(), CliError> {
+    let socket = crate::mount::control_socket(&args.dir);
+    let report = crate::mount::control::query(&socket)
+        .await
+        .map_err(|source| CliError::NoMount {
+            dir: args.dir.display().to_string(),
+            socket: socket.display().to_string(),
+            source,
+        })?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("stats serialise")
+        );
+        return Ok(());
+    }
+    let total: u64 = report.layers.iter().map(|l| l.size).sum();
+    println!("image      {}", report.image);
+    println!("mounted at {} (pid {})", report.mountpoint, report.pid);
+    println!(
+        "fetched    {} of {} compressed, {} requests; chunks: {} memory hits, {} disk hits, {} fetched; {} in memory",
+        human_bytes(report.fetched_bytes),
+        human_bytes(total),
+        report.requests,
+        report.cache_hits,
+        report.disk_hits,
+        report.cache_misses,
+        human_bytes(report.cache_bytes)
+    );
+    if report.retries + report.failed_reads > 0 {
+        println!(
+            "retries    {} retried attempts, {} reads failed after their retry budget",
+            report.retries, report.failed_reads
+        );
+    }
+    println!();
+    println!(
+        "{:<2} {:<20} {:<12} {:>10} {:>10} {:>6} {:>7} {:>7} {:>7} {:>20}",
+        "#",
+        "LAYER",
+        "FORMAT",
+        "SIZE",
+        "FETCHED",
+        "REQS",
+        "HITS",
+        "DISK",
+        "MISSES",
+        "FETCH MS p50/p90/p99"
+    );
+    let ms = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
+    for (i, l) in report.layers.iter().enumerate() {
+        println!(
+            "{:<2} {:<20} {:<12} {:>10} {:>10} {:>6} {:>7} {:>7} {:>7} {:>20}",
+            i + 1,
+            &l.digest[..l.digest.len().min(19)],
+            l.format,
+            human_bytes(l.size),
+            human_bytes(l.stats.fetched_bytes),
+            l.stats.requests,
+            l.stats.cache_hits,
+            l.stats.disk_hits,
+            l.stats.cache_misses,
+            format!(
+                "{}/{}/{}",
+                ms(l.stats.fetch_ms_p50),
+                ms(l.stats.fetch_ms_p90),
+                ms(l.stats.fetch_ms_p99)
+            )
+        );
+    }
+    Ok(())
+}

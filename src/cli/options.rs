@@ -1,0 +1,327 @@
+//! From flags to library options: each option's value comes from its flag, then the config file
+//! (`--config`), then the library's own default, in that order and in this one place.
+
+use std::time::Duration;
+
+use super::args::{ReadArgs, RemoteArgs};
+use super::error::CliError;
+use crate::cache::disk::DiskCache;
+use crate::cli::config::{ConfigFile, FetchSection};
+use crate::fs::ImageFsOptions;
+use crate::model::oci::Platform;
+use crate::source::config::Credentials;
+use crate::source::config::FetchConfig;
+use crate::source::retry::RetryPolicy;
+
+pub(super) fn seconds(name: &'static str, value: f64) -> Result<Duration, CliError> {
+    if value.is_finite() && value > 0.0 {
+        Ok(Duration::from_secs_f64(value))
+    } else {
+        Err(CliError::Timeout { name, value })
+    }
+}
+
+impl RemoteArgs {
+    /// The registry settings: flags first, then the config file, then built-in defaults.
+    pub fn registry_config(&self) -> Result<FetchConfig, CliError> {
+        let file = ConfigFile::load(self.config.as_deref())?.fetch;
+        self.fetch_config(&file)
+    }
+
+    /// These flags over the config file's `[fetch]` section over [`FetchConfig::default`].
+    fn fetch_config(&self, file: &FetchSection) -> Result<FetchConfig, CliError> {
+        let defaults = FetchConfig::default();
+        let secs = |name: &'static str, flag: Option<f64>, file: Option<f64>, default: Duration| {
+            flag.or(file).map_or(Ok(default), |v| seconds(name, v))
+        };
+        let retry = RetryPolicy {
+            max_attempts: self
+                .max_attempts
+                .or(file.max_attempts)
+                .unwrap_or(defaults.retry.max_attempts),
+            read_timeout: secs(
+                "read-timeout",
+                self.read_timeout,
+                file.read_timeout,
+                defaults.retry.read_timeout,
+            )?,
+            initial_backoff: secs(
+                "initial_backoff",
+                None,
+                file.initial_backoff,
+                defaults.retry.initial_backoff,
+            )?,
+            max_backoff: secs(
+                "max_backoff",
+                None,
+                file.max_backoff,
+                defaults.retry.max_backoff,
+            )?,
+        };
+        if retry.max_attempts == 0 {
+            return Err(CliError::Attempts);
+        }
+        let mut config = FetchConfig {
+            plain_http: self.plain_http,
+            credentials: self
+                .user
+                .as_deref()
+                .map(Credentials::parse)
+                .transpose()
+                .map_err(CliError::User)?,
+            connect_timeout: secs(
+                "connect-timeout",
+                self.connect_timeout,
+                file.connect_timeout,
+                defaults.connect_timeout,
+            )?,
+            stall_timeout: secs(
+                "stall-timeout",
+                self.stall_timeout,
+                file.stall_timeout,
+                defaults.stall_timeout,
+            )?,
+            retry,
+            s3: crate::source::config::S3Config {
+                endpoint: self.s3_endpoint.clone(),
+                region: self.s3_region.clone(),
+            },
+            ..defaults
+        };
+        if let Some(path) = &self.docker_config {
+            config.docker_config = Some(path.clone());
+        }
+        Ok(config)
+    }
+
+    pub fn platform(&self) -> Result<Platform, CliError> {
+        Platform::parse(&self.platform).map_err(CliError::Platform)
+    }
+}
+
+impl ReadArgs {
+    /// The disk cache these flags ask for (`None` for `--cache-dir none`).
+    pub fn disk_cache(&self) -> Result<Option<std::sync::Arc<DiskCache>>, CliError> {
+        if self.cache_dir.as_os_str() == "none" {
+            return Ok(None);
+        }
+        let budget = size_flag("cache-size", &self.cache_size)?;
+        Ok(Some(std::sync::Arc::new(open_cache(
+            &self.cache_dir,
+            budget,
+        )?)))
+    }
+
+    /// Options for opening an image with these flags, the given disk tier and retry policy.
+    pub fn image_fs_options(
+        &self,
+        disk: Option<std::sync::Arc<DiskCache>>,
+        retry: RetryPolicy,
+    ) -> Result<ImageFsOptions, CliError> {
+        let background = size_flag("background-bandwidth", &self.background_bandwidth)?;
+        Ok(ImageFsOptions {
+            cache_bytes: size_flag("memory-cache-size", &self.memory_cache_size)?,
+            disk,
+            request_slots: self.max_requests.max(1),
+            background_bytes_per_second: (!self.no_background_fetch && background > 0)
+                .then_some(background),
+            profile_window: (self.profile_window > 0.0)
+                .then(|| seconds("profile-window", self.profile_window))
+                .transpose()?,
+            retry,
+            amplify_bytes: size_flag("amplify-io", &self.amplify_io)?,
+        })
+    }
+}
+
+/// Parses sizes such as `512M`, `2G`, `65536` (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size such as 512M or 2G"))?;
+    let shift = match unit
+        .trim_end_matches(['B', 'b', 'i'])
+        .to_ascii_uppercase()
+        .as_str()
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("{s:?}: unknown unit (use K, M, G or T)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// `bytes` as [`parse_size`] reads it back, in the largest unit that divides it (`512M`), so that
+/// a default written as a number of bytes in the library shows in `--help` as a user types it.
+pub fn size_text(bytes: u64) -> String {
+    ["T", "G", "M", "K"]
+        .iter()
+        .zip([40, 30, 20, 10])
+        .find(|&(_, shift)| bytes != 0 && bytes.is_multiple_of(1 << shift))
+        .map_or(bytes.to_string(), |(unit, shift)| {
+            format!("{}{unit}", bytes >> shift)
+        })
+}
+
+/// A size option's value, or an error naming the option.
+pub(super) fn size_flag(flag: &str, value: &str) -> Result<u64, CliError> {
+    parse_size(value).map_err(|e| CliError::Size(format!("--{flag}: {e}")))
+}
+
+/// Opens the disk cache at `dir` (creating it), or an error naming the directory.
+pub(super) fn open_cache(dir: &std::path::Path, budget: u64) -> Result<DiskCache, CliError> {
+    DiskCache::open(dir, budget).map_err(cache_dir_error(dir))
+}
+
+pub(super) fn cache_dir_error(dir: &std::path::Path) -> impl Fn(std::io::Error) -> CliError + '_ {
+    move |source| CliError::CacheDir {
+        dir: dir.display().to_string(),
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+    use crate::cli::args::{Cli, Command};
+
+    fn cat_args(flags: &[&str]) -> RemoteArgs {
+        let argv = ["lazylayer", "cat"]
+            .iter()
+            .chain(flags)
+            .chain(&["img", "/f"]);
+        match Cli::parse_from(argv).command {
+            Command::Cat(args) => args.remote,
+            _ => unreachable!("parsed as cat"),
+        }
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let file = ConfigFile::parse("[fetch]\nmax_attempts = 3\nstall_timeout = 7\n").unwrap();
+        let from_file = cat_args(&[]).fetch_config(&file.fetch).unwrap();
+        assert_eq!(from_file.retry.max_attempts, 3);
+        assert_eq!(from_file.stall_timeout, Duration::from_secs(7));
+        let defaults = FetchConfig::default();
+        assert_eq!(from_file.connect_timeout, defaults.connect_timeout);
+        assert_eq!(from_file.retry.read_timeout, defaults.retry.read_timeout);
+        let flagged = cat_args(&["--max-attempts", "9"])
+            .fetch_config(&file.fetch)
+            .unwrap();
+        assert_eq!(flagged.retry.max_attempts, 9);
+        assert_eq!(flagged.stall_timeout, Duration::from_secs(7));
+        assert!(matches!(
+            cat_args(&["--max-attempts", "0"]).fetch_config(&FetchSection::default()),
+            Err(CliError::Attempts)
+        ));
+    }
+
+    /// The config file examples we publish say they show the defaults; they must stay true.
+    #[test]
+    fn published_config_examples_state_the_defaults() {
+        let readme = include_str!("../../README.md");
+        let readme = readme
+            .split("```toml\n")
+            .find(|block| block.starts_with("[fetch]"))
+            .and_then(|block| block.split("```").next())
+            .expect("README has a [fetch] example");
+        let module_doc: String = include_str!("config.rs")
+            .lines()
+            .filter_map(|l| l.strip_prefix("//! "))
+            .skip_while(|l| *l != "[fetch]")
+            .take_while(|l| !l.starts_with("```"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let kubernetes: String = include_str!("../../deploy/kubernetes/lazylayer-snapshotter.yaml")
+            .lines()
+            .skip_while(|l| !l.ends_with("config.toml: |"))
+            .skip(1)
+            .take_while(|l| l.starts_with("    "))
+            .map(|l| format!("{}\n", l.trim()))
+            .collect();
+        let defaults = FetchConfig::default();
+        for (name, text) in [
+            ("README.md", readme),
+            ("cli/config.rs", &module_doc),
+            ("kubernetes", &kubernetes),
+        ] {
+            let file = ConfigFile::parse(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(file.fetch.max_attempts.is_some(), "{name}: example found");
+            let merged = cat_args(&[]).fetch_config(&file.fetch).unwrap();
+            assert_eq!(merged.retry, defaults.retry, "{name}");
+            assert_eq!(merged.connect_timeout, defaults.connect_timeout, "{name}");
+            assert_eq!(merged.stall_timeout, defaults.stall_timeout, "{name}");
+        }
+    }
+
+    /// The remote flags are optional (so the config file can fill them); their help states the
+    /// default by hand, and that text must match the library's.
+    #[test]
+    fn help_states_the_fetch_defaults() {
+        let mut cli = Cli::command();
+        let help = cli
+            .find_subcommand_mut("cat")
+            .expect("cat")
+            .render_long_help()
+            .to_string();
+        let d = FetchConfig::default();
+        for (flag, value) in [
+            ("--connect-timeout", d.connect_timeout.as_secs()),
+            ("--stall-timeout", d.stall_timeout.as_secs()),
+            ("--max-attempts", u64::from(d.retry.max_attempts)),
+            ("--read-timeout", d.retry.read_timeout.as_secs()),
+        ] {
+            let text = help
+                .split(&format!("{flag} <"))
+                .nth(1)
+                .and_then(|rest| rest.split("\n  -").next())
+                .unwrap_or_else(|| panic!("{flag} in help"));
+            let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+            assert!(
+                text.contains(&format!("[default: {value}]")),
+                "{flag}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn read_flags_default_to_the_library_defaults() {
+        for bytes in [
+            0,
+            1,
+            1000,
+            512 << 10,
+            512 << 20,
+            10 << 30,
+            3 << 40,
+            (1 << 20) + 1,
+        ] {
+            assert_eq!(parse_size(&size_text(bytes)), Ok(bytes), "{bytes}");
+        }
+        assert_eq!(size_text(512 << 20), "512M");
+        let Command::Mount(mount) = Cli::parse_from(["lazylayer", "mount", "img", "/mnt"]).command
+        else {
+            unreachable!("parsed as mount")
+        };
+        let options = mount
+            .read
+            .image_fs_options(None, RetryPolicy::default())
+            .unwrap();
+        let library = ImageFsOptions::default();
+        assert_eq!(options.cache_bytes, library.cache_bytes);
+        assert_eq!(options.request_slots, library.request_slots);
+        assert_eq!(options.amplify_bytes, library.amplify_bytes);
+        assert_eq!(
+            options.profile_window,
+            Some(crate::fs::profile::DEFAULT_WINDOW)
+        );
+    }
+}
