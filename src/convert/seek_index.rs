@@ -3,7 +3,7 @@
 //!
 //! Every plain gzip layer of the image is streamed once and indexed
 //! ([`crate::layer::gzip_index::build`]); the indexes are pushed as the layers of one OCI artifact
-//! manifest (`artifactType` [`ARTIFACT_TYPE`], empty config, each blob annotated with the digest
+//! manifest (`artifactType` [`GZIP_INDEX_ARTIFACT_TYPE`], empty config, each blob annotated with the digest
 //! of the layer it indexes) whose `subject` is the image manifest. The image itself is not
 //! touched: its digest, signatures and every client that pulls it are unaffected. Mounts find the
 //! artifact through the referrers API, or through the `sha256-HEX` fallback tag that is kept here
@@ -16,8 +16,11 @@
 use std::sync::Arc;
 
 use super::{ConvertError, Progress};
-use crate::layer::gzip_index::{self, ANNOTATION_LAYER, ARTIFACT_TYPE, MEDIA_INDEX_BLOB};
+use crate::layer::gzip_index;
 use crate::model::digest::Digest;
+use crate::model::oci::{
+    ANNOTATION_GZIP_INDEX_LAYER, GZIP_INDEX_ARTIFACT_TYPE, MEDIA_GZIP_INDEX_BLOB,
+};
 use crate::model::oci::{
     Descriptor, ImageManifest, LayerCompression, LazyIndex, MEDIA_OCI_MANIFEST, Platform,
 };
@@ -76,12 +79,12 @@ pub async fn index(
         let blob = gzip_index::build_from(source.clone(), &layer.descriptor, span).await?;
         let mut annotations = std::collections::BTreeMap::new();
         annotations.insert(
-            ANNOTATION_LAYER.to_string(),
+            ANNOTATION_GZIP_INDEX_LAYER.to_string(),
             layer.descriptor.digest.to_string(),
         );
         let descriptor = Descriptor {
             annotations,
-            ..Descriptor::of(MEDIA_INDEX_BLOB, &blob)
+            ..Descriptor::of(MEDIA_GZIP_INDEX_BLOB, &blob)
         };
         progress.layer_done(i, count, &layer.descriptor, &descriptor);
         indexed.push((layer.descriptor.clone(), descriptor, blob));
@@ -119,7 +122,7 @@ pub async fn index(
     let manifest = ImageManifest {
         schema_version: 2,
         media_type: Some(MEDIA_OCI_MANIFEST.to_string()),
-        artifact_type: Some(ARTIFACT_TYPE.to_string()),
+        artifact_type: Some(GZIP_INDEX_ARTIFACT_TYPE.to_string()),
         config,
         layers: indexed.iter().map(|(_, d, _)| d.clone()).collect(),
         subject: Some(Descriptor::new(
@@ -131,7 +134,7 @@ pub async fn index(
     };
     let bytes = serde_json::to_vec(&manifest).expect("manifest serialises");
     let referrer = Descriptor {
-        artifact_type: Some(ARTIFACT_TYPE.to_string()),
+        artifact_type: Some(GZIP_INDEX_ARTIFACT_TYPE.to_string()),
         ..Descriptor::of(MEDIA_OCI_MANIFEST, &bytes)
     };
     repository
