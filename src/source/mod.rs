@@ -15,6 +15,8 @@ pub mod counting;
 pub mod disk_backed;
 pub mod image;
 pub mod layout;
+#[cfg(test)]
+pub mod memory;
 pub mod open;
 pub mod registry;
 pub mod retry;

@@ -154,6 +154,10 @@ impl Resuming {
                 }
                 Some(stream) => {
                     match tokio::time::timeout(backoff.remaining(), stream.next()).await {
+                        // An empty piece is no progress: returning it would start the
+                        // caller's next call with a fresh budget, and a source that sends
+                        // nothing and breaks, again and again, would be retried forever.
+                        Ok(Some(Ok(piece))) if piece.is_empty() => continue,
                         Ok(Some(Ok(piece))) => {
                             let take = piece.len().min((self.end - self.next) as usize);
                             self.next += take as u64;
@@ -186,5 +190,67 @@ fn timed_out(backoff: &Backoff, what: String) -> SourceError {
         what,
         secs: timeout.as_secs_f64(),
         attempts,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::source::memory::{Fault, MemorySource};
+    use crate::source::retry::Verdict;
+
+    fn quick() -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 3,
+            read_timeout: Duration::from_secs(5),
+            initial_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(2),
+        }
+    }
+
+    fn blob() -> Vec<u8> {
+        (0..1000u32).map(|i| (i % 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn a_broken_range_read_resumes_at_the_first_missing_byte() {
+        let memory = MemorySource::new();
+        let digest = memory.put(blob());
+        memory.fault(Fault::EndEarly { after: 300 });
+        memory.fault(Fault::EndEarly { after: 200 });
+        let source = RetryingSource::wrap(memory.clone(), quick());
+        let got = source.read_range(&digest, 100..900).await.unwrap();
+        assert_eq!(&got[..], &blob()[100..900]);
+        let ranges: Vec<Range<u64>> = memory.ranges().into_iter().map(|(_, r)| r).collect();
+        assert_eq!(ranges, [100..900, 400..900, 600..900]);
+    }
+
+    #[tokio::test]
+    async fn a_read_that_keeps_breaking_gives_up_after_the_attempts() {
+        let memory = MemorySource::new();
+        let digest = memory.put(blob());
+        for _ in 0..3 {
+            memory.fault(Fault::EndEarly { after: 0 });
+        }
+        let source = RetryingSource::wrap(memory.clone(), quick());
+        assert!(source.read_range(&digest, 0..1000).await.is_err());
+        assert_eq!(memory.ranges().len(), 3, "max_attempts requests, no more");
+    }
+
+    #[tokio::test]
+    async fn fatal_errors_are_not_retried_and_transient_ones_are() {
+        let memory = MemorySource::new();
+        let digest = memory.put(blob());
+        memory.fault(Fault::Refuse(Verdict::Fatal));
+        let source = RetryingSource::wrap(memory.clone(), quick());
+        assert!(source.read_range(&digest, 0..10).await.is_err());
+        assert_eq!(memory.ranges().len(), 1);
+
+        memory.fault(Fault::Refuse(Verdict::Retry(None)));
+        let got = source.read_range(&digest, 0..10).await.unwrap();
+        assert_eq!(&got[..], &blob()[..10]);
+        assert_eq!(memory.ranges().len(), 3);
     }
 }
