@@ -290,3 +290,243 @@ impl Transient for ContentError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::cache::memory::ChunkCache;
+    use crate::layer::Codec;
+    use crate::model::oci::MEDIA_OCI_LAYER_GZIP;
+    use crate::source::memory::{Fault, MemorySource};
+
+    /// One file of `n` chunks of 1000 bytes in a layer where each chunk is its own gzip member,
+    /// as in eStargz (or, with [`Codec::Identity`], stored as is).
+    struct Layer {
+        memory: Arc<MemorySource>,
+        info: LayerInfo,
+        chunks: Vec<ChunkRef>,
+        data: Vec<u8>,
+    }
+
+    fn layer(n: usize) -> Layer {
+        layer_of(n, Codec::Gzip)
+    }
+
+    fn layer_of(n: usize, codec: Codec) -> Layer {
+        let (mut blob, mut chunks, mut data) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..n {
+            let piece: Vec<u8> = (0..1000).map(|j| ((i * 7 + j) % 253) as u8).collect();
+            let start = blob.len() as u64;
+            if codec == Codec::Identity {
+                blob.extend(&piece);
+            } else {
+                let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                gz.write_all(&piece).unwrap();
+                blob.extend(gz.finish().unwrap());
+            }
+            chunks.push(ChunkRef {
+                file_offset: (i * 1000) as u64,
+                size: 1000,
+                source: ChunkSource::Compressed {
+                    start,
+                    end: blob.len() as u64,
+                    inner_offset: 0,
+                    codec,
+                },
+                digest: Some(Digest::of(&piece)),
+            });
+            data.extend(piece);
+        }
+        let memory = MemorySource::new();
+        let size = blob.len() as u64;
+        let digest = memory.put(blob);
+        Layer {
+            memory,
+            info: LayerInfo {
+                descriptor: Descriptor::new(MEDIA_OCI_LAYER_GZIP, digest, size),
+                format: LayerFormat::Estargz,
+                checkpoints: None,
+            },
+            chunks,
+            data,
+        }
+    }
+
+    impl Layer {
+        fn reader(&self, scheduler: Arc<RequestScheduler>, amplify: u64) -> ContentReader {
+            let retry = RetryPolicy {
+                max_attempts: 3,
+                read_timeout: Duration::from_secs(5),
+                initial_backoff: Duration::from_millis(1),
+                max_backoff: Duration::from_millis(2),
+            };
+            let tiers = ChunkTiers {
+                memory: Arc::new(ChunkCache::new(1 << 20)),
+                disk: None,
+            };
+            let stats = Arc::new(FetchStats::default());
+            ContentReader::new(
+                self.memory.clone(),
+                tiers,
+                vec![self.info.clone()],
+                stats,
+                scheduler,
+                retry,
+            )
+            .with_amplification(vec![(0, self.chunks.clone())], amplify)
+        }
+
+        fn size(&self) -> u64 {
+            self.data.len() as u64
+        }
+
+        /// The blob ranges requested so far.
+        fn ranges(&self) -> Vec<std::ops::Range<u64>> {
+            self.memory.ranges().into_iter().map(|(_, r)| r).collect()
+        }
+
+        fn span(&self, chunks: std::ops::Range<usize>) -> std::ops::Range<u64> {
+            plan::compressed_start(&self.chunks[chunks.start])
+                ..plan::compressed_start(&self.chunks[chunks.end - 1])
+                    + match self.chunks[chunks.end - 1].source {
+                        ChunkSource::Compressed { start, end, .. } => end - start,
+                        _ => unreachable!(),
+                    }
+        }
+    }
+
+    /// Yields until `done` holds; a few thousand turns of the runtime at most, then fails, so a
+    /// broken test fails instead of hanging.
+    async fn wait_until(what: &str, done: impl Fn() -> bool) {
+        for _ in 0..10_000 {
+            if done() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("timed out waiting until {what}");
+    }
+
+    #[tokio::test]
+    async fn a_read_across_chunks_is_one_request_and_then_cached() {
+        let layer = layer(4);
+        let reader = layer.reader(RequestScheduler::new(4), 0);
+        let (size, chunks) = (layer.size(), &layer.chunks);
+        let got = reader
+            .read(0, chunks, size, 500, 2000, Priority::Reader)
+            .await;
+        assert_eq!(&got.unwrap()[..], &layer.data[500..2500]);
+        assert_eq!(layer.ranges(), [layer.span(0..3)]);
+        let again = reader
+            .read(0, chunks, size, 0, 3000, Priority::Reader)
+            .await;
+        assert_eq!(&again.unwrap()[..], &layer.data[..3000]);
+        assert_eq!(layer.ranges().len(), 1, "served from the cache");
+        // A read past the end is cut short, as read(2) is.
+        let tail = reader
+            .read(0, chunks, size, 3900, 500, Priority::Reader)
+            .await;
+        assert_eq!(&tail.unwrap()[..], &layer.data[3900..]);
+    }
+
+    #[tokio::test]
+    async fn concurrent_reads_of_a_chunk_share_one_fetch() {
+        let layer = layer(3);
+        let reader = layer.reader(RequestScheduler::new(4), 0);
+        let (size, chunks) = (layer.size(), &layer.chunks);
+        layer.memory.hold();
+        let (a, b, ()) = tokio::join!(
+            reader.read(0, chunks, size, 1000, 10, Priority::Reader),
+            reader.read(0, chunks, size, 1500, 10, Priority::Prefetch),
+            async {
+                wait_until("the first request is made", || layer.ranges().len() == 1).await;
+                layer.memory.release();
+            },
+        );
+        assert_eq!(&a.unwrap()[..], &layer.data[1000..1010]);
+        assert_eq!(&b.unwrap()[..], &layer.data[1500..1510]);
+        assert_eq!(layer.ranges(), [layer.span(1..2)]);
+    }
+
+    #[tokio::test]
+    async fn a_reader_joining_a_background_fetch_raises_its_priority() {
+        let layer = layer(4);
+        let scheduler = RequestScheduler::new(1);
+        let reader = layer.reader(scheduler.clone(), 0);
+        let held = scheduler.acquire(Priority::Reader).await;
+        let (first, third) = (&layer.chunks[0], &layer.chunks[2]);
+        let (background, prefetch, joined, ()) = tokio::join!(
+            reader.fetch_chunks(0, std::slice::from_ref(first), Priority::Background),
+            reader.fetch_chunks(0, std::slice::from_ref(third), Priority::Prefetch),
+            reader.chunk(0, first, Priority::Reader),
+            async {
+                wait_until("both fetches queue", || {
+                    scheduler.queued().iter().sum::<usize>() == 2
+                })
+                .await;
+                drop(held);
+            },
+        );
+        background.unwrap();
+        prefetch.unwrap();
+        assert_eq!(&joined.unwrap()[..], &layer.data[..1000]);
+        // Without the raise, the prefetch would have gone before the background fetch.
+        assert_eq!(layer.ranges(), [layer.span(0..1), layer.span(2..3)]);
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_chunk_is_fetched_again_and_never_served() {
+        // Stored as is, a flipped byte still "inflates": only the digest can catch it.
+        let layer = layer_of(2, Codec::Identity);
+        let reader = layer.reader(RequestScheduler::new(4), 0);
+        layer.memory.fault(Fault::Corrupt);
+        let got = reader.chunk(0, &layer.chunks[1], Priority::Reader).await;
+        assert_eq!(&got.unwrap()[..], &layer.data[1000..]);
+        assert_eq!(layer.ranges().len(), 2, "the damaged transfer was repeated");
+
+        let layer = layer_of(2, Codec::Identity);
+        let reader = layer.reader(RequestScheduler::new(4), 0);
+        for _ in 0..3 {
+            layer.memory.fault(Fault::Corrupt);
+        }
+        let err = reader.chunk(0, &layer.chunks[1], Priority::Reader).await;
+        let err = err.expect_err("three corrupt transfers");
+        assert!(matches!(*err, ContentError::ChunkDigest { .. }), "{err}");
+        assert_eq!(layer.ranges().len(), 3, "max_attempts fetches");
+        // Nothing bad was kept: the next read fetches and verifies again.
+        let got = reader.chunk(0, &layer.chunks[1], Priority::Reader).await;
+        assert_eq!(&got.unwrap()[..], &layer.data[1000..]);
+    }
+
+    #[tokio::test]
+    async fn amplification_brings_the_following_chunks_in_the_same_request() {
+        let layer = layer(6);
+        let budget = layer.span(0..3).end;
+        let reader = layer.reader(RequestScheduler::new(4), budget);
+        let (size, chunks) = (layer.size(), &layer.chunks);
+        reader
+            .read(0, chunks, size, 0, 10, Priority::Reader)
+            .await
+            .unwrap();
+        assert_eq!(layer.ranges(), [layer.span(0..3)]);
+        let got = reader
+            .read(0, chunks, size, 2000, 1000, Priority::Reader)
+            .await;
+        assert_eq!(&got.unwrap()[..], &layer.data[2000..3000]);
+        assert_eq!(
+            layer.ranges().len(),
+            1,
+            "chunk 2 came with the first request"
+        );
+
+        let plain = layer.reader(RequestScheduler::new(4), 0);
+        plain
+            .read(0, chunks, size, 0, 10, Priority::Reader)
+            .await
+            .unwrap();
+        assert_eq!(layer.ranges()[1..], [layer.span(0..1)]);
+    }
+}
