@@ -7,10 +7,10 @@
 //! [`ContentReader`]. This is the object `ls`, `cat` and the FUSE mount share.
 
 pub mod profile;
+pub mod readahead;
 pub mod stream_read;
 pub mod tree;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -31,6 +31,7 @@ use crate::source::open::OpenedImage;
 use crate::source::retry::{self, RetryPolicy};
 use crate::source::stats::FetchStats;
 use profile::{Profile, Recorder};
+use readahead::ReadAhead;
 
 /// Settings for an opened image.
 #[derive(Clone)]
@@ -95,26 +96,13 @@ pub struct OpenedLayer {
     pub prefetch_end: Option<u64>,
 }
 
-/// First read-ahead window of a sequential streak, and the largest one.
-const MIN_READ_AHEAD: u64 = 1 << 20;
-pub const MAX_READ_AHEAD: u64 = 16 << 20;
-/// Files tracked for streaks before the table is reset (bounds its memory).
-const MAX_STREAKS: usize = 4096;
-
-#[derive(Clone, Copy, Debug)]
-struct Streak {
-    /// Where a sequential reader's next read would start.
-    next: u64,
-    window: u64,
-}
-
 pub struct ImageFs {
     pub image: ResolvedImage,
     pub tree: MergedTree,
     pub layers: Vec<OpenedLayer>,
     content: Arc<ContentReader>,
-    /// Sequential-read detection per inode, for read-ahead.
-    streaks: std::sync::Mutex<HashMap<Ino, Streak>>,
+    /// Sequential-read detection per inode.
+    read_ahead: ReadAhead,
     cache: Arc<ChunkCache>,
     stats: Arc<FetchStats>,
     disk: Option<Arc<DiskCache>>,
@@ -261,7 +249,7 @@ impl ImageFs {
             tree,
             layers,
             content,
-            streaks: std::sync::Mutex::new(HashMap::new()),
+            read_ahead: ReadAhead::default(),
             cache,
             stats,
             disk: options.disk.clone(),
@@ -274,7 +262,7 @@ impl ImageFs {
     ///
     /// A read that continues where the previous read of the same file ended extends a streak,
     /// and the bytes after it are fetched ahead in the background, in a window that doubles with
-    /// the streak (up to [`MAX_READ_AHEAD`]) and collapses on a seek, as mountpoint-s3's
+    /// the streak (up to [`readahead::MAX_READ_AHEAD`]) and collapses on a seek, as mountpoint-s3's
     /// prefetcher does. The kernel's own readahead asks for one window at a time; this keeps
     /// the network busy with the next windows meanwhile.
     pub async fn read(&self, ino: Ino, offset: u64, len: u64) -> Result<Bytes, Arc<ContentError>> {
@@ -289,7 +277,7 @@ impl ImageFs {
         if let Some(recorder) = &self.recorder {
             recorder.record(ino);
         }
-        let window = self.streak(ino, offset, len);
+        let window = self.read_ahead.window(ino, offset, len);
         let ahead = offset.saturating_add(len);
         if window > 0 && ahead < *size {
             let (content, layer, chunks, size) =
@@ -304,22 +292,6 @@ impl ImageFs {
         self.content
             .read(*layer, chunks, *size, offset, len, Priority::Reader)
             .await
-    }
-
-    /// Updates the streak of `ino` and returns how far to read ahead (0: not sequential).
-    fn streak(&self, ino: Ino, offset: u64, len: u64) -> u64 {
-        let mut streaks = self.streaks.lock().unwrap();
-        if streaks.len() > MAX_STREAKS {
-            streaks.clear();
-        }
-        let streak = streaks.entry(ino).or_insert(Streak { next: 0, window: 0 });
-        streak.window = if offset > 0 && offset == streak.next {
-            (streak.window * 2).clamp(MIN_READ_AHEAD, MAX_READ_AHEAD)
-        } else {
-            0
-        };
-        streak.next = offset.saturating_add(len);
-        streak.window
     }
 
     /// Stores the start-up profile recorded so far (once; see [`crate::fs::profile`]).
