@@ -184,24 +184,64 @@ where
 mod tests {
     use super::*;
 
-    #[test]
-    fn backoff_grows_caps_and_gives_up() {
-        let policy = RetryPolicy {
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
             max_attempts: 4,
             read_timeout: Duration::from_secs(60),
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_millis(250),
-        };
+        }
+    }
+
+    /// The waits after the `nth` failure in a row, over many reads (waits are jittered).
+    fn waits_after(nth: u32) -> Vec<Duration> {
+        let policy = policy();
+        (0..300)
+            .map(|_| {
+                let mut b = Backoff::new(&policy);
+                for _ in 1..nth {
+                    b.failed(Verdict::Retry(None)).unwrap();
+                }
+                b.failed(Verdict::Retry(None)).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn backoff_waits_grow_up_to_their_cap() {
+        let ms = Duration::from_millis;
+        // Full jitter: each wait is drawn below a cap that doubles per failure; the largest of
+        // 300 draws comes close to the cap (all below 3/4 of it: chance 0.75^300).
+        for (nth, cap) in [(1, ms(100)), (2, ms(200)), (3, ms(250))] {
+            let waits = waits_after(nth);
+            let longest = *waits.iter().max().unwrap();
+            assert!(longest <= cap, "failure {nth}: {longest:?} over {cap:?}");
+            assert!(
+                longest > cap * 3 / 4,
+                "failure {nth}: {longest:?} never near {cap:?}"
+            );
+        }
+        let mean = |w: Vec<Duration>| w.iter().sum::<Duration>() / w.len() as u32;
+        assert!(mean(waits_after(2)) > mean(waits_after(1)));
+    }
+
+    #[test]
+    fn backoff_gives_up_after_max_attempts_until_progress() {
+        let policy = policy();
         let mut b = Backoff::new(&policy);
         let retry = Verdict::Retry(None);
-        assert!(b.failed(retry).unwrap() <= Duration::from_millis(100));
-        assert!(b.failed(retry).unwrap() <= Duration::from_millis(200));
-        assert!(b.failed(retry).unwrap() <= Duration::from_millis(250));
+        for _ in 0..3 {
+            assert!(b.failed(retry).is_some());
+        }
         assert_eq!(b.failed(retry), None, "fourth failure ends the read");
         b.progress();
         assert!(b.failed(retry).is_some(), "progress restores the budget");
         assert_eq!(b.failed(Verdict::Fatal), None);
-        // Retry-After is honoured when it fits, refused when it would outlast the read.
+    }
+
+    #[test]
+    fn retry_after_is_honoured_unless_it_outlasts_the_read() {
+        let policy = policy();
         let mut b = Backoff::new(&policy);
         assert_eq!(
             b.failed(Verdict::Retry(Some(Duration::from_secs(2)))),
