@@ -9,6 +9,7 @@
 mod support;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use lazylayer::fs::tree::NodeKind;
 use lazylayer::fs::{ImageFs, ImageFsOptions};
@@ -21,7 +22,7 @@ use lazylayer::source::stats::FetchStats;
 use support::conformance::{assert_same_tree, disk_tree, image_tree, umoci_unpack};
 use support::containerd::{Containerd, LazyFormat, python_app_as_estargz};
 use support::mount::Mounted;
-use support::{Registry, RegistryAuth, lazylayer};
+use support::{Registry, RegistryAuth, lazylayer, wait_until};
 
 async fn open(reference: &str) -> Arc<ImageFs> {
     open_with(reference, &ImageFsOptions::default()).await
@@ -142,14 +143,13 @@ async fn python_app_in_all_formats_matches_umoci_and_corruption_is_caught() {
     for i in 0..6 {
         fs.read(ino, i * piece, piece).await.unwrap();
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while FetchStats::get(&fs.stats().cache_misses) < chunks.len() as u64 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "read-ahead never fetched the file"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    tokio::task::block_in_place(|| {
+        wait_until(
+            Duration::from_secs(20),
+            || FetchStats::get(&fs.stats().cache_misses) >= chunks.len() as u64,
+            || "read-ahead never fetched the file".into(),
+        )
+    });
     let misses = FetchStats::get(&fs.stats().cache_misses);
     let rest = fs.read(ino, 6 * piece, size).await.unwrap();
     assert_eq!(rest.len() as u64, size - 6 * piece);
@@ -247,17 +247,15 @@ async fn mounted_python_app_runs_and_serves_concurrent_readers() {
         let run = lazylayer(&["umount", dir.to_str().unwrap()], &[]);
         assert!(run.status.success(), "{}", run.stderr);
         assert!(!mounted.is_mounted());
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::fs::read_dir(&run_dir)
-            .unwrap()
-            .any(|e| e.unwrap().path().extension().is_some_and(|x| x == "sock"))
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "daemon did not exit after umount"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        wait_until(
+            Duration::from_secs(10),
+            || {
+                !std::fs::read_dir(&run_dir)
+                    .unwrap()
+                    .any(|e| e.unwrap().path().extension().is_some_and(|x| x == "sock"))
+            },
+            || "daemon did not exit after umount".into(),
+        );
         drop(mounted);
 
         // Learned profile: the start above was recorded. A "second machine" with an empty cache
@@ -443,14 +441,11 @@ async fn disk_cache_survives_remount_and_is_shared_between_images() {
                 &metrics_addr,
             ],
         );
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
-        while mounted.stats()["background_complete"] != true {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "background fetch did not finish"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
+        wait_until(
+            Duration::from_secs(180),
+            || mounted.stats()["background_complete"] == true,
+            || "background fetch did not finish".into(),
+        );
         // The Prometheus endpoint reports the disk tier the background fill populated.
         let page = {
             use std::io::{Read, Write};

@@ -4,8 +4,10 @@
 
 mod support;
 
+use std::time::Duration;
+
 use support::containerd::{Containerd, Snapshotter, python_app_as_estargz};
-use support::{Registry, RegistryAuth};
+use support::{Registry, RegistryAuth, wait_until};
 
 /// `ctr` through the test's containerd, asserting success; returns stdout.
 fn ctr(containerd: &Containerd, args: &[&str]) -> String {
@@ -151,15 +153,16 @@ fn lazily_pulled_estargz_image_runs_shares_its_mount_survives_a_restart_and_is_c
     );
     snapshotter.kill();
     snapshotter.restart();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while snapshotter.fuse_mounts().len() != 1 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the restarted snapshotter did not mount the idle container's layers again: {}",
-            snapshotter.log()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    wait_until(
+        Duration::from_secs(30),
+        || snapshotter.fuse_mounts().len() == 1,
+        || {
+            let log = snapshotter.log();
+            format!(
+                "the restarted snapshotter did not mount the idle container's layers again: {log}"
+            )
+        },
+    );
     let idle_root = snapshotter.fuse_mounts()[0].join("app/main.py");
     assert!(
         std::fs::read(&idle_root).is_ok(),
@@ -187,38 +190,29 @@ fn lazily_pulled_estargz_image_runs_shares_its_mount_survives_a_restart_and_is_c
 /// containerd redials a proxy snapshotter with backoff (at most 3 s between attempts in 1.6);
 /// calls fail with "unavailable" until it has.
 fn wait_until_containerd_reconnects(containerd: &Containerd) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !containerd
-        .ctr(&["snapshots", "--snapshotter", "lazylayer", "ls"])
-        .status
-        .success()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "containerd did not reconnect to the restarted snapshotter"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    wait_until(
+        Duration::from_secs(20),
+        || {
+            let ls = ["snapshots", "--snapshotter", "lazylayer", "ls"];
+            containerd.ctr(&ls).status.success()
+        },
+        || "containerd did not reconnect to the restarted snapshotter".into(),
+    );
 }
 
 fn wait_for_task_exit(containerd: &Containerd, id: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let out = containerd.ctr(&["task", "ls"]);
-        let listing = String::from_utf8_lossy(&out.stdout);
-        let running = listing
-            .lines()
-            .any(|l| l.split_whitespace().next() == Some(id) && l.contains("RUNNING"));
-        if !running {
-            let _ = containerd.ctr(&["task", "rm", id]);
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "task {id} did not stop"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    wait_until(
+        Duration::from_secs(30),
+        || {
+            let out = containerd.ctr(&["task", "ls"]);
+            let listing = String::from_utf8_lossy(&out.stdout);
+            !listing
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(id) && l.contains("RUNNING"))
+        },
+        || format!("task {id} did not stop"),
+    );
+    let _ = containerd.ctr(&["task", "rm", id]);
 }
 
 #[test]

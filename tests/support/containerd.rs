@@ -4,9 +4,9 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::{Registry, RegistryAuth, require_tool};
+use super::{Registry, RegistryAuth, poll_until, require_tool, wait_until};
 
 pub struct Containerd {
     child: Child,
@@ -79,18 +79,15 @@ impl Containerd {
             .spawn()
             .expect("start containerd");
         let containerd = Containerd { child, dir, socket };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if containerd.ctr(&["version"]).status.success() {
-                return containerd;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!(
-            "containerd did not start: {}",
-            std::fs::read_to_string(containerd.dir.path().join("containerd.log"))
-                .unwrap_or_default()
+        wait_until(
+            Duration::from_secs(20),
+            || containerd.ctr(&["version"]).status.success(),
+            || {
+                let log = std::fs::read_to_string(containerd.dir.path().join("containerd.log"));
+                format!("containerd did not start: {}", log.unwrap_or_default())
+            },
         );
+        containerd
     }
 
     pub fn ctr(&self, args: &[&str]) -> std::process::Output {
@@ -204,15 +201,11 @@ impl Snapshotter {
             .spawn()
             .expect("start lazylayer snapshotter");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "snapshotter did not start: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(
+            Duration::from_secs(30),
+            || std::os::unix::net::UnixStream::connect(&self.socket).is_ok(),
+            || format!("snapshotter did not start: {}", self.log()),
+        );
     }
 
     /// Kills the process with SIGKILL, leaving its mounts behind as a crash would.
@@ -254,13 +247,9 @@ impl Drop for Snapshotter {
         if let Some(mut child) = self.child.take() {
             // SIGTERM: it unmounts what it mounted.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            poll_until(Duration::from_secs(10), Duration::from_millis(50), || {
+                matches!(child.try_wait(), Ok(Some(_)))
+            });
             let _ = child.kill();
             let _ = child.wait();
         }

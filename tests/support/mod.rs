@@ -234,17 +234,16 @@ impl Registry {
     }
 
     fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if http_get_status(self.port, "/v2/").is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!(
-            "registry on port {} did not start; log:\n{}",
-            self.port,
-            self.log()
+        wait_until(
+            Duration::from_secs(15),
+            || http_get_status(self.port, "/v2/").is_some(),
+            || {
+                format!(
+                    "registry on port {} did not start; log:\n{}",
+                    self.port,
+                    self.log()
+                )
+            },
         );
     }
 
@@ -433,6 +432,29 @@ pub fn lazylayer(args: &[&str], envs: &[(&str, &str)]) -> Run {
         status: output.status,
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Polls `done` every `every` until it holds or `timeout` has passed; says whether it held. The
+/// one polling loop of the suite (daemons starting and stopping, mounts, counters).
+pub fn poll_until(timeout: Duration, every: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// [`poll_until`] every 50 ms, failing the test with `failure()` (built only then, so that it
+/// can carry a log) if `done` never holds.
+pub fn wait_until(timeout: Duration, done: impl FnMut() -> bool, failure: impl FnOnce() -> String) {
+    if !poll_until(timeout, Duration::from_millis(50), done) {
+        panic!("{} (waited {timeout:?})", failure());
     }
 }
 

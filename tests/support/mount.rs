@@ -6,7 +6,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use super::lazylayer;
+use super::{lazylayer, poll_until, wait_until};
 
 pub struct Mounted {
     pub dir: tempfile::TempDir,
@@ -110,14 +110,11 @@ impl Mounted {
     /// Waits until the mount reports its prioritised files (landmark, learned profile)
     /// prefetched; fails the test after `timeout`.
     pub fn wait_until_prefetched(&self, timeout: std::time::Duration) {
-        let deadline = std::time::Instant::now() + timeout;
-        while self.stats()["profile_prefetched"] != true {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "prefetch of prioritised files did not finish in {timeout:?}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        wait_until(
+            timeout,
+            || self.stats()["profile_prefetched"] == true,
+            || "prefetch of prioritised files did not finish".into(),
+        );
     }
 
     /// Whether the kernel still lists the mount.
@@ -139,18 +136,18 @@ impl Drop for Mounted {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let unmounted = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break status.success(),
-                Ok(None) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(50))
-                }
-                _ => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break false;
-                }
+        let mut status = None;
+        let ms = std::time::Duration::from_millis;
+        poll_until(ms(10_000), ms(50), || {
+            status = child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        let unmounted = match status {
+            Some(status) => status.success(),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                false
             }
         };
         if !unmounted && self.is_mounted() {

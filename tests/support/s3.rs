@@ -3,9 +3,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::{free_port, require_tool};
+use super::{free_port, require_tool, wait_until};
 
 pub const ACCESS_KEY: &str = "lazylayer-test";
 pub const SECRET_KEY: &str = "lazylayer-test-secret";
@@ -39,11 +39,11 @@ impl S3Server {
             root,
             log,
         };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "s3s-fs did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(
+            Duration::from_secs(15),
+            || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+            || "s3s-fs did not start".into(),
+        );
         server
     }
 
