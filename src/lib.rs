@@ -8,18 +8,25 @@
 //! ```
 //!
 //! - [`model`]: what an image is: references, digests, OCI manifests, configs and media types;
-//! - [`source`]: where bytes come from ([`source::ImageSource`]: registry, OCI layout, S3),
-//!   retries, and resolving a reference to one platform's image;
+//! - [`source`]: where bytes come from ([`source::ImageSource`]: registry, OCI layout, S3), the
+//!   wrappers around it (retries, counting, disk-backed configs) stacked in one order by
+//!   [`source::open::open_image`], and resolving a reference to one platform's image;
 //! - [`layer`]: one module per layer format (eStargz, zstd:chunked, gzip + seek index, plain tar
 //!   streams) turning a layer into a file table with chunk references;
-//! - [`cache`]: the disk tier (chunks and layer metadata across mounts);
+//! - [`cache`]: the memory tier (an LRU per image), the disk tier (chunks and layer metadata
+//!   across mounts) and the policy between them;
 //! - [`fetch`]: file content through the caches: read planning, shared in-flight fetches,
-//!   request priorities, statistics;
-//! - [`fs`]: the mounted image: merged tree, prefetch, start-up profiles, streamed reads;
+//!   verified range requests, request priorities;
+//! - [`fs`]: the opened image: merged tree, read-ahead, prefetch, start-up profiles, streamed
+//!   reads;
 //! - [`mount`]: FUSE operations, mount options, the control socket and metrics;
 //! - [`containerd`]: the remote snapshotter and `lazylayer pull`;
 //! - [`convert`]: rewriting images to eStargz / zstd:chunked and publishing gzip seek indexes;
 //! - [`cli`]: the `lazylayer` command, its config file and its output.
+//!
+//! Modules import only from those below them in this list's read path (`model` ← `cache` ←
+//! `source` ← `layer` ← `fetch` ← `fs` ← `mount` ← `containerd` ← `cli`; `convert` uses `layer`
+//! and `source`), so that each can be read, and tested, without those above it.
 
 pub mod cache;
 pub mod cli;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use super::options::size_text;
+use super::size::size_text;
 use crate::fs::{ImageFsOptions, profile};
 use crate::model::oci::Platform;
 

@@ -1,10 +1,11 @@
 //! Command-line interface: the `lazylayer` binary's subcommands, dispatched to the library.
 //!
-//! - [`args`]: what clap parses; [`options`]: flags, config file and defaults merged into library
-//!   options; [`error`]: what the user is told when something fails;
-//! - one file per group of subcommands: [`read`] (`ls`, `cat`, `inspect`), [`mount`] (`mount`,
-//!   `stats`), [`containerd`] (`snapshotter`, `pull`), [`convert`] (`convert`, `index`),
-//!   [`cache`] (`cache`, `profile`);
+//! - [`args`]: what clap parses; `options`: flags, config file and defaults merged into library
+//!   options; `size`: sizes as users type them; [`error`]: what the user is told when
+//!   something fails;
+//! - one file per group of subcommands: `read` (`ls`, `cat`, `inspect`), `mount` (`mount`,
+//!   `stats`), `containerd` (`snapshotter`, `pull`), `convert` (`convert`, `index`),
+//!   `cache` (`cache`, `profile`);
 //! - [`config`]: the config file; [`output`]: tables and reports.
 
 pub mod args;
@@ -17,6 +18,7 @@ mod mount;
 mod options;
 pub mod output;
 mod read;
+mod size;
 
 pub use args::Cli;
 use args::Command;
