@@ -195,12 +195,17 @@ fn token_endpoint_down_for_a_while_and_retry_budget_precedence() {
         "--max-attempts over the file: {}",
         flag_run.stderr
     );
+}
 
-    // A typo in the config file is named, not ignored.
-    std::fs::write(&one_attempt, "[fetch]\nmax_atempts = 1\n").unwrap();
+/// A typo in the config file is named, not ignored, before anything is fetched.
+#[test]
+fn a_typo_in_the_config_file_is_named() {
+    let config_dir = tempfile::tempdir().unwrap();
+    let typo = config_dir.path().join("config.toml");
+    std::fs::write(&typo, "[fetch]\nmax_atempts = 1\n").unwrap();
     lazylayer(
         &["inspect", "127.0.0.1:1/x"],
-        &[("LAZYLAYER_CONFIG", one_attempt.to_str().unwrap())],
+        &[("LAZYLAYER_CONFIG", typo.to_str().unwrap())],
     )
     .assert_error(&["config.toml", "max_atempts"]);
 }
