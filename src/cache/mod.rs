@@ -41,7 +41,8 @@ impl ChunkTiers {
         if let Some(data) = self.memory.get(key) {
             return Some((data, Tier::Memory));
         }
-        let data = self.disk.as_ref().zip(digest)?.0.get(digest?)?;
+        let (disk, digest) = self.disk.as_ref().zip(digest)?;
+        let data = disk.get(digest)?;
         self.memory.insert(key.clone(), data.clone());
         Some((data, Tier::Disk))
     }
