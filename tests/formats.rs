@@ -528,7 +528,7 @@ async fn random_interleavings_of_reads_evictions_and_prefetch_return_reference_b
             lazylayer::cache::disk::DiskCache::open(cache.path(), 64 << 20).unwrap(),
         )),
         request_slots: 3,
-        background_bytes_per_second: Some(20 << 20),
+        background_fill: true,
         profile_window: None,
         ..ImageFsOptions::default()
     };

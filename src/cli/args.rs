@@ -386,13 +386,16 @@ pub struct ReadArgs {
     #[arg(long, value_name = "SIZE", default_value = DEFAULT_CACHE_SIZE)]
     pub cache_size: String,
 
-    /// Do not fetch the rest of the image into the disk cache in the background.
+    /// Do not fetch the rest of the image into the disk cache in the background. Not needed
+    /// for speed: the background fetch only sends requests while no reader or prefetch has
+    /// sent one for a short quiet period, so it never competes with a start.
     #[arg(long)]
     pub no_background_fetch: bool,
 
-    /// Bandwidth the background fetch may use, per second (readers always go first).
-    #[arg(long, value_name = "SIZE", default_value = "32M")]
-    pub background_bandwidth: String,
+    /// Cap the background fetch's bandwidth, per second, e.g. 10M (default: no cap; it uses
+    /// the link only while nobody reads).
+    #[arg(long, value_name = "SIZE")]
+    pub background_bandwidth: Option<String>,
 
     /// Requests in flight to the registry at once.
     #[arg(long, value_name = "N", default_value_t = ImageFsOptions::default().request_slots)]

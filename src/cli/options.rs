@@ -119,13 +119,18 @@ impl ReadArgs {
         disk: Option<std::sync::Arc<DiskCache>>,
         retry: RetryPolicy,
     ) -> Result<ImageFsOptions, CliError> {
-        let background = size_flag("background-bandwidth", &self.background_bandwidth)?;
+        let cap = self
+            .background_bandwidth
+            .as_deref()
+            .map(|v| size_flag("background-bandwidth", v))
+            .transpose()?;
         Ok(ImageFsOptions {
             cache_bytes: size_flag("memory-cache-size", &self.memory_cache_size)?,
             disk,
             request_slots: self.max_requests.max(1),
-            background_bytes_per_second: (!self.no_background_fetch && background > 0)
-                .then_some(background),
+            // A cap of 0 turned the fill off before there was a separate flag for it.
+            background_fill: !self.no_background_fetch && cap != Some(0),
+            background_bytes_per_second: cap,
             profile_window: (self.profile_window > 0.0)
                 .then(|| seconds("profile-window", self.profile_window))
                 .transpose()?,

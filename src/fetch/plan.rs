@@ -1,13 +1,15 @@
 //! Read planning: which chunks one request carries. Pure functions over a layer's chunk list,
 //! so that the policy can be tested without a source, a cache or a runtime.
 //!
-//! Three decisions live here:
+//! Four decisions live here:
 //! - [`amplification`]: a read that must fetch also takes the missing chunks that follow it back
 //!   to back in the blob, within a byte budget (start-up reads many small neighbouring files).
 //! - [`fill_gaps`]: a prefetch of chunks that sit close together but not back to back also takes
 //!   what lies in small gaps between them, so the stretch is one request.
 //! - [`merged_runs`]: the chunks one read or prefetch needs, grouped into runs that one ranged
 //!   request can fetch, each at most [`MAX_MERGED_SPAN`] compressed bytes.
+//! - [`spans_of`]: background filling's work cut into pieces of a few compressed bytes each, so
+//!   that each piece is one small request a reader soon overtakes.
 //!
 //! Only compressed chunks are planned: a streamed layer's chunks come from re-reading the stream
 //! and zero runs are never fetched.
@@ -87,6 +89,29 @@ pub fn amplification(
         out.push(c.clone());
     }
     out
+}
+
+/// `chunks` (compressed, in blob order) cut into consecutive pieces that each span at most
+/// `max_span` compressed bytes; a chunk larger than that is a piece of its own. Chunks sharing
+/// a compressed span (a gzip seek index span) stay in one piece unless the span alone is larger.
+pub fn spans_of(chunks: &[ChunkRef], max_span: u64) -> Vec<Vec<ChunkRef>> {
+    let mut pieces: Vec<Vec<ChunkRef>> = Vec::new();
+    let mut piece_start = 0;
+    for c in chunks {
+        let (start, end) = match c.source {
+            ChunkSource::Compressed { start, end, .. } => (start, end),
+            _ => continue,
+        };
+        let fits = pieces.last().is_some_and(|p| {
+            !p.is_empty() && start >= piece_start && end - piece_start <= max_span
+        });
+        if !fits {
+            pieces.push(Vec::new());
+            piece_start = start;
+        }
+        pieces.last_mut().expect("pushed above").push(c.clone());
+    }
+    pieces
 }
 
 /// `wanted` (in blob order) cut into runs of compressed chunks that `needs_fetch` and that lie
@@ -201,6 +226,26 @@ mod tests {
         // A held file of the span is skipped, not a stop.
         let extra = amplification(&list, 0, &list[0], 0, |c| *c == list[1]);
         assert_eq!(extra, [list[2].clone()]);
+    }
+
+    #[test]
+    fn background_work_is_cut_into_small_spans() {
+        let list = layer();
+        let pieces: Vec<Vec<u64>> = spans_of(&list, 35).iter().map(|p| starts(p)).collect();
+        assert_eq!(
+            pieces,
+            [
+                vec![0, 10, 20],
+                vec![30, 40, 50],
+                vec![60, 70, 80],
+                vec![90]
+            ]
+        );
+        // A chunk larger than the limit is a piece by itself; chunks of one span stay together.
+        let big = [chunk(0, 100, 0), chunk(100, 110, 0), chunk(100, 110, 5)];
+        let pieces: Vec<usize> = spans_of(&big, 35).iter().map(Vec::len).collect();
+        assert_eq!(pieces, [1, 2]);
+        assert!(spans_of(&[], 35).is_empty());
     }
 
     #[test]

@@ -46,8 +46,12 @@ pub struct ImageFsOptions {
     /// Requests in flight to the source at once. A few parallel ranges fill a link; many hurt
     /// slow links and registries (moby uses 3 for layer downloads): 4.
     pub request_slots: usize,
-    /// Fetch the rest of every lazily read layer into the disk tier while nobody waits, at most
-    /// this many bytes per second (`None`: do not). Needs a disk tier; readers always go first.
+    /// Fetch the rest of every lazily read layer into the disk tier while nobody waits (needs
+    /// a disk tier). Its requests wait for quiet (see `fetch::scheduler`), so it never competes
+    /// with a start; off by default here, on by default in the CLI and the snapshotter.
+    pub background_fill: bool,
+    /// A cap on the background fill's bytes per second; `None`: as fast as the link allows
+    /// while it is idle, which the quiet rule makes safe.
     pub background_bytes_per_second: Option<u64>,
     /// Record the files read in this long after opening as the image's start-up profile, and
     /// prefetch an existing profile's files (`None`: neither). Needs a disk tier to keep it.
@@ -68,6 +72,7 @@ impl Default for ImageFsOptions {
             cache_bytes: 512 << 20,
             disk: None,
             request_slots: 4,
+            background_fill: false,
             background_bytes_per_second: None,
             profile_window: None,
             retry: RetryPolicy::default(),
@@ -216,9 +221,7 @@ impl ImageFs {
             .as_deref()
             .filter(|_| recorder.is_some())
             .and_then(|disk| profile::load(disk, &image.source));
-        let background = options
-            .background_bytes_per_second
-            .filter(|_| options.disk.is_some());
+        let background = options.background_fill && options.disk.is_some();
         // Prioritised files: the eStargz landmark's (the image author's list), then the
         // learned profile's.
         let mut work = landmark_work(&all_chunks, &layers);
@@ -232,11 +235,11 @@ impl ImageFs {
         } else {
             tokio::spawn(prefetch_files(content.clone(), work, stats.clone()));
         }
-        if let Some(rate) = background {
+        if background {
             tokio::spawn(fill_in_background(
                 content.clone(),
                 all_chunks,
-                rate,
+                options.background_bytes_per_second,
                 stats.clone(),
             ));
         } else {
@@ -353,25 +356,25 @@ fn chunks_in_blob_order(tree: &MergedTree, layers: &[OpenedLayer]) -> Vec<(usize
         .collect()
 }
 
-/// How many chunks the background filler hands to the reader at once (it merges neighbours
-/// into one request), and how many such batches run at once: one request slot is always left
-/// to readers beyond what they can take by priority.
-const BACKGROUND_BATCH: usize = 64;
-const BACKGROUND_PARALLEL: usize = 3;
+/// Compressed bytes per background request, and how many run at once. Small, so that the
+/// requests in flight when a reader arrives (the scheduler stops new ones) are done within a few
+/// tens of milliseconds (1 MiB is 40 ms at 200 Mbit/s); two at once keep the link busy while
+/// one waits out its round trip, and leave request slots to readers.
+const BACKGROUND_REQUEST: u64 = 1 << 20;
+const BACKGROUND_PARALLEL: usize = 2;
 
 async fn fill_in_background(
     content: Arc<ContentReader>,
     work: Vec<(usize, Vec<ChunkRef>)>,
-    bytes_per_second: u64,
+    bytes_per_second: Option<u64>,
     stats: Arc<FetchStats>,
 ) {
     let started = std::time::Instant::now();
     let mut fetched = 0u64;
     let batches = work.into_iter().flat_map(|(layer, chunks)| {
-        chunks
-            .chunks(BACKGROUND_BATCH)
-            .map(|b| (layer, b.to_vec()))
-            .collect::<Vec<_>>()
+        crate::fetch::plan::spans_of(&chunks, BACKGROUND_REQUEST)
+            .into_iter()
+            .map(move |b| (layer, b))
     });
     let mut done = futures_util::stream::iter(batches)
         .map(|(layer, batch)| {
@@ -392,8 +395,11 @@ async fn fill_in_background(
         .buffer_unordered(BACKGROUND_PARALLEL);
     while let Some(bytes) = done.next().await {
         fetched += bytes;
-        // Stay under the rate: pause until the bytes so far fit the time so far.
-        let due = std::time::Duration::from_secs_f64(fetched as f64 / bytes_per_second as f64);
+        let Some(rate) = bytes_per_second else {
+            continue;
+        };
+        // Stay under the cap: pause until the bytes so far fit the time so far.
+        let due = std::time::Duration::from_secs_f64(fetched as f64 / rate as f64);
         if let Some(wait) = due.checked_sub(started.elapsed()) {
             tokio::time::sleep(wait).await;
         }
@@ -452,6 +458,10 @@ const PROFILE_GROUP: usize = 32;
 /// into two requests: 256 KiB take 10 ms at 200 Mbit/s, half a 20 ms round trip.
 const PREFETCH_GAP: u64 = 256 << 10;
 
+/// Profile groups fetched at once: enough to keep a link busy across round trips, one slot
+/// fewer than the default slots so a reader's miss still finds one free.
+const PREFETCH_PARALLEL: usize = 3;
+
 /// Fetches prioritised files, group by group, at prefetch priority.
 async fn prefetch_files(
     content: Arc<ContentReader>,
@@ -484,7 +494,7 @@ async fn prefetch_files(
                 }
             }
         })
-        .buffered(BACKGROUND_PARALLEL);
+        .buffered(PREFETCH_PARALLEL);
     while done.next().await.is_some() {}
     stats
         .profile_prefetched
