@@ -2,7 +2,7 @@
 //! unpack` of the original, byte-identically on a second run; a converted image pushed to the
 //! real registry is pulled and run by plain containerd, its TOCs are read by stargz-snapshotter's
 //! own tooling (`ctr-remote image get-toc-digest`), and `--prioritize` files are prefetched at
-//! mount through the landmark.
+//! mount through the landmark, and by the snapshotter as soon as `lazylayer pull` has the TOCs.
 
 mod support;
 
@@ -18,7 +18,7 @@ use lazylayer::source::config::FetchConfig;
 use lazylayer::source::open::open_image;
 use lazylayer::source::stats::FetchStats;
 use support::conformance::{assert_same_tree, disk_tree, image_tree, umoci_unpack};
-use support::containerd::Containerd;
+use support::containerd::{Containerd, Snapshotter};
 use support::mount::Mounted;
 use support::{Registry, RegistryAuth, lazylayer, shared_images};
 
@@ -238,6 +238,43 @@ fn pushed_conversion_runs_under_plain_containerd_and_prefetches_prioritised_file
     // A file that was not prioritised is not there yet.
     std::fs::read(mounted.join("usr/lib/python3.11/zipfile.py")).unwrap();
     assert!(mounted.stats()["requests"].as_u64().unwrap() > before);
+    drop(mounted);
+
+    // The snapshotter starts that prefetch during the pull: the prioritised chunks reach its
+    // disk cache while no container exists and nothing is mounted (the pull itself fetches
+    // TOCs only, which go to meta/).
+    let snapshotter = Snapshotter::start();
+    let lazy = Containerd::with_snapshotter(&snapshotter.socket);
+    let pulled = snapshotter.lazylayer(&["pull", "--address", lazy.socket.to_str().unwrap(), &dst]);
+    assert!(
+        pulled.status.success(),
+        "{}\n{}",
+        pulled.stderr,
+        snapshotter.log()
+    );
+    let chunks = snapshotter.cache().join("chunks");
+    support::wait_until(
+        std::time::Duration::from_secs(30),
+        || files_under(&chunks) > 0,
+        || format!("nothing prefetched after the pull\n{}", snapshotter.log()),
+    );
+    assert!(snapshotter.fuse_mounts().is_empty(), "mounted before use");
+}
+
+/// Files under `dir`, recursively.
+fn files_under(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| {
+            if e.path().is_dir() {
+                files_under(&e.path())
+            } else {
+                1
+            }
+        })
+        .sum()
 }
 
 #[test]

@@ -304,6 +304,13 @@ impl ImageFs {
         }
     }
 
+    /// Starts the profile's recording window now (see [`Recorder::restart`]).
+    pub fn restart_profile_window(&self) {
+        if let Some(recorder) = &self.recorder {
+            recorder.restart();
+        }
+    }
+
     /// How long reads are recorded for the profile, when they are.
     pub fn profile_window(&self) -> Option<std::time::Duration> {
         self.recorder.as_ref().map(Recorder::window)

@@ -47,7 +47,7 @@ pub fn load(disk: &DiskCache, image: &str) -> Option<Profile> {
 
 /// Records first reads during the window.
 pub struct Recorder {
-    started: Instant,
+    started: Mutex<Instant>,
     window: Duration,
     order: Mutex<(HashSet<Ino>, Vec<Ino>)>,
     saved: AtomicBool,
@@ -56,7 +56,7 @@ pub struct Recorder {
 impl Recorder {
     pub fn new(window: Duration) -> Recorder {
         Recorder {
-            started: Instant::now(),
+            started: Mutex::new(Instant::now()),
             window,
             order: Mutex::new((HashSet::new(), Vec::new())),
             saved: AtomicBool::new(false),
@@ -67,9 +67,16 @@ impl Recorder {
         self.window
     }
 
+    /// Starts the window again now, forgetting what was recorded: for an image opened ahead of
+    /// its mount (the snapshotter opens it at pull time), the window starts with the mount.
+    pub fn restart(&self) {
+        *self.started.lock().unwrap() = Instant::now();
+        *self.order.lock().unwrap() = Default::default();
+    }
+
     /// Notes a read of `ino` (only the first one counts, and only within the window).
     pub fn record(&self, ino: Ino) {
-        if self.started.elapsed() > self.window {
+        if self.started.lock().unwrap().elapsed() > self.window {
             return;
         }
         let mut order = self.order.lock().unwrap();

@@ -190,7 +190,7 @@ impl Snapshotter {
             .arg("--root")
             .arg(self.root())
             .arg("--cache-dir")
-            .arg(self.dir.path().join("cache"))
+            .arg(self.cache())
             .args(["--no-background-fetch", "--profile-window", "0"])
             .env("LAZYLAYER_CONFIG", "/dev/null")
             .env("LAZYLAYER_RUN_DIR", self.dir.path().join("run"))
@@ -236,6 +236,11 @@ impl Snapshotter {
     }
 
     /// Runs `lazylayer ARGS` with this snapshotter's run directory (for `stats`).
+    /// The snapshotter's disk cache directory.
+    pub fn cache(&self) -> PathBuf {
+        self.dir.path().join("cache")
+    }
+
     pub fn lazylayer(&self, args: &[&str]) -> super::Run {
         let run_dir = self.dir.path().join("run");
         super::lazylayer(args, &[("LAZYLAYER_RUN_DIR", run_dir.to_str().unwrap())])

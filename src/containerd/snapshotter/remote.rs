@@ -12,6 +12,12 @@
 //! running since the first. A pull thus costs the slowest TOC rather than the sum of them
 //! (python-app's three: 0.18 + 0.07 + 0.10 s through a 20 ms link). With a disk cache, the
 //! loaded indexes stay there for the mount that follows.
+//!
+//! Once every layer's check has passed, the whole image is opened ahead of its mount, so that
+//! its prioritised files (the eStargz landmark's, a learned profile's) and its background fill
+//! start during the pull, not when the first container mounts it. The first mount of the
+//! whole image takes that opened image; one that nobody mounts within [`OPENED_AHEAD_KEPT`]
+//! is dropped (what it prefetched stays in the disk cache).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -22,7 +28,7 @@ use futures_util::future::{BoxFuture, Shared};
 
 use super::store::RemoteLayer;
 use super::{IMAGE_LABELS, LAYER_LABELS, MANIFEST_LABEL, SnapshotError, Snapshotter};
-use crate::fs::ImageFs;
+use crate::fs::{ImageFs, ImageFsOptions};
 use crate::layer::tar_stream::Ignore;
 use crate::model::reference::ImageRef;
 use crate::mount::{Companions, MountOptions, detach};
@@ -44,6 +50,57 @@ pub(super) struct RemoteImage {
     raw: Arc<dyn ImageSource>,
     image: ResolvedImage,
     checks: Vec<IndexCheck>,
+    /// The whole image opened ahead of its mount, until a mount takes it.
+    ahead: Arc<std::sync::Mutex<Option<OpenedAhead>>>,
+}
+
+/// The whole image opened ahead, or `None` when a layer is not lazy or opening failed (the
+/// mount then opens it itself and reports why).
+type OpenedAhead = Shared<BoxFuture<'static, Option<Arc<ImageFs>>>>;
+
+/// How long an image opened ahead of its mount waits to be mounted: `ctr run` and the kubelet
+/// create the container within seconds of the pull.
+pub(super) const OPENED_AHEAD_KEPT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Opens the whole image once all `checks` pass; the returned slot holds it for a mount.
+fn open_ahead(
+    raw: Arc<dyn ImageSource>,
+    image: ResolvedImage,
+    checks: Vec<IndexCheck>,
+    options: ImageFsOptions,
+) -> Arc<std::sync::Mutex<Option<OpenedAhead>>> {
+    let open: OpenedAhead = async move {
+        for check in checks {
+            check.await.ok()?;
+        }
+        let (source, stats) = source::open::stack(raw.clone(), options.disk.clone());
+        let opened = OpenedImage {
+            raw,
+            source,
+            stats,
+            image,
+        };
+        match ImageFs::open(opened, &options).await {
+            Ok(fs) => Some(Arc::new(fs)),
+            Err(e) => {
+                tracing::debug!("opening ahead of the mount: {e}");
+                None
+            }
+        }
+    }
+    .boxed()
+    .shared();
+    let slot = Arc::new(std::sync::Mutex::new(Some(open.clone())));
+    let kept = Arc::downgrade(&slot);
+    tokio::spawn(async move {
+        // Shared futures run only when polled: this is what runs it now.
+        open.await;
+        tokio::time::sleep(OPENED_AHEAD_KEPT).await;
+        if let Some(slot) = kept.upgrade() {
+            slot.lock().unwrap().take();
+        }
+    });
+    slot
 }
 
 /// A layer's lazy index fetched and verified, or why it cannot be (shared by every `Prepare`
@@ -103,8 +160,8 @@ impl Snapshotter {
             )
         };
         let failed = |reason: String| remote.failed(reason);
-        let mut opened = self.resolve(&remote).await?;
-        let position = layer_position(&opened.image, &remote).map_err(failed)?;
+        let resolved = self.remote_image(&remote).await?;
+        let position = layer_position(&resolved.image, &remote).map_err(failed)?;
         if position + 1 != depth {
             return Err(failed(format!(
                 "it is layer {} of the image but snapshot {name} stands on {} layers",
@@ -112,11 +169,29 @@ impl Snapshotter {
                 depth
             )));
         }
-        opened.image.layers.truncate(depth);
-        let fs = ImageFs::open(opened, &self.config.image_fs)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        let fs = Arc::new(fs);
+        let ahead = if depth == resolved.image.layers.len() {
+            let taken = resolved.ahead.lock().unwrap().take();
+            match taken {
+                Some(open) => open.await,
+                None => None,
+            }
+        } else {
+            None
+        };
+        let fs = match ahead {
+            Some(fs) => {
+                fs.restart_profile_window();
+                fs
+            }
+            None => {
+                let mut opened = self.opened(resolved);
+                opened.image.layers.truncate(depth);
+                let fs = ImageFs::open(opened, &self.config.image_fs)
+                    .await
+                    .map_err(|e| failed(e.to_string()))?;
+                Arc::new(fs)
+            }
+        };
         let _ = detach(&dir);
         let options = MountOptions {
             // Containers run as any user, and their setuid binaries and devices must work.
@@ -175,8 +250,21 @@ impl Snapshotter {
         )
         .await
         .map_err(|e| failed(e.to_string()))?;
+        let checks = start_checks(&opened.source, &opened.image.layers, disk);
+        // Only a remembered image is opened ahead: one resolved per Prepare would be opened
+        // (and filled) once per layer.
+        let ahead = match pinned {
+            Some(_) => open_ahead(
+                opened.raw.clone(),
+                opened.image.clone(),
+                checks.clone(),
+                self.config.image_fs.clone(),
+            ),
+            None => Default::default(),
+        };
         let resolved = RemoteImage {
-            checks: start_checks(&opened.source, &opened.image.layers, disk),
+            ahead,
+            checks,
             raw: opened.raw,
             image: opened.image,
         };
@@ -187,17 +275,17 @@ impl Snapshotter {
         Ok(resolved)
     }
 
-    /// The image a remote layer belongs to, with a source that counts what it fetches and
-    /// keeps indexes in the disk cache.
-    async fn resolve(&self, remote: &RemoteLayer) -> Result<OpenedImage, SnapshotError> {
-        let RemoteImage { raw, image, .. } = self.remote_image(remote).await?;
+    /// A resolved image with a source that counts what it fetches and keeps indexes in the
+    /// disk cache.
+    fn opened(&self, resolved: RemoteImage) -> OpenedImage {
+        let RemoteImage { raw, image, .. } = resolved;
         let (source, stats) = source::open::stack(raw.clone(), self.config.image_fs.disk.clone());
-        Ok(OpenedImage {
+        OpenedImage {
             raw,
             source,
             stats,
             image,
-        })
+        }
     }
 
     /// Waits for a remote layer's lazy index to be fetched and verified: the layer can then be
