@@ -30,8 +30,8 @@ use tonic::{Code, Request, Status};
 
 use crate::containerd::snapshotter::{IMAGE_LABELS, LAYER_LABELS, MANIFEST_LABEL, TARGET_LABEL};
 use crate::model::digest::Digest;
-use crate::model::oci::{Descriptor, MAX_CONFIG_BYTES, Platform};
-use crate::model::reference::{ImageRef, ManifestSelector, ReferenceError};
+use crate::model::oci::{Descriptor, Platform};
+use crate::model::reference::{ImageRef, ReferenceError};
 use crate::source::config::FetchConfig;
 use crate::source::image::{self, ResolvedImage};
 use crate::source::open::{OpenedImage, open_image};
@@ -189,12 +189,7 @@ pub async fn pull(reference: &str, options: &PullOptions) -> Result<PullReport, 
     let name = registry_ref.to_string();
     let OpenedImage { source, image, .. } =
         open_image(&parsed, None, &options.registry, &options.platform, None).await?;
-    let manifest = source
-        .manifest(&ManifestSelector::Digest(image.manifest_digest.clone()))
-        .await?;
-    let config = source
-        .blob(&image.manifest.config, MAX_CONFIG_BYTES)
-        .await?;
+    let (manifest, config) = (image.manifest_bytes.clone(), image.config_bytes.clone());
 
     let channel = containerd_client::connect(&options.address)
         .await
@@ -228,7 +223,7 @@ pub async fn pull(reference: &str, options: &PullOptions) -> Result<PullReport, 
         &name,
         source.as_ref(),
         &image,
-        &manifest.bytes,
+        &manifest,
         &config,
         options,
     )

@@ -8,6 +8,8 @@
 //! Resolution costs one manifest request per level plus one config request: the minimum the
 //! format allows, since the layer list lives in the manifest and the diff IDs in the config.
 
+use bytes::Bytes;
+
 use crate::model::digest::Digest;
 use crate::model::oci::{
     Descriptor, ImageConfig, ImageManifest, LayerCompression, LazyIndex, MAX_CONFIG_BYTES,
@@ -79,6 +81,10 @@ pub struct ResolvedImage {
     pub manifest_media_type: String,
     pub manifest: ImageManifest,
     pub config: ImageConfig,
+    /// The manifest and config as fetched (verified against their digests), for a caller that
+    /// stores them (`lazylayer pull` writes them to containerd's content store).
+    pub manifest_bytes: Bytes,
+    pub config_bytes: Bytes,
     /// The platform the image is for: the matched index entry's, else the config's.
     pub platform: Platform,
     pub layers: Vec<Layer>,
@@ -154,7 +160,21 @@ pub async fn resolve(
         .clone()
         .or(fetched.media_type.clone())
         .unwrap_or_else(|| crate::model::oci::MEDIA_OCI_MANIFEST.to_string());
-    let config_bytes = source.blob(&manifest.config, MAX_CONFIG_BYTES).await?;
+    // The config and the seek-index referrers each depend on the manifest only: one round trip
+    // for both.
+    let unindexed_gzip = |d: &Descriptor| {
+        matches!(LazyIndex::of(d), Ok(None))
+            && LayerCompression::from_media_type(&d.media_type).ok() == Some(LayerCompression::Gzip)
+    };
+    let wants_indexes = manifest.layers.iter().any(unindexed_gzip);
+    let (config_bytes, gzip_indexes) =
+        tokio::join!(source.blob(&manifest.config, MAX_CONFIG_BYTES), async {
+            match wants_indexes {
+                true => Some(find_gzip_indexes(source, &fetched.digest).await),
+                false => None,
+            }
+        });
+    let config_bytes = config_bytes?;
     let config = ImageConfig::parse(&config_bytes)
         .map_err(|e| malformed("config", &manifest.config.digest, e))?;
     if config.rootfs.diff_ids.len() != manifest.layers.len() {
@@ -182,12 +202,10 @@ pub async fn resolve(
             })
         })
         .collect::<Result<Vec<Layer>, ImageError>>()?;
-    let unindexed_gzip =
-        |l: &Layer| l.lazy_index.is_none() && l.compression().ok() == Some(LayerCompression::Gzip);
-    if layers.iter().any(unindexed_gzip) {
-        match find_gzip_indexes(source, &fetched.digest).await {
+    if let Some(found) = gzip_indexes {
+        match found {
             Ok(found) => {
-                for layer in layers.iter_mut().filter(|l| unindexed_gzip(l)) {
+                for layer in layers.iter_mut().filter(|l| unindexed_gzip(&l.descriptor)) {
                     if let Some(index) = found.get(&layer.descriptor.digest) {
                         layer.lazy_index = Some(LazyIndex::GzipIndex {
                             index: index.clone(),
@@ -203,6 +221,8 @@ pub async fn resolve(
         source: image,
         indexes,
         manifest_size: fetched.bytes.len() as u64,
+        manifest_bytes: fetched.bytes.clone(),
+        config_bytes,
         manifest_digest: fetched.digest,
         manifest_media_type,
         platform: chosen_platform.unwrap_or_else(|| config.platform().normalized()),

@@ -8,7 +8,9 @@
 //!
 //! [`open_image`] is what callers use: [`open`], then [`stack`] (the counter, then the disk tier
 //! in front of it), then [`image::resolve`] through that stack, so that the manifest and config
-//! requests are counted too and a remount serves the config from disk.
+//! requests are counted too and a remount serves the config from disk. It sends the registry's
+//! ping beside the manifest request rather than before it (a round trip less for every pull and
+//! mount), and still reports the ping's failure first when both fail.
 
 use std::sync::Arc;
 
@@ -50,12 +52,16 @@ pub async fn open_image(
     platform: &Platform,
     disk: Option<Arc<DiskCache>>,
 ) -> Result<OpenedImage, ImageError> {
-    let (raw, mut selector) = open(reference, config).await?;
+    let (raw, mut selector, check) = connect(reference, config).await?;
     if let Some(digest) = pin {
         selector = ManifestSelector::Digest(digest.clone());
     }
     let (source, stats) = stack(raw.clone(), disk);
-    let image = image::resolve(source.as_ref(), &selector, platform).await?;
+    let (image, checked) =
+        tokio::join!(image::resolve(source.as_ref(), &selector, platform), check);
+    // A registry that is not one explains a failed manifest request better than it does.
+    checked?;
+    let image = image?;
     Ok(OpenedImage {
         raw,
         source,
@@ -86,18 +92,38 @@ pub async fn open(
     reference: &ImageRef,
     config: &FetchConfig,
 ) -> Result<(Arc<dyn ImageSource>, ManifestSelector), SourceError> {
+    let (source, selector, check) = connect(reference, config).await?;
+    check.await?;
+    Ok((source, selector))
+}
+
+/// A registry's API check, left for the caller to run beside its first request.
+type Check = futures_util::future::BoxFuture<'static, Result<(), SourceError>>;
+
+/// As [`open`], with the registry's ping not yet sent.
+async fn connect(
+    reference: &ImageRef,
+    config: &FetchConfig,
+) -> Result<(Arc<dyn ImageSource>, ManifestSelector, Check), SourceError> {
+    use futures_util::FutureExt;
+    let checked = || futures_util::future::ready(Ok(())).boxed();
     match reference {
         ImageRef::Registry(r) => {
             let registry = Registry::new(r, config)?;
-            let what = || format!("registry {}", r.registry);
-            retry(&config.retry, what, || async {
-                Ok::<_, SourceError>(registry.ping().await?)
-            })
-            .await?;
             let repo = Arc::new(registry.repository(&r.repository));
+            let (policy, name) = (config.retry.clone(), r.registry.clone());
+            let check = async move {
+                let what = || format!("registry {name}");
+                retry(&policy, what, || async {
+                    Ok::<_, SourceError>(registry.ping().await?)
+                })
+                .await
+            }
+            .boxed();
             Ok((
                 RetryingSource::wrap(repo, config.retry.clone()),
                 r.selector(),
+                check,
             ))
         }
         ImageRef::S3(r) => {
@@ -112,12 +138,13 @@ pub async fn open(
             Ok((
                 RetryingSource::wrap(Arc::new(s3), config.retry.clone()),
                 selector,
+                checked(),
             ))
         }
         ImageRef::Layout(l) => {
             let layout = LayoutSource::open(&l.path)?;
             let selector = layout.selector(l)?;
-            Ok((Arc::new(layout), selector))
+            Ok((Arc::new(layout), selector, checked()))
         }
     }
 }
