@@ -226,12 +226,18 @@ async fn mounted_python_app_runs_and_serves_concurrent_readers() {
     tokio::task::block_in_place(|| {
         // Without background filling, so that what the start itself fetched is measured.
         let cache = tempfile::tempdir().unwrap();
-        // Without amplification too, so that the chunks it fetched are the chunks the app read
-        // (what the learned profile below is compared against).
+        // Without amplification and sibling prefetch too, so that the chunks it fetched are the
+        // chunks the app read (what the learned profile below is compared against).
         let mounted = Mounted::with_args(
             &estargz,
             cache.path(),
-            &["--no-background-fetch", "--amplify-io", "0"],
+            &[
+                "--no-background-fetch",
+                "--amplify-io",
+                "0",
+                "--prefetch-siblings",
+                "0",
+            ],
         );
         mounted.run_app();
         let (fetched, total) = mounted.fetched_and_total();
@@ -283,7 +289,13 @@ async fn mounted_python_app_runs_and_serves_concurrent_readers() {
         let mounted = Mounted::with_args(
             &estargz,
             second.path(),
-            &["--no-background-fetch", "--amplify-io", "0"],
+            &[
+                "--no-background-fetch",
+                "--amplify-io",
+                "0",
+                "--prefetch-siblings",
+                "0",
+            ],
         );
         mounted.wait_until_prefetched(std::time::Duration::from_secs(120));
         let prefetched = mounted.stats()["cache_misses"].as_u64().unwrap();

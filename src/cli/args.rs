@@ -373,6 +373,11 @@ pub struct ReadArgs {
     #[arg(long, value_name = "SIZE", default_value_t = size_text(ImageFsOptions::default().amplify_bytes))]
     pub amplify_io: String,
 
+    /// On the first read miss in a directory, also fetch its other small files, up to this many
+    /// compressed bytes (0: off). A start reads many modules of one directory one by one.
+    #[arg(long, value_name = "SIZE", default_value_t = size_text(ImageFsOptions::default().sibling_bytes))]
+    pub prefetch_siblings: String,
+
     /// Memory for cached chunks, e.g. 512M or 2G.
     #[arg(long, value_name = "SIZE", default_value_t = size_text(ImageFsOptions::default().cache_bytes))]
     pub memory_cache_size: String,

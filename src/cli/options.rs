@@ -136,6 +136,7 @@ impl ReadArgs {
                 .transpose()?,
             retry,
             amplify_bytes: size_flag("amplify-io", &self.amplify_io)?,
+            sibling_bytes: size_flag("prefetch-siblings", &self.prefetch_siblings)?,
         })
     }
 }
@@ -277,6 +278,9 @@ mod tests {
         assert_eq!(options.cache_bytes, library.cache_bytes);
         assert_eq!(options.request_slots, library.request_slots);
         assert_eq!(options.amplify_bytes, library.amplify_bytes);
+        assert_eq!(options.sibling_bytes, library.sibling_bytes);
+        // The CLI fills in the background (it has a disk cache); the library only when asked.
+        assert!(options.background_fill && options.background_bytes_per_second.is_none());
         assert_eq!(
             options.profile_window,
             Some(crate::fs::profile::DEFAULT_WINDOW)
