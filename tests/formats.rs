@@ -11,7 +11,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lazylayer::fs::tree::NodeKind;
+use lazylayer::fs::tree::{Ino, NodeKind};
 use lazylayer::fs::{ImageFs, ImageFsOptions};
 use lazylayer::layer::{ChunkSource, LayerFormat};
 use lazylayer::model::oci::Platform;
@@ -122,9 +122,14 @@ async fn conformance(tag: &str) -> (Registry, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn python_app_in_all_formats_matches_umoci_and_corruption_is_caught() {
     let (registry, estargz) = conformance("python-app").await;
+    // The requests counted below are the reads' own: no sibling prefetch beside them.
+    let no_siblings = ImageFsOptions {
+        sibling_bytes: 0,
+        ..ImageFsOptions::default()
+    };
 
     // A read spanning several missing chunks that lie back to back costs one request.
-    let fs = open(&estargz).await;
+    let fs = open_with(&estargz, &no_siblings).await;
     let ino = fs.tree.resolve(b"/usr/bin/python3.11", true).unwrap();
     let NodeKind::File { size, chunks, .. } = fs.tree.node(ino).unwrap().kind.clone() else {
         panic!("python3.11 is not a file")
@@ -138,7 +143,7 @@ async fn python_app_in_all_formats_matches_umoci_and_corruption_is_caught() {
 
     // A sequential reader gets read-ahead: after a few reads in order, the rest of the file is
     // fetched in the background, and reading it later misses nothing.
-    let fs = open(&estargz).await;
+    let fs = open_with(&estargz, &no_siblings).await;
     let piece = 64 << 10;
     for i in 0..6 {
         fs.read(ino, i * piece, piece).await.unwrap();
@@ -156,8 +161,46 @@ async fn python_app_in_all_formats_matches_umoci_and_corruption_is_caught() {
     assert_eq!(FetchStats::get(&fs.stats().cache_misses), misses);
     drop(fs);
 
+    // Sibling prefetch: the first miss in a directory brings its other small files, so a
+    // module imported next reads without a request (no amplification here, which would bring
+    // the next file along by itself).
+    let fs = open_with(
+        &estargz,
+        &ImageFsOptions {
+            amplify_bytes: 0,
+            ..ImageFsOptions::default()
+        },
+    )
+    .await;
+    let dir = fs.tree.lookup_path(b"usr/lib/python3.11").unwrap();
+    let small: Vec<Ino> = fs.tree.children(dir).unwrap().values().copied()
+        .filter(|&i| matches!(fs.tree.node(i).map(|n| &n.kind), Some(NodeKind::File { size, .. }) if *size > 0 && *size < 64 << 10))
+        .collect();
+    assert!(small.len() > 10, "{} small files", small.len());
+    let (first, later) = (small[0], small[small.len() / 2]);
+    fs.read(first, 0, 1 << 20).await.unwrap();
+    tokio::task::block_in_place(|| {
+        wait_until(
+            Duration::from_secs(20),
+            || {
+                let before = FetchStats::get(&fs.stats().requests);
+                std::thread::sleep(Duration::from_millis(300));
+                FetchStats::get(&fs.stats().requests) == before
+            },
+            || "the sibling prefetch never settled".into(),
+        )
+    });
+    let settled = FetchStats::get(&fs.stats().requests);
+    fs.read(later, 0, 1 << 20).await.unwrap();
+    assert_eq!(
+        FetchStats::get(&fs.stats().requests),
+        settled,
+        "reading a sibling of the first file made a request"
+    );
+    drop(fs);
+
     // Corrupt one chunk of /usr/bin/python3.11 in the registry's own storage.
-    let fs = open(&estargz).await;
+    let fs = open_with(&estargz, &no_siblings).await;
     let ino = fs.tree.resolve(b"/usr/bin/python3.11", true).unwrap();
     let node = fs.tree.node(ino).unwrap();
     let NodeKind::File { layer, chunks, .. } = &node.kind else {
@@ -785,6 +828,7 @@ async fn reads_are_amplified_with_the_chunks_that_follow_in_the_blob() {
         &estargz,
         &ImageFsOptions {
             amplify_bytes: budget,
+            sibling_bytes: 0,
             ..ImageFsOptions::default()
         },
     )
@@ -826,6 +870,7 @@ async fn reads_are_amplified_with_the_chunks_that_follow_in_the_blob() {
         &estargz,
         &ImageFsOptions {
             amplify_bytes: 0,
+            sibling_bytes: 0,
             ..ImageFsOptions::default()
         },
     )
