@@ -42,6 +42,23 @@ pub struct OpenedImage {
     pub image: ResolvedImage,
 }
 
+impl OpenedImage {
+    /// `image`, read from `raw` through a fresh [`stack`] (its own counters).
+    pub fn stacked(
+        raw: Arc<dyn ImageSource>,
+        image: ResolvedImage,
+        disk: Option<Arc<DiskCache>>,
+    ) -> OpenedImage {
+        let (source, stats) = stack(raw.clone(), disk);
+        OpenedImage {
+            raw,
+            source,
+            stats,
+            image,
+        }
+    }
+}
+
 /// Opens the image `reference` names, or with `pin` the manifest of that digest in the same
 /// repository (a containerd snapshot names the exact manifest it was pulled from), and resolves
 /// it for `platform` through [`stack`].

@@ -32,9 +32,9 @@ use crate::fs::{ImageFs, ImageFsOptions};
 use crate::layer::tar_stream::Ignore;
 use crate::model::reference::ImageRef;
 use crate::mount::{Companions, MountOptions, detach};
+use crate::source::ImageSource;
 use crate::source::image::{Layer, ResolvedImage};
 use crate::source::open::{OpenedImage, open_image};
-use crate::source::{self, ImageSource};
 
 /// One FUSE mount serving a run of remote layers.
 pub(super) struct LazyMount {
@@ -73,13 +73,7 @@ fn open_ahead(
         for check in checks {
             check.await.ok()?;
         }
-        let (source, stats) = source::open::stack(raw.clone(), options.disk.clone());
-        let opened = OpenedImage {
-            raw,
-            source,
-            stats,
-            image,
-        };
+        let opened = OpenedImage::stacked(raw, image, options.disk.clone());
         match ImageFs::open(opened, &options).await {
             Ok(fs) => Some(Arc::new(fs)),
             Err(e) => {
@@ -184,7 +178,9 @@ impl Snapshotter {
                 fs
             }
             None => {
-                let mut opened = self.opened(resolved);
+                // A source that counts what this mount fetches and keeps indexes on disk.
+                let disk = self.config.image_fs.disk.clone();
+                let mut opened = OpenedImage::stacked(resolved.raw, resolved.image, disk);
                 opened.image.layers.truncate(depth);
                 let fs = ImageFs::open(opened, &self.config.image_fs)
                     .await
@@ -273,19 +269,6 @@ impl Snapshotter {
             self.images.lock().unwrap().put(key, resolved.clone());
         }
         Ok(resolved)
-    }
-
-    /// A resolved image with a source that counts what it fetches and keeps indexes in the
-    /// disk cache.
-    fn opened(&self, resolved: RemoteImage) -> OpenedImage {
-        let RemoteImage { raw, image, .. } = resolved;
-        let (source, stats) = source::open::stack(raw.clone(), self.config.image_fs.disk.clone());
-        OpenedImage {
-            raw,
-            source,
-            stats,
-            image,
-        }
     }
 
     /// Waits for a remote layer's lazy index to be fetched and verified: the layer can then be
