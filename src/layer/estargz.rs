@@ -6,9 +6,13 @@
 //! is 47 bytes, without the `SG` subfield header).
 //!
 //! Loading costs one request in the common case: the tail of the blob is fetched speculatively
-//! (up to [`TAIL_GUESS`] bytes), which holds the footer and, for most layers, the whole TOC. A
-//! bigger TOC costs a second request for the part before the tail. Over-fetching 64 KiB is far
-//! cheaper than a round trip on any real link.
+//! ([`tail_guess`] bytes), which holds the footer and, for most layers, the whole TOC. A bigger
+//! TOC costs a second, serial request for the part before the tail. The guess grows with the
+//! layer, because TOCs do: they are 0.6-0.9% of the layers of python-app as ctr-remote writes
+//! them (309 KB of a 52 MB base layer, 19 KB of 2.2 MB), so a fixed 64 KiB guess cost the base
+//! layer a second round trip on the pull's critical path. 1/128 of the layer (at least 64 KiB,
+//! at most 1 MiB) covers those; the over-fetch is a few milliseconds at 200 Mbit/s, less than
+//! the round trip it saves.
 //!
 //! The TOC is trusted only after it matches the layer's `containerd.io/snapshot/stargz/toc.digest`
 //! annotation (the manifest is verified, so the TOC is too); each chunk then carries its own
@@ -29,8 +33,10 @@ use crate::source::ImageSource;
 const FOOTER_SIZE: u64 = 51;
 const LEGACY_FOOTER_SIZE: u64 = 47;
 const TOC_NAME: &[u8] = b"stargz.index.json";
-/// How much of the blob's tail to fetch first.
-const TAIL_GUESS: u64 = 64 << 10;
+/// How much of a `size`-byte blob's tail to fetch first (module doc: why this much).
+fn tail_guess(size: u64) -> u64 {
+    (size / 128).clamp(64 << 10, 1 << 20)
+}
 
 /// Finds the TOC offset in a footer. Accepts the eStargz footer and the legacy stargz one.
 pub fn parse_footer(tail: &[u8]) -> Option<(u64, u64)> {
@@ -138,7 +144,7 @@ async fn fetch_toc(
             format!("{size} bytes is too small for an eStargz layer"),
         ));
     }
-    let tail_start = size.saturating_sub(TAIL_GUESS);
+    let tail_start = size.saturating_sub(tail_guess(size));
     let tail = source.read_range(layer, tail_start..size).await?;
     let (toc_offset, footer_size) = parse_footer(&tail).ok_or_else(|| {
         LayerError::malformed(
