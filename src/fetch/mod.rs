@@ -133,6 +133,17 @@ impl ContentReader {
         }
     }
 
+    /// A prioritised prefetch of `wanted` (files' chunks in the order they are needed) as
+    /// requests: [`plan::prioritised_spans`] over this image's layers.
+    pub fn prioritised_spans(
+        &self,
+        wanted: &[(usize, Vec<ChunkRef>)],
+        max_gap: u64,
+        max_span: u64,
+    ) -> Vec<(usize, Vec<ChunkRef>)> {
+        plan::prioritised_spans(&self.neighbours, wanted, max_gap, max_span)
+    }
+
     /// Reads `len` bytes at `offset` of a file of `size` bytes stored in `layer` as `chunks`;
     /// a read past the end is cut short, as `read(2)` is. Fetches wait for a request slot at
     /// `priority`.

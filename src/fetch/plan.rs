@@ -1,7 +1,7 @@
 //! Read planning: which chunks one request carries. Pure functions over a layer's chunk list,
 //! so that the policy can be tested without a source, a cache or a runtime.
 //!
-//! Four decisions live here:
+//! Five decisions live here:
 //! - [`amplification`]: a read that must fetch also takes the missing chunks that follow it back
 //!   to back in the blob, within a byte budget (start-up reads many small neighbouring files).
 //! - [`fill_gaps`]: a prefetch of chunks that sit close together but not back to back also takes
@@ -10,6 +10,11 @@
 //!   request can fetch, each at most [`MAX_MERGED_SPAN`] compressed bytes.
 //! - [`spans_of`]: background filling's work cut into pieces of a few compressed bytes each, so
 //!   that each piece is one small request a reader soon overtakes.
+//! - [`prioritised_spans`]: a prefetch of files in the order they are needed (a landmark's, a
+//!   profile's) planned as a whole: per layer in blob order with small gaps filled, cut into
+//!   spans, the spans sent in the order of the first file each carries. Planning the whole list
+//!   at once is what makes the requests few: a profile's files are scattered through a layer in
+//!   tar order, and planned a few files at a time they cost one small request each.
 //!
 //! Only compressed chunks are planned: a streamed layer's chunks come from re-reading the stream
 //! and zero runs are never fetched.
@@ -114,6 +119,58 @@ pub fn spans_of(chunks: &[ChunkRef], max_span: u64) -> Vec<Vec<ChunkRef>> {
     pieces
 }
 
+/// `wanted` (chunks of files, per layer, in the order they are needed) planned as requests:
+/// each layer's chunks in blob order, deduplicated, with every chunk of `lists[layer]` (the
+/// layer's compressed chunks in blob order) lying in a gap of at most `max_gap` bytes filled in,
+/// cut into spans of at most `max_span` bytes ([`spans_of`]). The spans of all layers come in
+/// the order of the earliest entry of `wanted` each carries, so what is needed first is asked
+/// for first.
+pub fn prioritised_spans(
+    lists: &[Vec<ChunkRef>],
+    wanted: &[(usize, Vec<ChunkRef>)],
+    max_gap: u64,
+    max_span: u64,
+) -> Vec<(usize, Vec<ChunkRef>)> {
+    let key = |c: &ChunkRef| match c.source {
+        ChunkSource::Compressed {
+            start,
+            inner_offset,
+            ..
+        } => Some((start, inner_offset)),
+        _ => None,
+    };
+    // Per layer: each wanted chunk's blob position and the rank of the first file needing it.
+    let mut per_layer: std::collections::BTreeMap<usize, std::collections::BTreeMap<_, _>> =
+        Default::default();
+    for (rank, (layer, chunks)) in wanted.iter().enumerate() {
+        let ranks = per_layer.entry(*layer).or_default();
+        for c in chunks {
+            if let Some(k) = key(c) {
+                ranks.entry(k).or_insert((rank, c.clone()));
+            }
+        }
+    }
+    let mut spans: Vec<(usize, usize, Vec<ChunkRef>)> = Vec::new();
+    for (layer, ranks) in per_layer {
+        let sorted: Vec<ChunkRef> = ranks.values().map(|(_, c)| c.clone()).collect();
+        let list = lists.get(layer).map_or(&[][..], Vec::as_slice);
+        for span in spans_of(&fill_gaps(list, &sorted, max_gap), max_span) {
+            let rank = span
+                .iter()
+                .filter_map(|c| ranks.get(&key(c)?).map(|(rank, _)| *rank))
+                .min()
+                .unwrap_or(usize::MAX);
+            spans.push((rank, layer, span));
+        }
+    }
+    // Stable: spans of one rank stay in blob order.
+    spans.sort_by_key(|(rank, _, _)| *rank);
+    spans
+        .into_iter()
+        .map(|(_, layer, span)| (layer, span))
+        .collect()
+}
+
 /// `wanted` (in blob order) cut into runs of compressed chunks that `needs_fetch` and that lie
 /// back to back or overlap in the blob (chunks of one gzip-index span share it), each spanning
 /// at most [`MAX_MERGED_SPAN`]. Only runs of two or more chunks are returned: a lone chunk is
@@ -179,6 +236,39 @@ mod tests {
 
     fn starts(chunks: &[ChunkRef]) -> Vec<u64> {
         chunks.iter().map(compressed_start).collect()
+    }
+
+    #[test]
+    fn prioritised_files_become_few_spans_in_the_order_they_are_needed() {
+        let lists = vec![layer(), layer()];
+        // Needed first: layer 1's chunk at 80; then, scattered through layer 0 in tar order,
+        // chunks at 50, 0, 20 (10-byte gaps); then layer 0's chunk at 90, far from the rest.
+        let wanted = vec![
+            (1, vec![chunk(80, 90, 0)]),
+            (0, vec![chunk(50, 60, 0)]),
+            (0, vec![chunk(0, 10, 0), chunk(20, 30, 0)]),
+            (0, vec![chunk(90, 100, 0), chunk(20, 30, 0)]),
+        ];
+        let planned = prioritised_spans(&lists, &wanted, 20, 40);
+        let shown: Vec<(usize, Vec<u64>)> = planned
+            .iter()
+            .map(|(layer, span)| (*layer, starts(span)))
+            .collect();
+        // Layer 0's 0..60 is filled in (gaps of 10 and 20 bytes) and cut at 40 bytes; the span
+        // carrying the file needed second (at 50) goes before the one carrying later files.
+        assert_eq!(
+            shown,
+            [
+                (1, vec![80]),
+                (0, vec![40, 50]),
+                (0, vec![0, 10, 20, 30]),
+                (0, vec![90]),
+            ]
+        );
+        // Without gap filling the spans carry the wanted chunks only, still in need order.
+        let unfilled = prioritised_spans(&lists, &wanted, 0, 40);
+        let shown: Vec<Vec<u64>> = unfilled.iter().map(|(_, span)| starts(span)).collect();
+        assert_eq!(shown, [vec![80], vec![50], vec![0, 20], vec![90]]);
     }
 
     #[test]

@@ -3,6 +3,9 @@
 //! endpoint report). It sits directly above the retrying source, so a retried request counts
 //! once per attempt the user would see on the wire, and below the disk-backed source, so a blob
 //! served from disk costs no request.
+//!
+//! Being where every request passes, it is also where each one is logged, at debug level
+//! (`LAZYLAYER_LOG=debug`): what was asked for, and for a range its offset and length.
 
 use std::sync::Arc;
 
@@ -41,11 +44,13 @@ impl ImageSource for CountingSource {
     }
 
     async fn manifest(&self, selector: &ManifestSelector) -> Result<FetchedManifest, SourceError> {
+        tracing::debug!(image = %self.inner.name(), manifest = %selector, "request");
         self.inner.manifest(selector).await
     }
 
     async fn blob(&self, descriptor: &Descriptor, limit: u64) -> Result<Bytes, SourceError> {
         self.stats.record_request(&descriptor.digest);
+        tracing::debug!(blob = %descriptor.digest, size = descriptor.size, "request");
         let data = self.inner.blob(descriptor, limit).await?;
         self.stats
             .record_bytes(&descriptor.digest, data.len() as u64);
@@ -58,6 +63,7 @@ impl ImageSource for CountingSource {
         range: std::ops::Range<u64>,
     ) -> Result<ByteStream, SourceError> {
         self.stats.record_request(digest);
+        tracing::debug!(blob = %digest, start = range.start, len = range.end - range.start, "range request");
         let stream = self.inner.blob_range(digest, range).await?;
         let stats = self.stats.clone();
         let digest = digest.clone();
@@ -72,6 +78,7 @@ impl ImageSource for CountingSource {
         subject: &Digest,
         artifact_type: &str,
     ) -> Result<Vec<Descriptor>, SourceError> {
+        tracing::debug!(subject = %subject, artifact_type, "referrers request");
         self.inner.referrers(subject, artifact_type).await
     }
 }
