@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 
 use super::scheduler::{Priority, RequestScheduler, SharedPriority};
 use super::{ContentError, LayerInfo};
@@ -20,9 +21,9 @@ use crate::cache::ChunkTiers;
 use crate::layer::{ChunkRef, ChunkSource, Codec, LayerFormat, codec, tar_stream};
 use crate::model::digest::Digest;
 use crate::model::oci::LayerCompression;
-use crate::source::ImageSource;
 use crate::source::retry::{self, RetryPolicy};
 use crate::source::stats::FetchStats;
+use crate::source::{ImageSource, SourceError};
 
 /// What a fetch needs, cheap to clone into the future that runs it.
 #[derive(Clone)]
@@ -72,13 +73,17 @@ impl Fetcher {
     }
 
     /// Fetches a run of compressed chunks (see [`super::plan::merged_runs`]) with one ranged
-    /// request; inflates, verifies and keeps each.
+    /// request, inflating, verifying and keeping each chunk as soon as its bytes are in, and
+    /// handing it to `deliver[i]` then: a reader waiting for the first chunk of a 2 MiB run gets
+    /// it after its own bytes, not after the whole run's. A retried attempt hands over only the
+    /// chunks not yet delivered.
     pub async fn fetch_run(
         self,
         info: LayerInfo,
         run: Vec<ChunkRef>,
         priority: SharedPriority,
-    ) -> Result<Arc<Vec<Bytes>>, Arc<ContentError>> {
+        deliver: Vec<tokio::sync::oneshot::Sender<Bytes>>,
+    ) -> Result<(), Arc<ContentError>> {
         let layer = &info.descriptor.digest;
         let span = |c: &ChunkRef| match c.source {
             ChunkSource::Compressed {
@@ -104,36 +109,47 @@ impl Fetcher {
             let len = wanted_len.entry(start).or_default();
             *len = (*len).max(inner + c.size);
         }
-        let out = self
-            .refetching(&info, run[0].file_offset, || async {
-                let permit = self.scheduler.acquire_shared(&priority).await;
-                let compressed = self.source.read_range(layer, base..last).await?;
-                drop(permit);
-                let mut out = Vec::with_capacity(run.len());
-                let mut inflated: Option<(u64, Bytes)> = None;
-                for c in &run {
-                    let (start, end, inner, codec) = span(c);
-                    if inflated.as_ref().is_none_or(|(at, _)| *at != start) {
-                        let piece =
-                            compressed.slice((start - base) as usize..(end - base) as usize);
-                        let data = inflate(&info, start, &piece, codec, 0, wanted_len[&start])?;
-                        inflated = Some((start, data));
+        let deliver: std::sync::Mutex<Vec<Option<_>>> =
+            std::sync::Mutex::new(deliver.into_iter().map(Some).collect());
+        self.refetching(&info, run[0].file_offset, || async {
+            let permit = self.scheduler.acquire_shared(&priority).await;
+            let mut stream = self.source.blob_range(layer, base..last).await?;
+            let mut received = bytes::BytesMut::with_capacity((last - base) as usize);
+            let mut inflated: Option<(u64, Bytes)> = None;
+            for (i, c) in run.iter().enumerate() {
+                let (start, end, inner, codec) = span(c);
+                while (received.len() as u64) < end - base {
+                    match stream.next().await {
+                        Some(piece) => received.extend_from_slice(&piece?),
+                        None => {
+                            return Err(SourceError::EndedEarly {
+                                what: format!("range {base}..{last} of blob {layer}"),
+                            }
+                            .into());
+                        }
                     }
-                    let (_, span_data) = inflated.as_ref().expect("inflated above");
-                    let data = span_data.slice(inner as usize..(inner + c.size) as usize);
-                    verify(layer, start, c, &data)?;
-                    out.push(data);
                 }
-                Ok(out)
-            })
-            .await
-            .map_err(Arc::new)?;
-        let took = started.elapsed();
-        for (c, data) in run.iter().zip(&out) {
-            self.stats.record_miss(layer, took);
-            self.keep(layer, c, data, &priority);
-        }
-        Ok(Arc::new(out))
+                if inflated.as_ref().is_none_or(|(at, _)| *at != start) {
+                    let piece = Bytes::copy_from_slice(
+                        &received[(start - base) as usize..(end - base) as usize],
+                    );
+                    let data = inflate(&info, start, &piece, codec, 0, wanted_len[&start])?;
+                    inflated = Some((start, data));
+                }
+                let (_, span_data) = inflated.as_ref().expect("inflated above");
+                let data = span_data.slice(inner as usize..(inner + c.size) as usize);
+                verify(layer, start, c, &data)?;
+                if let Some(to) = deliver.lock().unwrap()[i].take() {
+                    self.stats.record_miss(layer, started.elapsed());
+                    self.keep(layer, c, &data, &priority);
+                    let _ = to.send(data);
+                }
+            }
+            drop(permit);
+            Ok(())
+        })
+        .await
+        .map_err(Arc::new)
     }
 
     /// Runs a fetch again while its bytes fail verification (damaged in transit; what the

@@ -4,7 +4,10 @@
 //! later readers await the same future, and one that is more urgent raises the priority its
 //! request waits at (a prefetch that a reader catches up with must not keep the reader queued
 //! behind other prefetches). A merged run registers each of its chunks, so a reader of any one of
-//! them joins the run instead of starting a second request.
+//! them joins the run instead of starting a second request, and gets its chunk as soon as the
+//! run has verified it (a oneshot per chunk), not when the whole run is in. A run is spawned:
+//! readers that got their chunks stop polling, and the run must still finish the chunks it
+//! keeps for others (amplification) and give its request slot back.
 //!
 //! Entries are removed when their fetch completes, whether it succeeded or not: a failed fetch
 //! is not remembered, the next read tries again.
@@ -15,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
+use tokio::sync::oneshot;
 
 use super::ContentError;
 use super::plan;
@@ -22,6 +26,7 @@ use super::scheduler::{Priority, SharedPriority};
 use crate::cache::memory::ChunkKey;
 use crate::layer::ChunkRef;
 use crate::model::digest::Digest;
+use crate::source::SourceError;
 
 type Fetch<T> = BoxFuture<'static, Result<T, Arc<ContentError>>>;
 type SharedFetch = Shared<Fetch<Bytes>>;
@@ -57,14 +62,15 @@ impl InFlight {
 
     /// Starts one fetch (with `start`) for each merged run of the chunks of `wanted` (of
     /// `layer`, in blob order) that are neither `held` nor in flight, and registers each chunk
-    /// of the run under its key, so that [`InFlight::join_or_start`] finds it.
+    /// of the run under its key, so that [`InFlight::join_or_start`] finds it. `start` gets one
+    /// sender per chunk of the run, to hand each over as soon as it is verified.
     pub fn start_runs(
         &self,
         layer: &Digest,
         wanted: &[&ChunkRef],
         priority: Priority,
         held: impl Fn(&ChunkRef) -> bool,
-        start: impl Fn(Vec<ChunkRef>, SharedPriority) -> Fetch<Arc<Vec<Bytes>>>,
+        start: impl Fn(Vec<ChunkRef>, SharedPriority, Vec<oneshot::Sender<Bytes>>) -> Fetch<()>,
     ) {
         let mut fetches = self.fetches.lock().unwrap();
         let runs = plan::merged_runs(wanted, |c| {
@@ -77,27 +83,48 @@ impl InFlight {
                 .iter()
                 .map(|c| c.cache_key(layer).expect("a merged chunk is compressed"))
                 .collect();
+            let (senders, receivers): (Vec<_>, Vec<_>) =
+                keys.iter().map(|_| oneshot::channel()).unzip();
             let shared_priority = SharedPriority::new(priority);
-            let fetch = start(run, shared_priority.clone());
+            let fetch = start(run, shared_priority.clone(), senders);
             // Chunks of the run that no reader awaits (amplification) are kept by the run;
             // their entries must not outlive it.
             let (registry, run_keys) = (self.fetches.clone(), keys.clone());
-            let fetch = async move {
+            let task = tokio::spawn(async move {
                 let result = fetch.await;
                 let mut fetches = registry.lock().unwrap();
                 for key in &run_keys {
                     fetches.remove(key);
                 }
                 result
+            });
+            let outcome: Fetch<()> = async move {
+                task.await.unwrap_or_else(|e| {
+                    Err(Arc::new(ContentError::Source(SourceError::EndedEarly {
+                        what: format!("a merged fetch ({e})"),
+                    })))
+                })
             }
-            .boxed()
-            .shared();
-            for (i, key) in keys.into_iter().enumerate() {
-                let one = fetch
-                    .clone()
-                    .map(move |r| r.map(|all| all[i].clone()))
-                    .boxed()
-                    .shared();
+            .boxed();
+            let outcome = outcome.shared();
+            for (key, chunk) in keys.into_iter().zip(receivers) {
+                let outcome = outcome.clone();
+                let one = async move {
+                    match chunk.await {
+                        Ok(data) => Ok(data),
+                        // The run ended without this chunk: it failed, and says why.
+                        Err(_) => match outcome.await {
+                            Err(e) => Err(e),
+                            Ok(()) => {
+                                Err(Arc::new(ContentError::Source(SourceError::EndedEarly {
+                                    what: "a merged fetch".into(),
+                                })))
+                            }
+                        },
+                    }
+                }
+                .boxed()
+                .shared();
                 fetches.insert(key, (one, shared_priority.clone()));
             }
         }

@@ -218,9 +218,9 @@ impl ContentReader {
             wanted,
             priority,
             |c| self.fetcher.holds(digest, c),
-            |run, priority| {
+            |run, priority, deliver| {
                 (self.fetcher.clone())
-                    .fetch_run(info.clone(), run, priority)
+                    .fetch_run(info.clone(), run, priority, deliver)
                     .boxed()
             },
         );
@@ -441,6 +441,41 @@ mod tests {
             .read(0, chunks, size, 3900, 500, Priority::Reader)
             .await;
         assert_eq!(&tail.unwrap()[..], &layer.data[3900..]);
+    }
+
+    #[tokio::test]
+    async fn a_chunk_of_a_merged_run_is_served_before_the_rest_of_the_run_arrives() {
+        let layer = layer(4);
+        let reader = layer.reader(RequestScheduler::new(4), 0);
+        let (size, chunks) = (layer.size(), &layer.chunks);
+        // The run's stream stalls after its first chunk's bytes.
+        let first_end = layer.span(0..1).end as usize;
+        layer.memory.fault(Fault::Stall { after: first_end });
+        let reader = Arc::new(reader);
+        let whole = tokio::spawn({
+            let (reader, chunks) = (reader.clone(), chunks.clone());
+            async move {
+                reader
+                    .read(0, &chunks, size, 0, 4000, Priority::Prefetch)
+                    .await
+            }
+        });
+        wait_until("the run is requested", || layer.ranges().len() == 1).await;
+        let first = tokio::time::timeout(
+            Duration::from_secs(5),
+            reader.read(0, chunks, size, 100, 10, Priority::Reader),
+        )
+        .await
+        .expect("the first chunk is served while the run stalls");
+        assert_eq!(&first.unwrap()[..], &layer.data[100..110]);
+        assert!(!whole.is_finished(), "the rest of the run is still held");
+        layer.memory.release();
+        assert_eq!(&whole.await.unwrap().unwrap()[..], &layer.data[..]);
+        assert_eq!(
+            layer.ranges(),
+            [layer.span(0..4)],
+            "one request for the run"
+        );
     }
 
     #[tokio::test]

@@ -3,7 +3,7 @@
 //! It holds blobs by digest and logs every request, so that a test can assert what a read cost
 //! (how many requests, which ranges) rather than only what it returned; faults queued with
 //! [`MemorySource::fault`] break the next range reads in the ways transport and storage do
-//! (corrupt bytes, a stream that ends early, a refused request). A [`MemorySource::hold`] keeps
+//! (corrupt bytes, a stream that ends early, a refused request, a stream that stalls). A [`MemorySource::hold`] keeps
 //! range reads waiting until released, so that concurrent readers can be lined up. Integration
 //! tests talk to the real registry, S3 and layouts instead; this exists so that planning,
 //! sharing, retrying and verification are tested without a network or root.
@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures_util::StreamExt;
 
 use crate::model::digest::Digest;
 use crate::model::oci::{Descriptor, FetchedManifest};
@@ -30,6 +31,9 @@ pub enum Fault {
     EndEarly { after: usize },
     /// Fails before sending anything, with this verdict.
     Refuse(Verdict),
+    /// Sends this many bytes, then the rest only after [`MemorySource::release`] (it holds
+    /// later range reads too, as [`MemorySource::hold`] does).
+    Stall { after: usize },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +151,23 @@ impl ImageSource for MemorySource {
                 Err(error("connection reset", Verdict::Retry(None))),
             ],
             Some(Fault::Refuse(verdict)) => return Err(error("refused", verdict)),
+            Some(Fault::Stall { after }) => {
+                let gate = self
+                    .hold
+                    .lock()
+                    .unwrap()
+                    .get_or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(0)))
+                    .clone();
+                let after = after.min(data.len());
+                let (first, rest) = (data.slice(..after), data.slice(after..));
+                let rest = async move {
+                    let _ = gate.acquire().await.expect("never closed");
+                    Ok(rest)
+                };
+                let stream =
+                    futures_util::stream::iter([Ok(first)]).chain(futures_util::stream::once(rest));
+                return Ok(Box::pin(stream));
+            }
         };
         Ok(Box::pin(futures_util::stream::iter(pieces)))
     }
