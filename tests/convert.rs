@@ -20,6 +20,7 @@ use lazylayer::source::stats::FetchStats;
 use support::conformance::{assert_same_tree, disk_tree, image_tree, umoci_unpack};
 use support::containerd::{Containerd, Snapshotter};
 use support::mount::Mounted;
+use support::proxy::FaultProxy;
 use support::{Registry, RegistryAuth, lazylayer, shared_images};
 
 fn convert(src: &str, dst: &str, extra: &[&str]) -> String {
@@ -242,15 +243,45 @@ fn pushed_conversion_runs_under_plain_containerd_and_prefetches_prioritised_file
 
     // The snapshotter starts that prefetch during the pull: the prioritised chunks reach its
     // disk cache while no container exists and nothing is mounted (the pull itself fetches
-    // TOCs only, which go to meta/).
+    // TOCs only, which go to meta/). The pull goes through a link with a long round trip.
+    const RTT_MS: u64 = 400;
+    let link = FaultProxy::start(registry.port, &["--rtt-ms", &RTT_MS.to_string()]);
+    let through_link = format!("127.0.0.1:{}/test/app:converted", link.port);
     let snapshotter = Snapshotter::start();
     let lazy = Containerd::with_snapshotter(&snapshotter.socket);
-    let pulled = snapshotter.lazylayer(&["pull", "--address", lazy.socket.to_str().unwrap(), &dst]);
+    let pulled = snapshotter.lazylayer(&[
+        "pull",
+        "--address",
+        lazy.socket.to_str().unwrap(),
+        &through_link,
+    ]);
     assert!(
         pulled.status.success(),
         "{}\n{}",
         pulled.stderr,
         snapshotter.log()
+    );
+    // Every layer's TOC is asked for at once: the first requests for the layers arrive within
+    // one round trip of each other (one after another, they would be a round trip apart each).
+    let arrivals = link.arrivals();
+    let inspect = lazylayer(&["inspect", "--json", &dst], &[]).json();
+    let firsts: Vec<u64> = inspect["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|layer| {
+            let digest = layer["digest"].as_str().unwrap();
+            arrivals
+                .iter()
+                .find(|(path, _)| path.ends_with(digest))
+                .unwrap_or_else(|| panic!("no request for layer {digest}: {arrivals:?}"))
+                .1
+        })
+        .collect();
+    let spread = firsts.iter().max().unwrap() - firsts.iter().min().unwrap();
+    assert!(
+        firsts.len() > 1 && spread < RTT_MS,
+        "layers' first requests arrived at {firsts:?} ms: {arrivals:?}"
     );
     let chunks = snapshotter.cache().join("chunks");
     support::wait_until(

@@ -52,7 +52,7 @@ impl FaultProxy {
             .lines()
             .filter_map(|line| {
                 let f: Vec<&str> = line.split(' ').collect();
-                (f.len() == 5).then(|| {
+                (f.len() == 6).then(|| {
                     (
                         f[1].to_string(),
                         f[2].to_string(),
@@ -60,6 +60,18 @@ impl FaultProxy {
                         f[4] == "auth",
                     )
                 })
+            })
+            .collect()
+    }
+
+    /// The logged requests' paths and when each arrived (milliseconds since the proxy started).
+    pub fn arrivals(&self) -> Vec<(String, u64)> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| {
+                let f: Vec<&str> = line.split(' ').collect();
+                Some((f.get(2)?.to_string(), f.get(5)?.parse().ok()?))
             })
             .collect()
     }

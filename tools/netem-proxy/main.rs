@@ -22,9 +22,11 @@
 //! - `500`, `503`, `429`: answered by the proxy, 503 and 429 with `Retry-After: 1`;
 //! - `redirect-dead`: a 307 to a port on which nothing listens.
 //!
-//! Every request is logged to `--log` as one line: `N METHOD PATH FAULT AUTH`, where FAULT is
-//! `ok` or the fault's name and AUTH says whether the request carried an `Authorization` header
-//! (`auth` or `-`), so a test can count what was injected and check where credentials went. On start the proxy prints `listening on ADDR` on stdout.
+//! Every request is logged to `--log` as one line when it arrives: `N METHOD PATH FAULT AUTH MS`,
+//! where FAULT is `ok` or the fault's name, AUTH says whether the request carried an
+//! `Authorization` header (`auth` or `-`) and MS is the milliseconds since the proxy started, so a
+//! test can count what was injected, check where credentials went, and tell requests sent
+//! together (arrivals within one RTT) from requests sent one after another. On start the proxy prints `listening on ADDR` on stdout.
 //!
 //! `GET /_netem/stats` is answered by the proxy itself (never forwarded, never counted) with
 //! `{"requests": N, "body_bytes": M}`: requests forwarded and response body bytes received from
@@ -228,6 +230,8 @@ struct Proxy {
     log: Option<Mutex<std::fs::File>>,
     /// A port with no listener, for `redirect-dead`.
     dead_port: u16,
+    /// When the proxy started (log lines say how long after).
+    started: std::time::Instant,
     /// The whole link's bandwidth, shared by every connection.
     link: Option<Arc<Bucket>>,
 }
@@ -265,6 +269,7 @@ async fn run(args: Args) -> std::io::Result<()> {
         body_bytes: AtomicU64::new(0),
         log,
         dead_port,
+        started: std::time::Instant::now(),
     });
     println!("listening on {}", listener.local_addr()?);
     use std::io::Write as _;
@@ -357,9 +362,10 @@ impl Proxy {
             use std::io::Write as _;
             let _ = writeln!(
                 log.lock().unwrap(),
-                "{n} {method} {path} {} {}",
+                "{n} {method} {path} {} {} {}",
                 fault.map_or("ok", Fault::name),
-                if authorized { "auth" } else { "-" }
+                if authorized { "auth" } else { "-" },
+                self.started.elapsed().as_millis()
             );
         }
     }
