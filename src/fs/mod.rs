@@ -240,6 +240,12 @@ impl ImageFs {
         if let Some(profile) = profile {
             work.extend(profile_work(&tree, &profile));
         }
+        // A landmark or a profile says what the start reads; sibling prefetch only guesses, and
+        // its guesses would take the link from the prioritised prefetch.
+        let sibling_bytes = match work.is_empty() {
+            true => options.sibling_bytes,
+            false => 0,
+        };
         if work.is_empty() {
             stats
                 .profile_prefetched
@@ -259,7 +265,7 @@ impl ImageFs {
                 .background_complete
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        let siblings = SiblingPrefetch::new(&tree, options.sibling_bytes);
+        let siblings = SiblingPrefetch::new(&tree, sibling_bytes);
         Ok(ImageFs {
             siblings,
             image,

@@ -1,6 +1,9 @@
 //! Speculative prefetch of a file's siblings: the first read miss in a directory also fetches
 //! the other small files of that directory.
 //!
+//! Only for images without hints: with a landmark or a profile, the prioritised prefetch knows
+//! what the start reads, and guesses would take its link.
+//!
 //! Without hints (no landmark, no profile) a start is a chain of misses, each a round trip: a
 //! Python start imports one module after another, each a `.pyc` in some `__pycache__`, and
 //! python-app's start made ~72 mostly serial requests through a 20 ms link. The modules a
