@@ -375,6 +375,7 @@ pub struct ReadArgs {
 
     /// On the first read miss in a directory, also fetch its other small files, up to this many
     /// compressed bytes (0: off). A start reads many modules of one directory one by one.
+    /// Images with an eStargz landmark or a learned profile do without: those say what to fetch.
     #[arg(long, value_name = "SIZE", default_value_t = size_text(ImageFsOptions::default().sibling_bytes))]
     pub prefetch_siblings: String,
 

@@ -69,7 +69,7 @@ pub struct ImageFsOptions {
     /// 3.44 s and 27.2 MB, 2M 3.72 s and 40.1 MB).
     pub amplify_bytes: u64,
     /// Compressed bytes of a directory's other small files fetched on the first miss in it
-    /// (0 turns it off; see [`siblings`]). 4 MiB: 160 ms at 200 Mbit/s, the price of a few of
+    /// (0 turns it off, as a landmark or a profile does; see [`siblings`]). 4 MiB: 160 ms at 200 Mbit/s, the price of a few of
     /// the round trips it saves when a start imports a package's modules one by one
     /// (python-app through a 20 ms link, 3 runs each: off 4.69 s and 24.4 MB, 1M 4.02 s, 4M
     /// 3.81 s and 28.5 MB; 16M fetched the same bytes as 4M).
