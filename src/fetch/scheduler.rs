@@ -30,8 +30,12 @@ use tokio::sync::{Notify, oneshot};
 
 /// How long background requests keep waiting after the last reader or prefetch request ended.
 /// Longer than the gaps between a starting application's misses (python's imports miss every
-/// 20-60 ms through a 20 ms link), short next to the time an idle mount has to fill itself.
-pub const QUIET: Duration = Duration::from_millis(300);
+/// 20-60 ms through a 20 ms link) and than the stretch of computing a start does once its
+/// prefetched files are in: with 300 ms, background fill began while python-app was still
+/// starting from its learned profile and cost it CPU and link (5 starts each, 20 ms / 200
+/// Mbit/s: 300 ms median 1.89 s, 1.5 s 1.70 s, no background fill 1.65 s). Short next to the
+/// time an idle mount has to fill itself.
+pub const QUIET: Duration = Duration::from_millis(1500);
 
 /// How urgent a request is; higher runs first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
