@@ -99,11 +99,8 @@ impl InFlight {
                 result
             });
             let outcome: Fetch<()> = async move {
-                task.await.unwrap_or_else(|e| {
-                    Err(Arc::new(ContentError::Source(SourceError::EndedEarly {
-                        what: format!("a merged fetch ({e})"),
-                    })))
-                })
+                task.await
+                    .unwrap_or_else(|e| Err(run_ended(format!("a merged fetch ({e})"))))
             }
             .boxed();
             let outcome = outcome.shared();
@@ -113,14 +110,10 @@ impl InFlight {
                     match chunk.await {
                         Ok(data) => Ok(data),
                         // The run ended without this chunk: it failed, and says why.
-                        Err(_) => match outcome.await {
-                            Err(e) => Err(e),
-                            Ok(()) => {
-                                Err(Arc::new(ContentError::Source(SourceError::EndedEarly {
-                                    what: "a merged fetch".into(),
-                                })))
-                            }
-                        },
+                        Err(_) => Err(outcome
+                            .await
+                            .err()
+                            .unwrap_or_else(|| run_ended("a merged fetch".into()))),
                     }
                 }
                 .boxed()
@@ -129,4 +122,9 @@ impl InFlight {
             }
         }
     }
+}
+
+/// The error of a chunk whose run ended without handing it over.
+fn run_ended(what: String) -> Arc<ContentError> {
+    Arc::new(ContentError::Source(SourceError::EndedEarly { what }))
 }

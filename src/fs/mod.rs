@@ -69,8 +69,9 @@ pub struct ImageFsOptions {
     /// 3.44 s and 27.2 MB, 2M 3.72 s and 40.1 MB).
     pub amplify_bytes: u64,
     /// Compressed bytes of a directory's other small files fetched on the first miss in it
-    /// (0 turns it off, as a landmark or a profile does; see [`siblings`]). 4 MiB: 160 ms at 200 Mbit/s, the price of a few of
-    /// the round trips it saves when a start imports a package's modules one by one
+    /// (0 turns it off, as a landmark or a profile does; see [`siblings`]). 4 MiB: 160 ms at
+    /// 200 Mbit/s, the price of a few of the round trips it saves when a start imports a
+    /// package's modules one by one
     /// (python-app through a 20 ms link, 3 runs each: off 4.69 s and 24.4 MB, 1M 4.02 s, 4M
     /// 3.81 s and 28.5 MB; 16M fetched the same bytes as 4M).
     pub sibling_bytes: u64,
@@ -242,9 +243,10 @@ impl ImageFs {
         }
         // A landmark or a profile says what the start reads; sibling prefetch only guesses, and
         // its guesses would take the link from the prioritised prefetch.
-        let sibling_bytes = match work.is_empty() {
-            true => options.sibling_bytes,
-            false => 0,
+        let sibling_bytes = if work.is_empty() {
+            options.sibling_bytes
+        } else {
+            0
         };
         if work.is_empty() {
             stats
@@ -502,8 +504,8 @@ const PREFETCH_GAP: u64 = 256 << 10;
 /// Compressed bytes one prioritised request spans at most: 2 MiB take 80 ms at 200 Mbit/s,
 /// four round trips of 20 ms, so a few in flight keep the link full, and a reader that wants a
 /// chunk of a span in flight gets it as soon as that chunk's bytes are in. Measured (before
-/// runs handed chunks over early) on python-app's learned profile at 20 ms /
-/// 200 Mbit/s, 3 starts each: 2 MiB spans with 256 KiB gaps 1.94-2.05 s (about 60 requests),
+/// runs handed chunks over early) on python-app's learned profile at 20 ms / 200 Mbit/s, 3
+/// starts each: 2 MiB spans with 256 KiB gaps 1.94-2.05 s (about 60 requests),
 /// 1 MiB spans 2.04-2.59 s, 64 KiB gaps 2.13-2.22 s (about 90), 5 in flight 2.17-2.50 s.
 const PREFETCH_SPAN: u64 = 2 << 20;
 

@@ -3,8 +3,9 @@
 //! It holds blobs by digest and logs every request, so that a test can assert what a read cost
 //! (how many requests, which ranges) rather than only what it returned; faults queued with
 //! [`MemorySource::fault`] break the next range reads in the ways transport and storage do
-//! (corrupt bytes, a stream that ends early, a refused request, a stream that stalls). A [`MemorySource::hold`] keeps
-//! range reads waiting until released, so that concurrent readers can be lined up. Integration
+//! (corrupt bytes, a stream that ends early, a refused request, a stream that stalls). A
+//! [`MemorySource::hold`] keeps range reads waiting until released, so that concurrent readers
+//! can be lined up. Integration
 //! tests talk to the real registry, S3 and layouts instead; this exists so that planning,
 //! sharing, retrying and verification are tested without a network or root.
 
