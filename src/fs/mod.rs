@@ -345,6 +345,14 @@ impl ImageFs {
         }
     }
 
+    /// Waits until the chunks fetched so far are in the disk tier's files (see
+    /// [`DiskCache::flush`]): on unmount, so that the next mount finds them.
+    pub fn flush_cache(&self) {
+        if let Some(disk) = &self.disk {
+            disk.flush();
+        }
+    }
+
     /// Starts the profile's recording window now (see [`Recorder::restart`]).
     pub fn restart_profile_window(&self) {
         if let Some(recorder) = &self.recorder {

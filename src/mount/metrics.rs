@@ -129,7 +129,7 @@ pub fn render(fs: &ImageFs) -> String {
         let _ = writeln!(
             out,
             "lazylayer_cache_evictions_total{{tier=\"disk\"}} {}",
-            disk.evictions.load(Ordering::Relaxed)
+            disk.evictions()
         );
         let _ = writeln!(
             out,

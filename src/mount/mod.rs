@@ -165,6 +165,7 @@ impl Companions {
             timer.abort();
         }
         self.fs.save_profile();
+        self.fs.flush_cache();
         let _ = std::fs::remove_file(&self.socket);
     }
 }
