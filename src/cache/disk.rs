@@ -16,16 +16,23 @@
 //! Loading maps the file (`memmap2`) and hands out `Bytes` backed by the mapping, so a chunk read
 //! from disk is not copied before it is hashed and served.
 //!
-//! Writing: `put` hands a chunk to one writer thread through a bounded crossbeam channel and
-//! returns; until its file is in place the chunk is served from the writer's queue. Creating and
-//! renaming a file costs 30-100 µs of kernel time (ext4 serialises creates in one directory), and
-//! a start stores thousands of chunks: written inline, on the fetch runtime's threads, that cost
-//! sat between a verified chunk and the reader waiting for it (python-app's learned-profile start
-//! spent about a third of the daemon's CPU in `ext4_create` and `rename`). A plain thread rather
-//! than a tokio task: the work is blocking file I/O, and crossbeam's channel can be sent to
-//! without a runtime. When the queue is full the sender writes the chunk itself, so a disk slower
-//! than the network slows fetching down instead of growing memory or dropping chunks.
-//! [`DiskCache::flush`] (unmount) and dropping the cache wait for the queue to drain.
+//! Writing: `put` hands a chunk to one writer thread through a crossbeam channel and returns (the
+//! queue is bounded in bytes, [`WRITE_QUEUE_BYTES`]); until its file is in place the chunk is
+//! served from the queue. Creating and renaming a file costs 30-100 µs of kernel time (ext4
+//! serialises creates in one directory), and a start stores thousands of chunks: written inline, on
+//! the fetch runtime's threads, that cost sat between a verified chunk and the reader waiting for
+//! it (python-app's learned-profile start spent about a third of the daemon's CPU in `ext4_create`
+//! and `rename`). A plain thread rather than a tokio task: the work is blocking file I/O, and
+//! crossbeam's channel can be sent to without a runtime. When the queue is full the sender writes
+//! the chunk itself, so a disk slower than the network slows fetching down instead of growing
+//! memory or dropping chunks. [`DiskCache::flush`] (unmount) and dropping the cache write what is
+//! queued, and `lazylayer umount` waits for the daemon to exit, so a mount started next finds every
+//! chunk.
+//!
+//! Sharing: mounts and the snapshotter on one machine may use one directory at the same time.
+//! Each process indexes the files it finds at start-up and those it writes; a chunk another
+//! process wrote since is found by its file (one `stat` or `open` on a miss, far below the fetch
+//! it saves) and indexed then.
 //!
 //! Budget: an LRU over file sizes, rebuilt at start-up from the files' mtimes (oldest first), and
 //! files beyond the budget are deleted. Failures to write (no space, read-only directory) switch
@@ -40,7 +47,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use lru::LruCache;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::model::digest::Digest;
 
@@ -179,31 +186,44 @@ impl DiskCache {
 
     /// Whether a chunk is held (without loading or verifying it).
     pub fn has(&self, digest: &Digest) -> bool {
-        let state = self.shared.state.lock().unwrap();
-        state.lru.contains(digest.hex()) || state.queued.contains_key(digest.hex())
+        let hex = digest.hex();
+        {
+            let state = self.shared.state.lock().unwrap();
+            if state.lru.contains(hex) || state.queued.contains_key(hex) {
+                return true;
+            }
+        }
+        self.shared.chunk_path(hex).exists()
     }
 
     /// A chunk, if held and still matching its digest.
     pub fn get(&self, digest: &Digest) -> Option<Bytes> {
         let hex = digest.hex();
-        {
+        let indexed = {
             let mut state = self.shared.state.lock().unwrap();
             if let Some(data) = state.queued.get(hex) {
                 return Some(data.clone());
             }
-            // Touch it in the LRU; unknown digests are not looked for on disk.
-            state.lru.get(hex)?;
-        }
+            state.lru.get(hex).is_some()
+        };
         let path = self.shared.chunk_path(hex);
-        let data = map(&path);
-        match data {
-            Some(data) if Digest::of(&data) == *digest => Some(data),
-            _ => {
-                warn!("disk cache: dropping damaged chunk {}", path.display());
+        let Some(data) = map(&path) else {
+            if indexed {
+                // Another process sharing the directory evicted it, or someone deleted it.
+                debug!("disk cache: chunk {} is gone", path.display());
                 self.shared.forget(hex);
-                None
             }
+            return None;
+        };
+        if Digest::of(&data) != *digest {
+            warn!("disk cache: dropping damaged chunk {}", path.display());
+            self.shared.forget(hex);
+            return None;
         }
+        if !indexed {
+            self.shared.adopt(hex, data.len() as u64);
+        }
+        Some(data)
     }
 
     /// Stores a verified chunk (best effort), through the writer thread.
@@ -307,8 +327,9 @@ impl DiskCache {
 }
 
 impl Drop for DiskCache {
-    /// Ends the writer thread once it has written what was queued.
+    /// Writes what is queued (here: the idle-priority writer may be starved) and ends the writer.
     fn drop(&mut self) {
+        self.flush();
         self.queue = None;
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
@@ -364,6 +385,15 @@ impl Shared {
             );
         }
         state.writes_off_until = Some(Instant::now() + WRITE_BACKOFF);
+    }
+
+    /// Indexes a chunk file another process wrote.
+    fn adopt(&self, hex: &str, len: u64) {
+        let mut state = self.state.lock().unwrap();
+        if state.lru.put(hex.to_string(), len).is_none() {
+            state.bytes += len;
+        }
+        self.evict(&mut state);
     }
 
     fn forget(&self, hex: &str) {
@@ -447,6 +477,32 @@ mod tests {
         assert!(cache.get(&d).is_none());
         assert!(!path.exists());
         assert_eq!(cache.chunks(), 0);
+    }
+
+    #[test]
+    fn chunks_another_process_writes_are_found_and_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let (writer, reader) = (
+            DiskCache::open(dir.path(), 1 << 20).unwrap(),
+            DiskCache::open(dir.path(), 1 << 20).unwrap(),
+        );
+        let data = Bytes::from_static(b"written by the other mount");
+        let d = Digest::of(&data);
+        assert!(!reader.has(&d));
+        writer.put(&d, &data);
+        writer.flush();
+        assert!(reader.has(&d));
+        assert_eq!(&reader.get(&d).unwrap()[..], &data[..]);
+        assert_eq!((reader.chunks(), reader.bytes()), (1, data.len() as u64));
+        // What another process left is verified like any file: damaged, it is dropped.
+        let other = Bytes::from_static(b"another chunk");
+        let o = Digest::of(&other);
+        let path = reader.chunk_path(o.hex());
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, b"another chunK").unwrap();
+        assert!(reader.get(&o).is_none());
+        assert!(!path.exists());
+        assert_eq!(reader.chunks(), 1);
     }
 
     #[test]

@@ -95,7 +95,7 @@ lazylayer umount /mnt/app"
     )]
     Mount(MountArgs),
 
-    /// Unmount a lazylayer mount (the daemon serving it then exits).
+    /// Unmount a lazylayer mount; returns once its daemon has stored what it fetched and exited.
     Umount(UmountArgs),
 
     /// Show what a running mount has fetched: per layer bytes, requests, cache hits, latency.

@@ -31,10 +31,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Ls(args) => read::ls(args).await,
         Command::Cat(args) => read::cat(args).await,
         Command::Mount(args) => mount::mount(args).await,
-        Command::Umount(args) => {
-            crate::mount::unmount(&args.dir)?;
-            Ok(())
-        }
+        Command::Umount(args) => mount::umount(args).await,
         Command::Stats(args) => mount::stats(args).await,
         Command::Cache(args) => cache::cache(args),
         Command::Profile(args) => cache::profile(args).await,

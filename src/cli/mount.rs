@@ -1,9 +1,9 @@
 //! `mount` (in the foreground or as a daemon that reports readiness), and `stats` of a running
 //! mount through its control socket.
 
-use super::args::{MountArgs, StatsArgs};
+use super::args::{MountArgs, StatsArgs, UmountArgs};
 use super::error::CliError;
-use super::read::resolve_image;
+use super::read::{resolve_image, write_stdout};
 use crate::cli::output::inspect::human_bytes;
 use crate::fs::ImageFs;
 use crate::source::retry::RetryPolicy;
@@ -47,7 +47,7 @@ pub(super) async fn mount(args: MountArgs) -> Result<(), CliError> {
         &mount_options,
         tokio::runtime::Handle::current(),
     )?;
-    let companions = crate::mount::Companions::start(fs.clone(), &args.dir);
+    let companions = crate::mount::Companions::start(fs.clone(), &args.dir, true);
     let metrics = metrics_listener.map(|listener| {
         let fs = fs.clone();
         tokio::spawn(async move {
@@ -86,6 +86,41 @@ pub(super) async fn mount(args: MountArgs) -> Result<(), CliError> {
         metrics.abort();
     }
     companions.stop();
+    Ok(())
+}
+
+/// How long `umount` waits for the daemon to store its chunks and profile and exit.
+const DAEMON_EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Unmounts, then waits for the daemon that served the mount to finish: it stores the chunks
+/// still queued for the disk cache and the start-up profile on its way out, and a mount started
+/// right after `umount` returns (a remount, another image sharing the cache) must find them.
+pub(super) async fn umount(args: UmountArgs) -> Result<(), CliError> {
+    let socket = crate::mount::control_socket(&args.dir);
+    let asked = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        crate::mount::control::query(&socket),
+    );
+    // A snapshotter's mount answers with the snapshotter, which stays.
+    let daemon = match asked.await {
+        Ok(Ok(report)) if report.exits_on_unmount => Some(report.pid),
+        _ => None,
+    };
+    crate::mount::unmount(&args.dir)?;
+    let Some(pid) = daemon else { return Ok(()) };
+    let deadline = std::time::Instant::now() + DAEMON_EXIT_WAIT;
+    let proc_dir = std::path::PathBuf::from(format!("/proc/{pid}"));
+    while socket.exists() && proc_dir.exists() {
+        if std::time::Instant::now() > deadline {
+            tracing::warn!(
+                "{}: unmounted, but its daemon (pid {pid}) has not exited after {} s",
+                args.dir.display(),
+                DAEMON_EXIT_WAIT.as_secs()
+            );
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     Ok(())
 }
 
@@ -153,16 +188,18 @@ pub(super) async fn stats(args: StatsArgs) -> Result<(), CliError> {
             source,
         })?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("stats serialise")
-        );
+        let json = serde_json::to_string_pretty(&report).expect("stats serialise");
+        write_stdout(format!("{json}\n").as_bytes())?;
         return Ok(());
     }
+    // Written at once, so that `| head` ends it quietly (see `write_stdout`).
+    use std::fmt::Write;
+    let mut out = String::new();
     let total: u64 = report.layers.iter().map(|l| l.size).sum();
-    println!("image      {}", report.image);
-    println!("mounted at {} (pid {})", report.mountpoint, report.pid);
-    println!(
+    let _ = writeln!(out, "image      {}", report.image);
+    let _ = writeln!(out, "mounted at {} (pid {})", report.mountpoint, report.pid);
+    let _ = writeln!(
+        out,
         "fetched    {} of {} compressed, {} requests; chunks: {} memory hits, {} disk hits, {} fetched; {} in memory",
         human_bytes(report.fetched_bytes),
         human_bytes(total),
@@ -173,13 +210,15 @@ pub(super) async fn stats(args: StatsArgs) -> Result<(), CliError> {
         human_bytes(report.cache_bytes)
     );
     if report.retries + report.failed_reads > 0 {
-        println!(
+        let _ = writeln!(
+            out,
             "retries    {} retried attempts, {} reads failed after their retry budget",
             report.retries, report.failed_reads
         );
     }
-    println!();
-    println!(
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
         "{:<2} {:<20} {:<12} {:>10} {:>10} {:>6} {:>7} {:>7} {:>7} {:>20}",
         "#",
         "LAYER",
@@ -194,7 +233,8 @@ pub(super) async fn stats(args: StatsArgs) -> Result<(), CliError> {
     );
     let ms = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
     for (i, l) in report.layers.iter().enumerate() {
-        println!(
+        let _ = writeln!(
+            out,
             "{:<2} {:<20} {:<12} {:>10} {:>10} {:>6} {:>7} {:>7} {:>7} {:>20}",
             i + 1,
             &l.digest[..l.digest.len().min(19)],
@@ -213,5 +253,6 @@ pub(super) async fn stats(args: StatsArgs) -> Result<(), CliError> {
             )
         );
     }
+    write_stdout(out.as_bytes())?;
     Ok(())
 }

@@ -212,10 +212,11 @@ pub(super) async fn inspect(args: InspectArgs) -> Result<(), CliError> {
     let platform = args.remote.platform()?;
     let opened = open_image(&reference, None, &config, &platform, None).await?;
     let report = InspectReport::new(reference.to_string(), &opened.image);
-    if args.json {
-        println!("{}", report.to_json());
+    let text = if args.json {
+        format!("{}\n", report.to_json())
     } else {
-        print!("{}", report.to_text());
-    }
+        report.to_text()
+    };
+    write_stdout(text.as_bytes())?;
     Ok(())
 }

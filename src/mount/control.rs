@@ -22,6 +22,10 @@ pub struct StatsReport {
     pub image: String,
     pub mountpoint: String,
     pub pid: u32,
+    /// Whether the process `pid` serves only this mount and exits once it is unmounted (a
+    /// `lazylayer mount`, not the snapshotter): `umount` then waits for it.
+    #[serde(default)]
+    pub exits_on_unmount: bool,
     pub requests: u64,
     pub fetched_bytes: u64,
     pub cache_hits: u64,
@@ -55,12 +59,13 @@ pub struct LayerReport {
 }
 
 impl StatsReport {
-    pub fn new(fs: &ImageFs, mountpoint: &Path) -> StatsReport {
+    pub fn new(fs: &ImageFs, mountpoint: &Path, exits_on_unmount: bool) -> StatsReport {
         let stats = fs.stats();
         StatsReport {
             image: fs.image.source.clone(),
             mountpoint: mountpoint.display().to_string(),
             pid: std::process::id(),
+            exits_on_unmount,
             requests: FetchStats::get(&stats.requests),
             fetched_bytes: FetchStats::get(&stats.bytes),
             cache_hits: FetchStats::get(&stats.cache_hits),
@@ -89,12 +94,9 @@ impl StatsReport {
     }
 }
 
-/// Serves stats on `socket` until the task is dropped.
-pub async fn serve(
-    socket: &Path,
-    fs: Arc<ImageFs>,
-    mountpoint: std::path::PathBuf,
-) -> std::io::Result<()> {
+/// Creates the stats socket. Bound before the mount is reported ready, so that `lazylayer stats`
+/// right after `mount --daemon` returns finds it.
+pub fn bind(socket: &Path) -> std::io::Result<UnixListener> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -102,9 +104,19 @@ pub async fn serve(
     let _ = std::fs::remove_file(socket);
     let listener = UnixListener::bind(socket)?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves stats on `listener` until the task is dropped.
+pub async fn serve(
+    listener: UnixListener,
+    fs: Arc<ImageFs>,
+    mountpoint: std::path::PathBuf,
+    exits_on_unmount: bool,
+) -> std::io::Result<()> {
     loop {
         let (mut conn, _) = listener.accept().await?;
-        let report = StatsReport::new(&fs, &mountpoint);
+        let report = StatsReport::new(&fs, &mountpoint, exits_on_unmount);
         tokio::spawn(async move {
             let json = serde_json::to_vec(&report).expect("stats serialise");
             if let Err(e) = conn.write_all(&json).await {

@@ -132,17 +132,24 @@ pub struct Companions {
 }
 
 impl Companions {
-    /// Starts them for `fs` mounted at `dir`; call on the tokio runtime.
-    pub fn start(fs: Arc<ImageFs>, dir: &Path) -> Companions {
+    /// Starts them for `fs` mounted at `dir`; call on the tokio runtime. `exits_on_unmount`:
+    /// this process serves only this mount (see [`control::StatsReport::exits_on_unmount`]).
+    pub fn start(fs: Arc<ImageFs>, dir: &Path, exits_on_unmount: bool) -> Companions {
         let socket = control_socket(dir);
-        let control = tokio::spawn({
-            let (socket, fs, dir) = (socket.clone(), fs.clone(), dir.to_path_buf());
-            async move {
-                if let Err(e) = control::serve(&socket, fs, dir).await {
-                    tracing::warn!("stats socket {}: {e}", socket.display());
-                }
+        let control = match control::bind(&socket) {
+            Ok(listener) => {
+                let (socket, fs, dir) = (socket.clone(), fs.clone(), dir.to_path_buf());
+                tokio::spawn(async move {
+                    if let Err(e) = control::serve(listener, fs, dir, exits_on_unmount).await {
+                        tracing::warn!("stats socket {}: {e}", socket.display());
+                    }
+                })
             }
-        });
+            Err(e) => {
+                tracing::warn!("stats socket {}: {e}", socket.display());
+                tokio::spawn(async {})
+            }
+        };
         let profile_timer = fs.profile_window().map(|window| {
             let fs = fs.clone();
             tokio::spawn(async move {

@@ -79,11 +79,28 @@ impl Mounted {
 
     /// `lazylayer stats --json` of this mount.
     pub fn stats(&self) -> Value {
-        lazylayer(
+        let run = lazylayer(
             &["stats", "--json", self.path().to_str().unwrap()],
             &[("LAZYLAYER_RUN_DIR", self.run_dir.path().to_str().unwrap())],
-        )
-        .json()
+        );
+        assert!(
+            run.status.success(),
+            "stats failed: {}\ndaemon log:\n{}",
+            run.stderr,
+            self.daemon_log()
+        );
+        run.json()
+    }
+
+    /// The daemon's log, for failure messages.
+    pub fn daemon_log(&self) -> String {
+        let mut out = String::new();
+        for entry in std::fs::read_dir(self.run_dir.path()).unwrap().flatten() {
+            if entry.path().extension().is_some_and(|x| x == "log") {
+                out += &std::fs::read_to_string(entry.path()).unwrap_or_default();
+            }
+        }
+        out
     }
 
     /// Runs python-app's `python3 /app/main.py` chrooted into the mount and asserts it prints
@@ -132,6 +149,8 @@ impl Drop for Mounted {
         let mut child = Command::new(env!("CARGO_BIN_EXE_lazylayer"))
             .arg("umount")
             .arg(self.path())
+            // Where the mount's control socket is: `umount` asks it which daemon to wait for.
+            .env("LAZYLAYER_RUN_DIR", self.run_dir.path())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()

@@ -202,7 +202,7 @@ impl Snapshotter {
             tokio::runtime::Handle::current(),
         )
         .map_err(|e| failed(e.to_string()))?;
-        let companions = Companions::start(fs, &dir);
+        let companions = Companions::start(fs, &dir, false);
         tracing::info!(
             "mounted {} layer(s) of {} at {}",
             depth,
