@@ -504,3 +504,58 @@ fn corrupt_or_truncated_streams_are_refused() {
     .unwrap_err();
     assert!(err.to_string().contains(&digest.to_string()), "{err}");
 }
+
+/// What containerd's applier does with symlinks: their mode reads 0777 whatever the header says,
+/// and an entry below a symlink goes where the link points (inside the image), the link stays.
+#[test]
+fn entries_below_a_symlink_land_at_its_target_and_symlinks_read_0777() {
+    let tree = build(vec![
+        Layer::new()
+            .dir("usr", 0o755)
+            .dir("usr/bin", 0o755)
+            .entry(EntryType::Symlink, b"bin", 0o644, b"usr/bin", b"")
+            .symlink("escape", "../../../opt")
+            .symlink("dangling", "srv/data")
+            .symlink("loop", "loop"),
+        Layer::new()
+            .file("bin/ls", b"ls")
+            .file("escape/tool", b"tool")
+            .file("dangling/x", b"x"),
+    ])
+    .unwrap();
+    let node = |p: &str| tree.node(tree.lookup_path(p.as_bytes()).expect(p)).unwrap();
+    assert!(matches!(&node("bin").kind, NodeKind::Symlink { target } if &target[..] == b"usr/bin"));
+    assert_eq!(node("bin").meta.mode, 0o777);
+    assert!(matches!(
+        node("usr/bin/ls").kind,
+        NodeKind::File { size: 2, .. }
+    ));
+    // `..` stops at the root, as the applier's root-scoped resolution does.
+    assert!(matches!(node("opt/tool").kind, NodeKind::File { .. }));
+    assert!(matches!(node("escape").kind, NodeKind::Symlink { .. }));
+    assert!(matches!(node("srv/data/x").kind, NodeKind::File { .. }));
+    assert_eq!(
+        names(&tree, ""),
+        ["bin", "dangling", "escape", "loop", "opt", "srv", "usr"]
+    );
+    // A whiteout reaches through a symlinked parent too.
+    let tree = build(vec![
+        Layer::new()
+            .dir("usr", 0o755)
+            .dir("usr/bin", 0o755)
+            .file("usr/bin/ls", b"ls")
+            .symlink("bin", "usr/bin"),
+        Layer::new().file("bin/.wh.ls", b""),
+    ])
+    .unwrap();
+    assert_eq!(tree.lookup_path(b"usr/bin/ls"), None);
+    // Writing below a symlink loop is refused, not guessed at.
+    let looped = build(vec![
+        Layer::new().symlink("loop", "loop"),
+        Layer::new().file("loop/x", b"x"),
+    ]);
+    assert!(
+        matches!(looped, Err(LayerError::BadEntry { .. })),
+        "{looped:?}"
+    );
+}

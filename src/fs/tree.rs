@@ -14,6 +14,10 @@
 //!   subtree, a directory replacing a file starts empty).
 //! - A hard link adds a name for the target's node: one inode, `nlink` counted.
 //! - Missing parent directories are created (mode 0755, root-owned), as tar extraction does.
+//! - A symlink in an entry's parent path (or a whiteout's) is followed inside the image, as
+//!   containerd's applier resolves parents against the root: `bin -> usr/bin` then `bin/ls` adds
+//!   `usr/bin/ls` and keeps the link; `..` stops at the root; a loop refuses the layer.
+//! - Symlinks read mode 0777, as every symlink does on Linux, whatever their header says.
 //!
 //! Inode numbers are indexes into one vector (`ino - 1`), so they are stable for the life of the
 //! tree and cost nothing to look up. Nodes dropped by later layers stay allocated but unreachable;
@@ -278,29 +282,53 @@ impl MergedTree {
         }
     }
 
-    /// The directory at `path`, creating missing ones and replacing non-directories in the way.
-    fn ensure_dir(&mut self, path: &[u8]) -> Ino {
-        let mut dir = ROOT;
+    /// The directory at `path`, creating missing ones and replacing other non-directories in
+    /// the way. A symlink on the way is followed (inside the image), as containerd's applier
+    /// resolves a parent path: `bin -> usr/bin` then `bin/ls` puts `ls` in `usr/bin`, and a
+    /// dangling link gets its target created. `None` for a symlink loop.
+    fn ensure_dir(&mut self, path: &[u8]) -> Option<Ino> {
+        let mut budget = MAX_SYMLINKS;
+        self.ensure_dir_from(ROOT, path, &mut budget)
+    }
+
+    fn ensure_dir_from(&mut self, start: Ino, path: &[u8], budget: &mut usize) -> Option<Ino> {
+        let mut dir = if path.starts_with(b"/") { ROOT } else { start };
         for name in components(path) {
-            dir = match self.lookup(dir, name) {
-                Some(child) if self.node(child).is_some_and(Node::is_dir) => child,
-                existing => {
-                    if existing.is_some() {
-                        self.unlink(dir, name);
+            dir = match name {
+                b"." => dir,
+                b".." => self.parent(dir).unwrap_or(ROOT),
+                name => {
+                    let existing = self.lookup(dir, name);
+                    let node = existing.and_then(|c| self.node(c));
+                    let link = node.and_then(|n| match &n.kind {
+                        NodeKind::Symlink { target } => Some(target.to_vec()),
+                        _ => None,
+                    });
+                    match (existing, link) {
+                        (Some(child), _) if node.is_some_and(Node::is_dir) => child,
+                        (_, Some(target)) => {
+                            *budget = budget.checked_sub(1)?;
+                            self.ensure_dir_from(dir, &target, budget)?
+                        }
+                        (existing, None) => {
+                            if existing.is_some() {
+                                self.unlink(dir, name);
+                            }
+                            let child = self.add(
+                                NodeKind::Dir {
+                                    children: BTreeMap::new(),
+                                    parent: dir,
+                                },
+                                implicit_dir_meta(),
+                            );
+                            self.insert(dir, name, child);
+                            child
+                        }
                     }
-                    let child = self.add(
-                        NodeKind::Dir {
-                            children: BTreeMap::new(),
-                            parent: dir,
-                        },
-                        implicit_dir_meta(),
-                    );
-                    self.insert(dir, name, child);
-                    child
                 }
             };
         }
-        dir
+        Some(dir)
     }
 
     fn insert(&mut self, dir: Ino, name: &[u8], child: Ino) {
@@ -327,7 +355,8 @@ impl MergedTree {
                 continue;
             };
             let Some(dir) = self
-                .lookup_path(parent)
+                .resolve(parent, true)
+                .ok()
                 .filter(|&d| self.node(d).is_some_and(Node::is_dir))
             else {
                 continue; // whiting out inside something that does not exist: nothing to do
@@ -356,7 +385,9 @@ impl MergedTree {
                 }
                 continue;
             }
-            let parent = self.ensure_dir(parent_path);
+            let parent = self
+                .ensure_dir(parent_path)
+                .ok_or_else(|| bad(&entry.path, "its parent path is a symlink loop"))?;
             let existing = self.lookup(parent, name);
             let kind = match entry.kind {
                 EntryKind::Dir => {
@@ -371,7 +402,8 @@ impl MergedTree {
                     }
                 }
                 EntryKind::Hardlink { target } => {
-                    let target_ino = self.lookup_path(&target).ok_or_else(|| {
+                    // The link's parents resolve as the entry's do; the link itself is linked.
+                    let target_ino = self.resolve(&target, false).ok().ok_or_else(|| {
                         bad(&entry.path, "hard link to a path that does not exist")
                     })?;
                     if self.node(target_ino).is_some_and(Node::is_dir) {
@@ -402,7 +434,13 @@ impl MergedTree {
             if existing.is_some() {
                 self.unlink(parent, name);
             }
-            let ino = self.add(kind, entry.meta);
+            let mut meta = entry.meta;
+            if matches!(kind, NodeKind::Symlink { .. }) {
+                // Linux has no symlink permissions (they read 0777), so an unpacked image's
+                // symlinks show 0777 whatever their tar header says.
+                meta.mode = 0o777;
+            }
+            let ino = self.add(kind, meta);
             self.insert(parent, name, ino);
         }
         Ok(())
