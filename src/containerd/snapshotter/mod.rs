@@ -34,6 +34,7 @@
 //! snapshot's lower mounts are made again; see kernel-notes/ for what happens to containers that
 //! were running.
 
+pub mod filter;
 mod remote;
 pub mod service;
 pub mod store;
@@ -93,6 +94,18 @@ pub enum SnapshotError {
 fn io_error(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> SnapshotError {
     let what = what.to_string();
     move |source| SnapshotError::Io { what, source }
+}
+
+/// Creates `path` (not its parents) with exactly `mode`.
+fn make_dir(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    match std::fs::DirBuilder::new().mode(mode).create(path) {
+        // Left by a crash mid-Prepare: its id was never recorded, so nothing uses it.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        other => other?,
+    }
+    // The umask may have taken bits away from the mode given at creation.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
 /// Settings of a snapshotter.
@@ -253,9 +266,14 @@ impl Snapshotter {
         }
         let id = store.next_id();
         let dir = self.dir(id);
-        std::fs::create_dir_all(dir.join("fs")).map_err(io_error(dir.display()))?;
+        // containerd's overlayfs snapshotter's modes, whatever the process umask: `fs/` becomes
+        // a container's root or upper directory, and 0777 there would let anyone write into it.
+        let mut dirs = vec![(dir.clone(), 0o700), (dir.join("fs"), 0o755)];
         if kind == Kind::Active {
-            std::fs::create_dir_all(dir.join("work")).map_err(io_error(dir.display()))?;
+            dirs.push((dir.join("work"), 0o711));
+        }
+        for (path, mode) in dirs {
+            make_dir(&path, mode).map_err(io_error(path.display()))?;
         }
         let now = store::now_nanos();
         let record = Record {
@@ -354,10 +372,13 @@ impl Snapshotter {
         if store.get(name).is_some() {
             return Err(SnapshotError::AlreadyExists(name.to_string()));
         }
+        // As containerd's own snapshotters: a committed snapshot is new (created = updated =
+        // now) and carries the Commit's labels, not the active snapshot's.
         let mut committed = record;
         committed.kind = Kind::Committed;
-        committed.labels.extend(labels);
-        committed.updated = store::now_nanos();
+        committed.labels = labels;
+        committed.created = store::now_nanos();
+        committed.updated = committed.created;
         store
             .replace(key, Some((name.to_string(), committed)))
             .map_err(io_error("snapshot metadata"))?;
@@ -565,6 +586,32 @@ mod tests {
         s.remove("base").await.unwrap();
         assert!(s.list().is_empty());
         assert!(!s.dir(1).exists());
+    }
+
+    #[tokio::test]
+    async fn snapshot_directories_have_containerds_modes_and_commit_starts_anew() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path()).await;
+        // SAFETY: umask only changes the mode of files created afterwards; restored below.
+        let old = unsafe { libc::umask(0) };
+        let prepared = s.prepare("a", "", labels(&[("from", "prepare")])).await;
+        unsafe { libc::umask(old) };
+        prepared.unwrap();
+        let mode = |p: &str| {
+            let path = s.dir(1).join(p);
+            std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+        };
+        assert_eq!((mode(""), mode("fs"), mode("work")), (0o700, 0o755, 0o711));
+
+        let prepared = s.stat("a").unwrap().record;
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        s.commit("base", "a", labels(&[("from", "commit")]))
+            .unwrap();
+        let committed = s.stat("base").unwrap().record;
+        assert_eq!(committed.labels, labels(&[("from", "commit")]));
+        assert!(committed.created > prepared.created);
+        assert_eq!(committed.created, committed.updated);
     }
 
     #[tokio::test]
