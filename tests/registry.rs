@@ -364,6 +364,28 @@ fn htpasswd_auth_uses_user_flag_env_and_docker_config() {
         .json(),
         &digest,
     );
+
+    // A mount's daemon lives as long as the mount: its command line (readable by every user in
+    // /proc) must not hold the password, and it still authenticates.
+    let cache = tempfile::tempdir().unwrap();
+    let mounted = support::mount::Mounted::with_args(
+        &format!("{image}:latest"),
+        cache.path(),
+        &["--no-background-fetch", "-vu", "alice:s3cret"],
+    );
+    assert!(
+        std::fs::read(mounted.join("etc/os-release"))
+            .unwrap()
+            .starts_with(b"PRETTY_NAME")
+    );
+    let pid = mounted.stats()["pid"].as_u64().unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(cmdline.contains("mount"), "{cmdline}");
+    assert!(
+        !cmdline.contains("s3cret"),
+        "password in the daemon's argv: {cmdline}"
+    );
 }
 
 fn token_registry(anon: &Registry, policy: TokenPolicy) -> (TokenServer, Registry) {

@@ -140,12 +140,28 @@ fn daemonize(args: &MountArgs) -> Result<(), CliError> {
     let log_file = std::fs::File::create(&log)
         .map_err(|e| CliError::Daemon(format!("{}: {e}", log.display())))?;
     let exe = std::env::current_exe().map_err(|e| CliError::Daemon(e.to_string()))?;
-    let child_args: Vec<std::ffi::OsString> = std::env::args_os()
-        .skip(1)
-        .filter(|a| a != "--daemon")
-        .collect();
-    let mut child = std::process::Command::new(exe)
-        .args(child_args)
+    let child_args = daemon_args(std::env::args_os().skip(1).collect());
+    let user = args.remote.user.as_deref();
+    // /proc/PID/cmdline is readable by every user for as long as the mount lives; the
+    // environment (/proc/PID/environ) only by the daemon's owner.
+    if let Some(secret) = user.and_then(|u| u.split_once(':')).map(|(_, p)| p)
+        && !secret.is_empty()
+        && child_args
+            .iter()
+            .any(|a| a.to_string_lossy().contains(secret))
+    {
+        return Err(CliError::Daemon(
+            "could not keep the password out of the daemon's command line; pass it in \
+             LAZYLAYER_USER instead of --user"
+                .into(),
+        ));
+    }
+    let mut command = std::process::Command::new(exe);
+    command.args(child_args);
+    if let Some(user) = user {
+        command.env("LAZYLAYER_USER", user);
+    }
+    let mut child = command
         .env(READY_ENV, "1")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
@@ -176,6 +192,43 @@ fn daemonize(args: &MountArgs) -> Result<(), CliError> {
         "{reason} (log: {})",
         log.display()
     )))
+}
+
+/// The daemon's arguments: the command line without `--daemon` and without `--user`/`-u` and
+/// its value, which the daemon gets in its environment instead.
+fn daemon_args(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::new();
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let text = arg.to_string_lossy();
+        if text == "--" {
+            out.push(arg);
+            out.extend(args);
+            break;
+        }
+        if text == "--daemon" || text.starts_with("--user=") {
+            continue;
+        }
+        if text == "--user" {
+            args.next();
+            continue;
+        }
+        // A cluster of short flags (`-u X`, `-uX`, `-vu X`): `u` takes the rest, or the next
+        // argument.
+        if let Some(flags) = text.strip_prefix('-').filter(|f| !f.starts_with('-'))
+            && let Some(at) = flags.find('u')
+        {
+            if at + 1 == flags.len() {
+                args.next();
+            }
+            if at > 0 {
+                out.push(format!("-{}", &flags[..at]).into());
+            }
+            continue;
+        }
+        out.push(arg);
+    }
+    out
 }
 
 pub(super) async fn stats(args: StatsArgs) -> Result<(), CliError> {
@@ -255,4 +308,26 @@ pub(super) async fn stats(args: StatsArgs) -> Result<(), CliError> {
     }
     write_stdout(out.as_bytes())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_daemons_command_line_has_no_credentials() {
+        let args =
+            |line: &str| -> Vec<std::ffi::OsString> { line.split(' ').map(Into::into).collect() };
+        for (given, daemon) in [
+            ("mount --daemon --user a:pw img dir", "mount img dir"),
+            ("mount --user=a:pw --daemon img dir", "mount img dir"),
+            ("mount -u a:pw --daemon img dir", "mount img dir"),
+            ("mount -ua:pw --daemon img dir", "mount img dir"),
+            ("mount --daemon -vu a:pw img dir", "mount -v img dir"),
+            ("mount --daemon -vvua:pw img dir", "mount -vv img dir"),
+            ("mount --daemon -v img -- -u", "mount -v img -- -u"),
+        ] {
+            assert_eq!(daemon_args(args(given)), args(daemon), "{given}");
+        }
+    }
 }
