@@ -289,6 +289,22 @@ async fn mounted_python_app_runs_and_serves_concurrent_readers() {
             "starting the app fetched {fetched} of {total} bytes"
         );
         let first_misses = mounted.stats()["cache_misses"].as_u64().unwrap();
+        // A second mount on the same directory is refused, and the first one keeps serving.
+        let dir = mounted.path().to_str().unwrap();
+        let mount_entries = || {
+            let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+            mounts
+                .lines()
+                .filter(|l| l.split(' ').nth(1) == Some(dir))
+                .count()
+        };
+        lazylayer(&["mount", "--daemon", &estargz, dir], &[]).assert_error(&[
+            dir,
+            "already a lazylayer mount",
+            "lazylayer umount",
+        ]);
+        assert_eq!(mount_entries(), 1);
+        assert!(mounted.stats()["cache_misses"].as_u64().unwrap() >= first_misses);
         // Unmounting ends the daemon and removes its control socket.
         let run_dir = mounted.run_dir.path().to_path_buf();
         assert!(mounted.is_mounted());

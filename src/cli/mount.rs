@@ -14,6 +14,7 @@ const READY_ENV: &str = "LAZYLAYER_REPORT_READY";
 pub(super) async fn mount(args: MountArgs) -> Result<(), CliError> {
     // Bad sizes are reported before a daemon is started.
     args.read.image_fs_options(None, RetryPolicy::default())?;
+    crate::mount::check_not_mounted(&args.dir)?;
     if args.daemon {
         return daemonize(&args);
     }

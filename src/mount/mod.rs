@@ -64,7 +64,61 @@ pub enum MountError {
     Mount { dir: String, source: io::Error },
     #[error("cannot unmount {dir}: {source}")]
     Unmount { dir: String, source: io::Error },
+    #[error(
+        "{dir} is already a lazylayer mount (of {image}); unmount it first: lazylayer umount {dir}"
+    )]
+    AlreadyMounted { dir: String, image: String },
 }
+
+/// Refuses a directory that already is a lazylayer mount: a second mount would stack on it,
+/// share its control socket and log, and one `umount` would take both down.
+pub fn check_not_mounted(dir: &Path) -> Result<(), MountError> {
+    let Ok(absolute) = std::path::absolute(dir) else {
+        return Ok(());
+    };
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    for line in mounts.lines() {
+        let mut fields = line.split(' ').map(unescape_mount_field);
+        let (Some(source), Some(point)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if let Some(image) = source.strip_prefix(FS_NAME_PREFIX)
+            && Path::new(&point) == absolute
+        {
+            return Err(MountError::AlreadyMounted {
+                dir: dir.display().to_string(),
+                image: image.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `/proc/self/mounts` writes space, tab, newline and backslash as octal escapes (`\040`).
+fn unescape_mount_field(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|b| (b'0'..=b'7').contains(b)));
+        match octal {
+            Some(d) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// How our mounts' source starts in the mount table (`lazylayer:IMAGE`).
+const FS_NAME_PREFIX: &str = "lazylayer:";
 
 /// Mounts `fs` at `dir` and returns once the kernel has the mount. Dropping the session
 /// unmounts.
@@ -74,6 +128,7 @@ pub fn mount(
     options: &MountOptions,
     runtime: tokio::runtime::Handle,
 ) -> Result<BackgroundSession, MountError> {
+    check_not_mounted(dir)?;
     if !dir.is_dir() {
         return Err(MountError::NotADirectory {
             dir: dir.display().to_string(),
@@ -81,7 +136,7 @@ pub fn mount(
     }
     let mut mount_options = vec![
         MountOption::RO,
-        MountOption::FSName(format!("lazylayer:{}", fs.image.source)),
+        MountOption::FSName(format!("{FS_NAME_PREFIX}{}", fs.image.source)),
         MountOption::Subtype("lazylayer".into()),
         MountOption::DefaultPermissions,
     ];
