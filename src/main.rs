@@ -8,15 +8,26 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // fuser warns about every operation a file system leaves to its defaults; those answers
-    // (ENOSYS) are deliberate here, so only its errors are shown.
     let default_level = match cli.verbose {
-        0 => "warn,fuser=error",
-        1 => "lazylayer=debug,info,fuser=error",
+        0 => "warn",
+        1 => "lazylayer=debug,info",
         _ => "lazylayer=trace,debug",
     };
-    let filter =
-        EnvFilter::try_from_env("LAZYLAYER_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    let spec = std::env::var("LAZYLAYER_LOG").ok();
+    let mut filter = spec
+        .as_deref()
+        .and_then(|s| EnvFilter::try_new(s).ok())
+        .unwrap_or_else(|| EnvFilter::new(default_level));
+    // fuser's own messages are routine for us, unless asked for by name or with -vv: it warns
+    // about every operation a file system leaves to its defaults (those ENOSYS answers are
+    // deliberate), "Failed to send FUSE reply: No such file or directory" is a reply to a
+    // request the kernel already dropped (an interrupted read), and "Unmount failed: Invalid
+    // argument" comes after every `umount`, which had already unmounted.
+    if cli.verbose < 2 && !spec.as_deref().is_some_and(|s| s.contains("fuser")) {
+        for quiet in ["fuser=error", "fuser::reply=off", "fuser::mnt=off"] {
+            filter = filter.add_directive(quiet.parse().expect("a valid directive"));
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
