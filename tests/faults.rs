@@ -1,8 +1,9 @@
 //! A bad network between lazylayer and a real registry (netem-proxy injecting resets,
 //! truncations, flipped bytes, stalls, 5xx/429 and dead redirects): reads still return the
 //! reference bytes; a frozen registry fails reads with EIO at their deadline instead of hanging
-//! them, and they work again once it is back; a token endpoint that is down for a while only
-//! delays the first request; the retry budget comes from flags over the config file.
+//! them, and they work again once it is back; a registry killed for 15 s fails no read; a
+//! token endpoint that is down for a while only delays the first request; the retry budget comes
+//! from flags over the config file.
 
 mod support;
 
@@ -122,6 +123,44 @@ fn frozen_registry_fails_reads_at_their_deadline_and_they_recover() {
     assert!(data == expected, "{path}: wrong bytes after recovery");
     let stats = mounted.stats();
     assert!(stats["failed_reads"].as_u64().unwrap() >= 1, "{stats}");
+}
+
+/// A registry that goes away for 15 s (killed: connections refused) while a container's
+/// files are read, and comes back on the same port, costs the readers time and no error: with
+/// default retry settings no read fails and every byte matches.
+#[test]
+fn registry_killed_for_fifteen_seconds_fails_no_read() {
+    let (mut registry, estargz) = python_app_as_estargz();
+    let work = tempfile::tempdir().unwrap();
+    let reference_root = umoci_unpack("python-app", work.path());
+    let expected = disk_tree(&reference_root);
+    let cache = tempfile::tempdir().unwrap();
+    let mounted = Mounted::with_args(&estargz, cache.path(), &["--no-background-fetch"]);
+
+    let root = mounted.path().to_path_buf();
+    let readers = std::thread::spawn(move || read_all_in_parallel(&root, 8));
+    std::thread::sleep(Duration::from_millis(300));
+    registry.kill();
+    let outage = Instant::now();
+    std::thread::sleep(Duration::from_secs(15));
+    registry.start_again();
+    eprintln!("registry was down for {:?}", outage.elapsed());
+    let failed = readers.join().unwrap();
+    assert!(failed.is_empty(), "reads failed: {failed:?}");
+
+    let stats = mounted.stats();
+    assert_eq!(stats["failed_reads"], 0, "reads failed: {stats}");
+    assert!(
+        stats["retries"].as_u64().unwrap() > 0,
+        "no read met the outage, so the test tested nothing: {stats}"
+    );
+    let actual = disk_tree(mounted.path());
+    assert_same_tree("read across a registry outage", &expected, &actual);
+    assert!(
+        mounted.daemon_log().contains("still retrying"),
+        "the outage was not reported in the log:\n{}",
+        mounted.daemon_log()
+    );
 }
 
 /// The token endpoint answers 503 to its first three requests: the client retries and gets in.

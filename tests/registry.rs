@@ -660,3 +660,56 @@ fn dead_and_stalled_registries_fail_with_a_clear_error() {
 
     lazylayer(&["inspect", "--stall-timeout", "0", "x"], &[]).assert_error(&["--stall-timeout"]);
 }
+
+/// Layers whose bytes match their digest but are not what their media type says (not gzip; gzip
+/// of something that is not tar) can never be read: the error names the layer at once, after one
+/// download, instead of downloading the layer again for each retry.
+#[test]
+fn malformed_layers_with_valid_digests_fail_after_one_download() {
+    let registry = Registry::start(RegistryAuth::None);
+    let not_tar = {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut gz, &[b'A'; 3000]).unwrap();
+        gz.finish().unwrap()
+    };
+    for (tag, layer) in [
+        ("not-gzip", b"this is not a gzip stream at all".repeat(100)),
+        ("not-tar", not_tar),
+    ] {
+        let layer_digest = registry.put_blob("test/bad", &layer);
+        let config = json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [Digest::of(b"unknown").to_string()]},
+        })
+        .to_string();
+        let config_digest = registry.put_blob("test/bad", config.as_bytes());
+        let manifest = json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": config_digest,
+                "size": config.len(),
+            },
+            "layers": [{
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": layer_digest,
+                "size": layer.len(),
+            }],
+        })
+        .to_string();
+        registry.put_manifest("test/bad", tag, OCI_MANIFEST, manifest.as_bytes());
+        let reference = format!("{}/test/bad:{tag}", registry.host());
+        lazylayer(&["ls", &reference, "/"], &[]).assert_error(&[&layer_digest]);
+        let downloads = registry
+            .log()
+            .lines()
+            .filter(|l| l.contains(&format!("GET /v2/test/bad/blobs/{layer_digest}")))
+            .count();
+        assert_eq!(
+            downloads, 1,
+            "{tag}: the layer was downloaded {downloads} times"
+        );
+    }
+}

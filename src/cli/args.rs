@@ -521,13 +521,15 @@ pub struct RemoteArgs {
     #[arg(long, value_name = "SECONDS")]
     pub stall_timeout: Option<f64>,
 
-    /// Attempts per remote read before it fails; a failed range read resumes at the first
-    /// byte not yet received [default: 5].
+    /// Attempts per remote read before it fails, for failing fast; without it an outage is
+    /// retried until --read-timeout. A failed range read resumes at the first byte not yet
+    /// received [default: none].
     #[arg(long, value_name = "N")]
     pub max_attempts: Option<u32>,
 
     /// Seconds a read may go without receiving a byte, retries included, before it fails
-    /// (EIO in a mount) [default: 60].
+    /// (EIO in a mount): an outage shorter than this costs readers latency, not errors
+    /// [default: 60].
     #[arg(long, value_name = "SECONDS")]
     pub read_timeout: Option<f64>,
 

@@ -6,7 +6,7 @@
 //!
 //! ```toml
 //! [fetch]
-//! max_attempts = 5       # attempts per remote read
+//! # max_attempts = 5     # attempts per remote read; unset: retry until read_timeout
 //! read_timeout = 60      # seconds a read may go without a byte, retries included
 //! stall_timeout = 30     # seconds without a byte before one attempt is abandoned
 //! connect_timeout = 10   # seconds to connect

@@ -39,7 +39,7 @@ impl RemoteArgs {
             max_attempts: self
                 .max_attempts
                 .or(file.max_attempts)
-                .unwrap_or(defaults.retry.max_attempts),
+                .or(defaults.retry.max_attempts),
             read_timeout: secs(
                 "read-timeout",
                 self.read_timeout,
@@ -59,7 +59,7 @@ impl RemoteArgs {
                 defaults.retry.max_backoff,
             )?,
         };
-        if retry.max_attempts == 0 {
+        if retry.max_attempts == Some(0) {
             return Err(CliError::Attempts);
         }
         let mut config = FetchConfig {
@@ -180,7 +180,7 @@ mod tests {
     fn flags_win_over_the_file_and_the_file_over_defaults() {
         let file = ConfigFile::parse("[fetch]\nmax_attempts = 3\nstall_timeout = 7\n").unwrap();
         let from_file = cat_args(&[]).fetch_config(&file.fetch).unwrap();
-        assert_eq!(from_file.retry.max_attempts, 3);
+        assert_eq!(from_file.retry.max_attempts, Some(3));
         assert_eq!(from_file.stall_timeout, Duration::from_secs(7));
         let defaults = FetchConfig::default();
         assert_eq!(from_file.connect_timeout, defaults.connect_timeout);
@@ -188,7 +188,7 @@ mod tests {
         let flagged = cat_args(&["--max-attempts", "9"])
             .fetch_config(&file.fetch)
             .unwrap();
-        assert_eq!(flagged.retry.max_attempts, 9);
+        assert_eq!(flagged.retry.max_attempts, Some(9));
         assert_eq!(flagged.stall_timeout, Duration::from_secs(7));
         assert!(matches!(
             cat_args(&["--max-attempts", "0"]).fetch_config(&FetchSection::default()),
@@ -226,7 +226,7 @@ mod tests {
             ("kubernetes", &kubernetes),
         ] {
             let file = ConfigFile::parse(text).unwrap_or_else(|e| panic!("{name}: {e}"));
-            assert!(file.fetch.max_attempts.is_some(), "{name}: example found");
+            assert!(file.fetch.read_timeout.is_some(), "{name}: example found");
             let merged = cat_args(&[]).fetch_config(&file.fetch).unwrap();
             assert_eq!(merged.retry, defaults.retry, "{name}");
             assert_eq!(merged.connect_timeout, defaults.connect_timeout, "{name}");
@@ -246,10 +246,15 @@ mod tests {
             .to_string();
         let d = FetchConfig::default();
         for (flag, value) in [
-            ("--connect-timeout", d.connect_timeout.as_secs()),
-            ("--stall-timeout", d.stall_timeout.as_secs()),
-            ("--max-attempts", u64::from(d.retry.max_attempts)),
-            ("--read-timeout", d.retry.read_timeout.as_secs()),
+            ("--connect-timeout", d.connect_timeout.as_secs().to_string()),
+            ("--stall-timeout", d.stall_timeout.as_secs().to_string()),
+            (
+                "--max-attempts",
+                d.retry
+                    .max_attempts
+                    .map_or("none".to_string(), |n| n.to_string()),
+            ),
+            ("--read-timeout", d.retry.read_timeout.as_secs().to_string()),
         ] {
             let text = help
                 .split(&format!("{flag} <"))

@@ -292,9 +292,9 @@ impl ContentReader {
 impl Transient for ContentError {
     fn verdict(&self) -> Verdict {
         match self {
-            ContentError::ChunkDigest { .. } | ContentError::Decompress { .. } => {
-                Verdict::Retry(None)
-            }
+            // A chunk's compressed bytes have no digest of their own: bytes that do not inflate
+            // may have been damaged on the way, as may those that fail their digest.
+            ContentError::ChunkDigest { .. } | ContentError::Decompress { .. } => Verdict::Damaged,
             ContentError::Layer(e) => e.verdict(),
             // Retried by the source already; out-of-range is a caller's mistake.
             ContentError::Source(_) | ContentError::OutOfRange { .. } => Verdict::Fatal,
@@ -369,7 +369,7 @@ mod tests {
     impl Layer {
         fn reader(&self, scheduler: Arc<RequestScheduler>, amplify: u64) -> ContentReader {
             let retry = RetryPolicy {
-                max_attempts: 3,
+                max_attempts: Some(3),
                 read_timeout: Duration::from_secs(5),
                 initial_backoff: Duration::from_millis(1),
                 max_backoff: Duration::from_millis(2),

@@ -75,7 +75,10 @@ pub fn parse_footer(tail: &[u8]) -> Option<(u64, u64)> {
 pub fn toc_json(layer: &Digest, compressed: &[u8]) -> Result<Vec<u8>, LayerError> {
     let gz = flate2::read::GzDecoder::new(compressed);
     let mut archive = tar::Archive::new(gz);
-    let bad = |reason: String| LayerError::malformed(layer, format!("eStargz TOC: {reason}"));
+    let bad = |reason: String| LayerError::Undecodable {
+        layer: layer.clone(),
+        reason: format!("eStargz TOC: {reason}"),
+    };
     let mut entries = archive.entries().map_err(|e| bad(e.to_string()))?;
     let mut entry = entries
         .next()

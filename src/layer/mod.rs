@@ -49,8 +49,16 @@ pub const STREAM_CHUNK_BYTES: u64 = 1 << 20;
 pub enum LayerError {
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// Content that is wrong although it matched its digest (or has none to match).
     #[error("layer {layer}: {reason}")]
     Malformed { layer: Digest, reason: String },
+    /// Bytes that do not decode and could not be checked against a digest first (the eStargz
+    /// TOC's gzip member: its digest is of the JSON inside).
+    #[error(
+        "layer {layer}: {reason} (these bytes could not be checked against a digest first; if \
+         this persists, the layer is broken in the registry)"
+    )]
+    Undecodable { layer: Digest, reason: String },
     #[error("layer {layer}: entry {path:?}: {reason}")]
     BadEntry {
         layer: Digest,
@@ -68,16 +76,17 @@ pub enum LayerError {
     UnsupportedMediaType { layer: Digest, media_type: String },
 }
 
-/// Worth loading the layer again? Bytes that fail their digest or do not parse may have been
-/// damaged in transit (what was stored is checked again on the next try); transport failures
-/// were already retried by the source, and entries refused as hostile are refused again.
+/// Worth loading the layer again? Only if its bytes may have been damaged in transit: they
+/// failed their digest, or they did not decode before any digest could check them
+/// ([`LayerError::Undecodable`]). What is malformed or hostile although it matched its digest
+/// is refused again however often it is fetched, and transport failures were already retried
+/// by the source.
 impl Transient for LayerError {
     fn verdict(&self) -> Verdict {
         match self {
-            LayerError::Malformed { .. } | LayerError::DigestMismatch { .. } => {
-                Verdict::Retry(None)
-            }
+            LayerError::Undecodable { .. } | LayerError::DigestMismatch { .. } => Verdict::Damaged,
             LayerError::Source(_)
+            | LayerError::Malformed { .. }
             | LayerError::BadEntry { .. }
             | LayerError::UnsupportedMediaType { .. } => Verdict::Fatal,
         }

@@ -198,14 +198,37 @@ pub fn index_reader_with<R: Read>(
         hasher: DigestHasher::default(),
         count: 0,
     };
-    let entries = {
+    let parsed = (|| {
         let decompressed = open(&mut hashing).map_err(|e| io_error(digest, e))?;
         let mut archive = tar::Archive::new(decompressed);
         let entries = read_entries(&mut archive, digest, compression, observer)?;
         // Whatever follows the end-of-archive marker still belongs to the blob and its digest.
         io::copy(archive.into_inner().by_ref(), &mut io::sink())
             .map_err(|e| io_error(digest, e))?;
-        entries
+        Ok(entries)
+    })();
+    let entries = match parsed {
+        Ok(entries) => entries,
+        // Content that does not parse was damaged on the way or is broken at its source; only
+        // the blob digest tells which, and which decides whether fetching it again can help
+        // (a damaged blob is retried, a broken one refused at once). The rest of the blob is
+        // read for that, as a retry would read all of it.
+        Err(e @ (LayerError::Malformed { .. } | LayerError::BadEntry { .. }))
+            if !observer.cancelled() =>
+        {
+            io::copy(&mut hashing, &mut io::sink()).map_err(|e| io_error(digest, e))?;
+            let actual = hashing.hasher.finish();
+            if actual != *digest {
+                return Err(LayerError::DigestMismatch {
+                    layer: digest.clone(),
+                    what: "blob".into(),
+                    expected: digest.clone(),
+                    actual,
+                });
+            }
+            return Err(e);
+        }
+        Err(e) => return Err(e),
     };
     io::copy(&mut hashing, &mut io::sink()).map_err(|e| io_error(digest, e))?;
     if hashing.count != size {

@@ -174,6 +174,7 @@ impl Resuming {
             self.stream = None;
             match backoff.failed(failure.verdict()) {
                 Some(wait) => {
+                    backoff.report(|| self.describe(), &failure);
                     tracing::debug!(read = %self.describe(), error = %failure, ?wait, "resuming range read");
                     tokio::time::sleep(wait).await;
                 }
@@ -203,7 +204,7 @@ mod tests {
 
     fn quick() -> RetryPolicy {
         RetryPolicy {
-            max_attempts: 3,
+            max_attempts: Some(3),
             read_timeout: Duration::from_secs(5),
             initial_backoff: Duration::from_millis(1),
             max_backoff: Duration::from_millis(2),

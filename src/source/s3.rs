@@ -94,10 +94,10 @@ impl From<S3Error> for SourceError {
 impl Transient for S3Error {
     fn verdict(&self) -> Verdict {
         match self {
-            S3Error::Request { .. }
-            | S3Error::Stalled { .. }
-            | S3Error::Truncated { .. }
-            | S3Error::Digest { .. } => Verdict::Retry(None),
+            S3Error::Request { .. } | S3Error::Stalled { .. } | S3Error::Truncated { .. } => {
+                Verdict::Retry(None)
+            }
+            S3Error::Digest { .. } => Verdict::Damaged,
             S3Error::NotFound { .. }
             | S3Error::Denied { .. }
             | S3Error::BadIndex { .. }

@@ -212,17 +212,7 @@ impl Registry {
         );
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config).unwrap();
-        let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
-        let child = Command::new("docker-registry")
-            // The AWS SDK in distribution refuses to start with a CA bundle it cannot load into
-            // its transport; the tests' S3 is plain HTTP anyway.
-            .env_remove("AWS_CA_BUNDLE")
-            .arg("serve")
-            .arg(&config_path)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start docker-registry");
+        let child = Registry::spawn(dir.path());
         let registry = Registry {
             child,
             port,
@@ -231,6 +221,38 @@ impl Registry {
         };
         registry.wait_ready();
         registry
+    }
+
+    /// Runs `docker-registry` with the config in `dir`, appending to its log there.
+    fn spawn(dir: &Path) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("registry.log"))
+            .unwrap();
+        Command::new("docker-registry")
+            // The AWS SDK in distribution refuses to start with a CA bundle it cannot load into
+            // its transport; the tests' S3 is plain HTTP anyway.
+            .env_remove("AWS_CA_BUNDLE")
+            .arg("serve")
+            .arg(dir.join("config.yml"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start docker-registry")
+    }
+
+    /// Kills the registry process (SIGKILL): its port refuses connections until
+    /// [`Registry::start_again`].
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the registry again on the same port and storage after [`Registry::kill`].
+    pub fn start_again(&mut self) {
+        self.child = Registry::spawn(self.dir.path());
+        self.wait_ready();
     }
 
     fn wait_ready(&self) {
@@ -299,6 +321,58 @@ impl Registry {
             "skopeo push of {tag} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// Uploads `body` as a blob of `repo` with the registry's own API (a monolithic upload),
+    /// returning its digest.
+    pub fn put_blob(&self, repo: &str, body: &[u8]) -> String {
+        let digest = format!("sha256:{}", sha256_hex(body));
+        let started = Command::new("curl")
+            .args([
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%header{location}",
+                "-X",
+                "POST",
+            ])
+            .arg(format!("http://{}/v2/{repo}/blobs/uploads/", self.host()))
+            .output()
+            .unwrap();
+        let location = String::from_utf8_lossy(&started.stdout).trim().to_string();
+        assert!(!location.is_empty(), "no upload location: {started:?}");
+        let location = if location.starts_with('/') {
+            format!("http://{}{location}", self.host())
+        } else {
+            location
+        };
+        let separator = if location.contains('?') { '&' } else { '?' };
+        let file = self.dir.path().join("blob-upload");
+        std::fs::write(&file, body).unwrap();
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "-o",
+                "/dev/stderr",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "PUT",
+            ])
+            .args(["-H", "Content-Type: application/octet-stream"])
+            .arg("--data-binary")
+            .arg(format!("@{}", file.display()))
+            .arg(format!("{location}{separator}digest={digest}"))
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "201",
+            "PUT blob failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        digest
     }
 
     /// Uploads a manifest or index with the registry's own API (PUT), returning its digest.

@@ -182,10 +182,10 @@ impl Transient for RegistryError {
             | RegistryError::Truncated { .. }
             | RegistryError::BadRange { .. }
             // The token endpoint may be down for a while, as any server.
-            | RegistryError::Token { .. }
-            // Bytes that fail their digest were damaged on the way; the stored ones are checked
-            // by digest too, so a second look is all it takes to tell.
-            | RegistryError::Digest { .. } => Verdict::Retry(None),
+            | RegistryError::Token { .. } => Verdict::Retry(None),
+            // Bytes that fail their digest were damaged on the way, or are broken in storage;
+            // a second look tells which.
+            RegistryError::Digest { .. } => Verdict::Damaged,
             RegistryError::Status {
                 status,
                 retry_after,
