@@ -343,3 +343,31 @@ fn link_stats_count_requests_and_body_bytes() {
     assert_eq!(json["body_bytes"], 200_000, "{stats}");
     assert_eq!(proxy.requests().len(), 2);
 }
+
+/// A client that opens with a TLS handshake (an HTTPS probe, as Go clients and containerd send
+/// before falling back to HTTP) gets an answer at once instead of waiting for its own timeout.
+#[test]
+fn tls_handshake_gets_an_immediate_bad_request() {
+    use std::io::{Read, Write};
+    use support::http::{HttpServer, Response};
+    let server = HttpServer::start(|_| Response::new(200));
+    let proxy = FaultProxy::start(server.port, &[]);
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // The start of a TLS 1.2 ClientHello record: handshake type, version, length, hello.
+    conn.write_all(&[
+        0x16, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1, 0x03, 0x03,
+    ])
+    .unwrap();
+    let started = Instant::now();
+    let mut response = Vec::new();
+    let read = conn.read_to_end(&mut response);
+    assert!(read.is_ok(), "no answer within 5 s: {read:?}");
+    let response = String::from_utf8_lossy(&response);
+    assert!(
+        response.starts_with("HTTP/1.1 400 "),
+        "answered {response:?} after {:?}",
+        started.elapsed()
+    );
+    assert!(proxy.requests().is_empty(), "{:?}", proxy.requests());
+}

@@ -28,6 +28,9 @@
 //! test can count what was injected, check where credentials went, and tell requests sent
 //! together (arrivals within one RTT) from requests sent one after another. On start the proxy prints `listening on ADDR` on stdout.
 //!
+//! A client that does not open with an HTTP request line (a TLS handshake: HTTPS probes by Go
+//! clients and containerd) gets `400 Bad Request` and a close at once, not a silent wait.
+//!
 //! `GET /_netem/stats` is answered by the proxy itself (never forwarded, never counted) with
 //! `{"requests": N, "body_bytes": M}`: requests forwarded and response body bytes received from
 //! upstream so far. A benchmark reads it before and after a run to learn what the run cost on
@@ -328,6 +331,12 @@ async fn read_head(
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
         buf.extend_from_slice(&piece[..n]);
+        // A request line starts with a method, an uppercase token. Anything else (a TLS
+        // ClientHello starts with the record type 0x16) would never send the blank line this
+        // loop waits for, and its client would wait for an answer until it times out.
+        if !buf[0].is_ascii_uppercase() {
+            return Err(std::io::ErrorKind::InvalidData.into());
+        }
     };
     let text = String::from_utf8_lossy(&buf[..end]).into_owned();
     let rest = buf[end + 4..].to_vec();
@@ -371,7 +380,18 @@ impl Proxy {
     }
 
     async fn serve(&self, mut client: TcpStream) -> std::io::Result<()> {
-        let (head, early_body) = read_head(&mut client).await?;
+        let (head, early_body) = match read_head(&mut client).await {
+            Ok(read) => read,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                let body = "not an HTTP/1.1 request (this proxy speaks plain HTTP, not TLS)\n";
+                let response = format!(
+                    "HTTP/1.1 400 Bad Request\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                return client.write_all(response.as_bytes()).await;
+            }
+            Err(e) => return Err(e),
+        };
         let mut parts = head.first.split(' ');
         let method = parts.next().unwrap_or_default().to_string();
         let path = parts.next().unwrap_or_default().to_string();
