@@ -676,30 +676,14 @@ fn malformed_layers_with_valid_digests_fail_after_one_download() {
         ("not-gzip", b"this is not a gzip stream at all".repeat(100)),
         ("not-tar", not_tar),
     ] {
-        let layer_digest = registry.put_blob("test/bad", &layer);
-        let config = json!({
-            "architecture": "amd64",
-            "os": "linux",
-            "rootfs": {"type": "layers", "diff_ids": [Digest::of(b"unknown").to_string()]},
-        })
-        .to_string();
-        let config_digest = registry.put_blob("test/bad", config.as_bytes());
-        let manifest = json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": config_digest,
-                "size": config.len(),
-            },
-            "layers": [{
-                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                "digest": layer_digest,
-                "size": layer.len(),
-            }],
-        })
-        .to_string();
-        registry.put_manifest("test/bad", tag, OCI_MANIFEST, manifest.as_bytes());
+        let layer_digest = registry
+            .push_image(
+                "test/bad",
+                tag,
+                &[layer],
+                Some(vec![Digest::of(b"unknown").to_string()]),
+            )
+            .remove(0);
         let reference = format!("{}/test/bad:{tag}", registry.host());
         lazylayer(&["ls", &reference, "/"], &[]).assert_error(&[&layer_digest]);
         let downloads = registry

@@ -7,7 +7,10 @@
 //! by the format's writer ([`chunked`]), optionally with prioritised files first and the
 //! prefetch landmark after them. Entries are re-encoded as fresh tar headers (GNU long names,
 //! PAX records for xattrs) from the normalised metadata, so two conversions of the same input
-//! give the same bytes whatever tool wrote it.
+//! give the same bytes whatever tool wrote it. Each layer's entries are also applied to a
+//! [`MergedTree`] of the layers below it before the layer is written, so the writer refuses
+//! exactly what a mount of its output would (a hard link to a missing path or to a directory,
+//! a symlink loop in a parent path), and nothing is written for such an image.
 //!
 //! The new config is the old one with `rootfs.diff_ids` replaced (the digests of the new
 //! uncompressed tar streams, which include the TOC entry); history and everything else is kept.
@@ -25,6 +28,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
+use crate::fs::tree::MergedTree;
 use crate::layer::tar_stream::{self, StreamObserver};
 use crate::layer::{ChunkSource, EntryKind, LayerEntry, LayerError};
 use crate::model::digest::Digest;
@@ -249,7 +253,9 @@ async fn convert_layer(
     (index, layer): (usize, &image::Layer),
     options: &ConvertOptions,
     progress: Arc<dyn Progress>,
+    merged: &mut MergedTree,
 ) -> Result<ConvertedLayer, ConvertError> {
+    let layer_index = index;
     let digest = layer.descriptor.digest.clone();
     let write_error = |source: io::Error| ConvertError::Write {
         image: image_name.to_string(),
@@ -284,6 +290,9 @@ async fn convert_layer(
         .into_iter()
         .filter(|e| !is_estargz_metadata(&e.path))
         .collect();
+    // What the readers refuse (a hard link to a path that does not exist, to a directory, a
+    // symlink loop in a parent path), the writer refuses too, before writing anything.
+    merged.add_layer(layer_index, &digest, entries.clone())?;
     let options = options.clone();
     let blob = tempfile::NamedTempFile::new().map_err(write_error)?;
     let out = blob.reopen().map_err(write_error)?;
@@ -357,10 +366,18 @@ pub async fn convert(
         .blob(&image.manifest.config, MAX_CONFIG_BYTES)
         .await?;
     let mut layers = Vec::with_capacity(image.layers.len());
+    let mut merged = MergedTree::empty();
     for (i, layer) in image.layers.iter().enumerate() {
         progress.layer_started(i, image.layers.len(), &layer.descriptor);
-        let converted =
-            convert_layer(source.clone(), &name, (i, layer), options, progress.clone()).await?;
+        let converted = convert_layer(
+            source.clone(),
+            &name,
+            (i, layer),
+            options,
+            progress.clone(),
+            &mut merged,
+        )
+        .await?;
         progress.layer_done(
             i,
             image.layers.len(),

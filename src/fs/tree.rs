@@ -152,7 +152,20 @@ impl MergedTree {
     pub fn build(
         layers: impl IntoIterator<Item = (Digest, Vec<LayerEntry>)>,
     ) -> Result<MergedTree, LayerError> {
-        let mut tree = MergedTree {
+        let mut tree = MergedTree::empty();
+        for (index, (digest, entries)) in layers.into_iter().enumerate() {
+            tree.apply(index, &digest, entries)?;
+        }
+        tree.count_dir_links();
+        Ok(tree)
+    }
+
+    /// A tree with only its root, to which layers are added one by one with
+    /// [`MergedTree::add_layer`]: `convert` checks each layer it writes this way, so that it
+    /// refuses what a mount of its output would refuse. Directory link counts are only right
+    /// after [`MergedTree::build`].
+    pub fn empty() -> MergedTree {
+        MergedTree {
             nodes: vec![Node {
                 kind: NodeKind::Dir {
                     children: BTreeMap::new(),
@@ -161,12 +174,17 @@ impl MergedTree {
                 meta: implicit_dir_meta(),
                 nlink: 2,
             }],
-        };
-        for (index, (digest, entries)) in layers.into_iter().enumerate() {
-            tree.apply(index, &digest, entries)?;
         }
-        tree.count_dir_links();
-        Ok(tree)
+    }
+
+    /// Applies the next layer up (`index` counts from the bottom) as [`MergedTree::build`] does.
+    pub fn add_layer(
+        &mut self,
+        index: usize,
+        digest: &Digest,
+        entries: Vec<LayerEntry>,
+    ) -> Result<(), LayerError> {
+        self.apply(index, digest, entries)
     }
 
     pub fn node(&self, ino: Ino) -> Option<&Node> {

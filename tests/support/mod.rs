@@ -375,6 +375,62 @@ impl Registry {
         digest
     }
 
+    /// Pushes a linux/amd64 image of gzip `layers` (bottom first) as `repo:tag` with the given
+    /// config `diff_ids` (the right ones when `None`: the digests of the gunzipped layers), and
+    /// returns the digests of the layers as pushed.
+    pub fn push_image(
+        &self,
+        repo: &str,
+        tag: &str,
+        layers: &[Vec<u8>],
+        diff_ids: Option<Vec<String>>,
+    ) -> Vec<String> {
+        let diff_ids = diff_ids.unwrap_or_else(|| {
+            layers
+                .iter()
+                .map(|gz| {
+                    let mut tar = Vec::new();
+                    std::io::Read::read_to_end(
+                        &mut flate2::read::GzDecoder::new(&gz[..]),
+                        &mut tar,
+                    )
+                    .expect("push_image takes gzip layers");
+                    format!("sha256:{}", sha256_hex(&tar))
+                })
+                .collect()
+        });
+        let digests: Vec<String> = layers.iter().map(|l| self.put_blob(repo, l)).collect();
+        let config = serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        })
+        .to_string();
+        let config_digest = self.put_blob(repo, config.as_bytes());
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": config_digest,
+                "size": config.len(),
+            },
+            "layers": layers.iter().zip(&digests).map(|(l, d)| serde_json::json!({
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": d,
+                "size": l.len(),
+            })).collect::<Vec<_>>(),
+        })
+        .to_string();
+        self.put_manifest(
+            repo,
+            tag,
+            "application/vnd.oci.image.manifest.v1+json",
+            manifest.as_bytes(),
+        );
+        digests
+    }
+
     /// Uploads a manifest or index with the registry's own API (PUT), returning its digest.
     pub fn put_manifest(&self, repo: &str, tag: &str, media_type: &str, body: &[u8]) -> String {
         let file = self.dir.path().join(format!("manifest-{tag}.json"));
