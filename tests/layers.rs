@@ -102,6 +102,7 @@ fn index(blob: &[u8]) -> Result<LayerIndex, LayerError> {
         blob,
         &Digest::of(blob),
         blob.len() as u64,
+        None,
         LayerCompression::Gzip,
         &Ignore,
     )
@@ -464,6 +465,7 @@ fn corrupt_or_truncated_streams_are_refused() {
         &blob[..],
         &Digest::of(b"other"),
         blob.len() as u64,
+        None,
         LayerCompression::Gzip,
         &Ignore,
     )
@@ -475,6 +477,7 @@ fn corrupt_or_truncated_streams_are_refused() {
         cut,
         &digest,
         blob.len() as u64,
+        None,
         LayerCompression::Gzip,
         &Ignore,
     )
@@ -486,6 +489,7 @@ fn corrupt_or_truncated_streams_are_refused() {
         &junk[..],
         &Digest::of(&junk),
         junk.len() as u64,
+        None,
         LayerCompression::Gzip,
         &Ignore,
     )
@@ -498,11 +502,44 @@ fn corrupt_or_truncated_streams_are_refused() {
         &padded[..],
         &digest,
         blob.len() as u64,
+        None,
         LayerCompression::Gzip,
         &Ignore,
     )
     .unwrap_err();
     assert!(err.to_string().contains(&digest.to_string()), "{err}");
+}
+
+/// A layer whose blob matches its digest but whose tar stream is not the config's diff_id is
+/// refused, as containerd's unpacker refuses it; the right diff_id passes.
+#[test]
+fn a_diff_id_that_does_not_match_the_stream_is_refused() {
+    let blob = Layer::new().file("a", b"content").gzip();
+    let mut tar = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&blob[..]), &mut tar).unwrap();
+    let check = |diff_id: &Digest| {
+        index_reader(
+            &blob[..],
+            &Digest::of(&blob),
+            blob.len() as u64,
+            Some(diff_id),
+            LayerCompression::Gzip,
+            &Ignore,
+        )
+    };
+    check(&Digest::of(&tar)).unwrap();
+    let wrong = Digest::of(b"another layer's tar");
+    let err = check(&wrong).unwrap_err();
+    assert!(
+        matches!(&err, LayerError::DiffIdMismatch { expected, actual, .. }
+            if *expected == wrong && *actual == Digest::of(&tar)),
+        "{err}"
+    );
+    assert!(err.to_string().contains("rootfs.diff_ids"), "{err}");
+    assert_eq!(
+        lazylayer::source::retry::Transient::verdict(&err),
+        lazylayer::source::retry::Verdict::Fatal
+    );
 }
 
 /// What containerd's applier does with symlinks: their mode reads 0777 whatever the header says,

@@ -46,7 +46,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         _ => {
-            let _ = gzip_index::build(rest, &Digest::of(rest), rest.len() as u64, 64 << 10);
+            let _ = gzip_index::build(rest, &Digest::of(rest), rest.len() as u64, None, 64 << 10);
         }
     }
 });

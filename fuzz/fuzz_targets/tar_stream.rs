@@ -18,5 +18,5 @@ fuzz_target!(|data: &[u8]| {
     };
     // The digest is the blob's own, so a well-formed archive is indexed to the end.
     let digest = Digest::of(blob);
-    let _ = tar_stream::index_reader(blob, &digest, blob.len() as u64, compression, &Ignore);
+    let _ = tar_stream::index_reader(blob, &digest, blob.len() as u64, None, compression, &Ignore);
 });

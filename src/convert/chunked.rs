@@ -587,8 +587,15 @@ mod tests {
     /// A plain reader of the blob (one tar stream) finds the same entries, and the diff ID is
     /// that stream's digest.
     fn check_plain_tar(blob: &[u8], written: &Written, compression: LayerCompression) {
-        let index =
-            index_reader(blob, &written.digest, written.size, compression, &Ignore).unwrap();
+        let index = index_reader(
+            blob,
+            &written.digest,
+            written.size,
+            Some(&written.diff_id),
+            compression,
+            &Ignore,
+        )
+        .unwrap();
         let names: Vec<String> = index
             .entries
             .iter()

@@ -276,7 +276,7 @@ async fn convert_layer(
             layer: digest.clone(),
             media_type: layer.descriptor.media_type.clone(),
         })?;
-    let index = tar_stream::index(source, &layer.descriptor, compression, spool.clone()).await;
+    let index = tar_stream::index(source, layer, compression, spool.clone()).await;
     if let Some(e) = spool.failed.lock().unwrap().take() {
         return Err(write_error(e));
     }

@@ -76,7 +76,7 @@ pub async fn index(
             continue;
         }
         progress.layer_started(i, count, &layer.descriptor);
-        let blob = gzip_index::build_from(source.clone(), &layer.descriptor, span).await?;
+        let blob = gzip_index::build_from(source.clone(), layer, span).await?;
         let mut annotations = std::collections::BTreeMap::new();
         annotations.insert(
             ANNOTATION_GZIP_INDEX_LAYER.to_string(),

@@ -201,9 +201,9 @@ pub async fn read_file(
             found: AtomicBool::new(false),
             stop: AtomicBool::new(false),
         });
-        let (task_source, descriptor) = (source.clone(), layer.descriptor.clone());
+        let (task_source, task_layer) = (source.clone(), layer.clone());
         let task = tokio::spawn(async move {
-            tar_stream::index(task_source, &descriptor, compression, watch).await
+            tar_stream::index(task_source, &task_layer, compression, watch).await
         });
         let mut found = false;
         let mut writing = true;

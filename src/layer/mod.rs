@@ -74,6 +74,18 @@ pub enum LayerError {
     },
     #[error("layer {layer}: unsupported media type {media_type}")]
     UnsupportedMediaType { layer: Digest, media_type: String },
+    /// The layer matched its blob digest but not the image config's `rootfs.diff_ids`: the
+    /// config describes other layers. containerd refuses such an image when it unpacks it.
+    #[error(
+        "layer {layer}: wrong diff id calculated on extraction: its uncompressed content is \
+         {actual} but the image config's rootfs.diff_ids says {expected}; the image's config \
+         does not describe its layers (rebuild or re-push the image)"
+    )]
+    DiffIdMismatch {
+        layer: Digest,
+        expected: Digest,
+        actual: Digest,
+    },
 }
 
 /// Worth loading the layer again? Only if its bytes may have been damaged in transit: they
@@ -88,6 +100,7 @@ impl Transient for LayerError {
             LayerError::Source(_)
             | LayerError::Malformed { .. }
             | LayerError::BadEntry { .. }
+            | LayerError::DiffIdMismatch { .. }
             | LayerError::UnsupportedMediaType { .. } => Verdict::Fatal,
         }
     }
@@ -358,7 +371,7 @@ pub async fn load(
                         .ok()
                         .filter(|index| index.digest == *digest)
                 },
-                || tar_stream::index(source, &layer.descriptor, compression, observer),
+                || tar_stream::index(source, layer, compression, observer),
                 |index| serde_json::to_vec(index).expect("index serialises"),
             )
             .await

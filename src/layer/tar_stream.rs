@@ -34,6 +34,7 @@ use super::{
 use crate::model::digest::{Digest, DigestHasher};
 use crate::model::oci::{Descriptor, LayerCompression};
 use crate::source::ImageSource;
+use crate::source::image::Layer;
 
 /// Sees a streamed layer's entries and data as they go past.
 pub trait StreamObserver: Send + Sync {
@@ -148,28 +149,37 @@ pub(crate) async fn on_blocking_thread<T: Send + 'static>(
     result?
 }
 
-/// Indexes an index-less layer by streaming all of it from `source`.
+/// Indexes an index-less layer by streaming all of it from `source`; its uncompressed stream
+/// must hash to the layer's diff_id (the image config's `rootfs.diff_ids`).
 pub async fn index(
     source: Arc<dyn ImageSource>,
-    descriptor: &Descriptor,
+    layer: &Layer,
     compression: LayerCompression,
     observer: ChunkSink,
 ) -> Result<LayerIndex, LayerError> {
-    let digest = descriptor.digest.clone();
-    let stream = source.blob_range(&digest, 0..descriptor.size).await?;
-    let size = descriptor.size;
-    on_blocking_thread(stream, &descriptor.digest, move |reader| {
-        index_reader(reader, &digest, size, compression, observer.as_ref())
+    let (digest, size) = (layer.descriptor.digest.clone(), layer.descriptor.size);
+    let diff_id = layer.diff_id.clone();
+    let stream = source.blob_range(&digest, 0..size).await?;
+    on_blocking_thread(stream, &layer.descriptor.digest, move |reader| {
+        index_reader(
+            reader,
+            &digest,
+            size,
+            Some(&diff_id),
+            compression,
+            observer.as_ref(),
+        )
     })
     .await
 }
 
 /// Indexes a layer from any reader of its compressed bytes; the blob must hash to `digest` and
-/// be `size` bytes long.
+/// be `size` bytes long, and its uncompressed stream hash to `diff_id` when one is given.
 pub fn index_reader<R: Read>(
     reader: R,
     digest: &Digest,
     size: u64,
+    diff_id: Option<&Digest>,
     compression: LayerCompression,
     observer: &dyn StreamObserver,
 ) -> Result<LayerIndex, LayerError> {
@@ -177,6 +187,7 @@ pub fn index_reader<R: Read>(
         reader,
         digest,
         size,
+        diff_id,
         compression,
         |compressed| decompressor(compressed, compression),
         observer,
@@ -189,6 +200,7 @@ pub fn index_reader_with<R: Read>(
     reader: R,
     digest: &Digest,
     size: u64,
+    diff_id: Option<&Digest>,
     compression: LayerCompression,
     open: impl for<'r> FnOnce(&'r mut dyn Read) -> io::Result<Box<dyn Read + 'r>>,
     observer: &dyn StreamObserver,
@@ -200,15 +212,19 @@ pub fn index_reader_with<R: Read>(
     };
     let parsed = (|| {
         let decompressed = open(&mut hashing).map_err(|e| io_error(digest, e))?;
-        let mut archive = tar::Archive::new(decompressed);
+        let mut archive = tar::Archive::new(Hashing {
+            inner: decompressed,
+            hasher: DigestHasher::default(),
+            count: 0,
+        });
         let entries = read_entries(&mut archive, digest, compression, observer)?;
-        // Whatever follows the end-of-archive marker still belongs to the blob and its digest.
-        io::copy(archive.into_inner().by_ref(), &mut io::sink())
-            .map_err(|e| io_error(digest, e))?;
-        Ok(entries)
+        // Whatever follows the end-of-archive marker still belongs to the blob and its digests.
+        let mut uncompressed = archive.into_inner();
+        io::copy(uncompressed.by_ref(), &mut io::sink()).map_err(|e| io_error(digest, e))?;
+        Ok((entries, uncompressed.hasher.finish()))
     })();
-    let entries = match parsed {
-        Ok(entries) => entries,
+    let (entries, uncompressed) = match parsed {
+        Ok(parsed) => parsed,
         // Content that does not parse was damaged on the way or is broken at its source; only
         // the blob digest tells which, and which decides whether fetching it again can help
         // (a damaged blob is retried, a broken one refused at once). The rest of the blob is
@@ -244,6 +260,16 @@ pub fn index_reader_with<R: Read>(
             what: "blob".into(),
             expected: digest.clone(),
             actual,
+        });
+    }
+    // Checked after the blob digest: bytes that match it are what the registry serves, so a
+    // diff_id that differs is the image's own inconsistency (its config describes other
+    // layers), refused as containerd's unpacker refuses it, and never worth fetching again.
+    if let Some(expected) = diff_id.filter(|&d| *d != uncompressed) {
+        return Err(LayerError::DiffIdMismatch {
+            layer: digest.clone(),
+            expected: expected.clone(),
+            actual: uncompressed,
         });
     }
     Ok(LayerIndex {

@@ -17,6 +17,7 @@ use crate::layer::{ChunkRef, ChunkSource, EntryKind, LayerError, check_chunks};
 use crate::model::digest::Digest;
 use crate::model::oci::{Descriptor, LayerCompression};
 use crate::source::ImageSource;
+use crate::source::image::Layer;
 
 /// What [`CheckpointingReader`] has recorded, shared with the tar parser's observer.
 #[derive(Default)]
@@ -195,12 +196,13 @@ impl StreamObserver for Splitter {
 }
 
 /// Builds the index blob (zstd-compressed JSON) of a gzip layer read from `reader`; the blob must
-/// hash to `digest` and be `size` bytes. Deterministic: the same layer and span give the same
-/// bytes.
+/// hash to `digest` and be `size` bytes, and its uncompressed stream to `diff_id` when given.
+/// Deterministic: the same layer and span give the same bytes.
 pub fn build(
     reader: impl Read,
     digest: &Digest,
     size: u64,
+    diff_id: Option<&Digest>,
     span: u64,
 ) -> Result<Vec<u8>, LayerError> {
     let trace = Arc::new(Mutex::new(Trace::default()));
@@ -213,6 +215,7 @@ pub fn build(
         reader,
         digest,
         size,
+        diff_id,
         LayerCompression::Gzip,
         move |compressed| -> io::Result<Box<dyn Read + '_>> {
             Ok(Box::new(CheckpointingReader::new(
@@ -284,9 +287,11 @@ pub fn build(
 /// Reads an index-less gzip layer's stream from `source` and builds its index blob.
 pub async fn build_from(
     source: Arc<dyn ImageSource>,
-    layer: &Descriptor,
+    image_layer: &Layer,
     span: u64,
 ) -> Result<Vec<u8>, LayerError> {
+    let layer = &image_layer.descriptor;
+    let diff_id = image_layer.diff_id.clone();
     if LayerCompression::from_media_type(&layer.media_type).ok() != Some(LayerCompression::Gzip) {
         return Err(LayerError::UnsupportedMediaType {
             layer: layer.digest.clone(),
@@ -296,7 +301,7 @@ pub async fn build_from(
     let (digest, size) = (layer.digest.clone(), layer.size);
     let stream = source.blob_range(&digest, 0..size).await?;
     tar_stream::on_blocking_thread(stream, &layer.digest, move |reader| {
-        build(reader, &digest, size, span)
+        build(reader, &digest, size, Some(&diff_id), span)
     })
     .await
 }

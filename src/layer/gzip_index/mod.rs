@@ -198,10 +198,10 @@ mod tests {
     fn every_chunk_inflates_from_its_checkpoint_and_matches() {
         let blob = layer_tar_gz();
         let desc = descriptor(&blob);
-        let index_blob = build(&blob[..], &desc.digest, desc.size, 256 << 10).unwrap();
+        let index_blob = build(&blob[..], &desc.digest, desc.size, None, 256 << 10).unwrap();
         assert_eq!(
             index_blob,
-            build(&blob[..], &desc.digest, desc.size, 256 << 10).unwrap(),
+            build(&blob[..], &desc.digest, desc.size, None, 256 << 10).unwrap(),
             "not deterministic"
         );
         let index = parse(&desc, &index_blob).unwrap();
@@ -232,7 +232,7 @@ mod tests {
         let desc = descriptor(&blob);
         let index = parse(
             &desc,
-            &build(&blob[..], &desc.digest, desc.size, 4 << 20).unwrap(),
+            &build(&blob[..], &desc.digest, desc.size, None, 4 << 20).unwrap(),
         )
         .unwrap();
         let outputs: Vec<u64> = index
@@ -255,7 +255,7 @@ mod tests {
     fn bad_indexes_are_refused() {
         let blob = layer_tar_gz();
         let desc = descriptor(&blob);
-        let index_blob = build(&blob[..], &desc.digest, desc.size, 1 << 20).unwrap();
+        let index_blob = build(&blob[..], &desc.digest, desc.size, None, 1 << 20).unwrap();
         let other = descriptor(b"another layer");
         assert!(
             parse(&other, &index_blob)
@@ -307,6 +307,7 @@ mod tests {
                 &b"plain bytes"[..],
                 &Digest::of(b"plain bytes"),
                 11,
+                None,
                 1 << 20
             )
             .is_err()
