@@ -170,6 +170,22 @@ fn an_index_resolves_to_the_requested_platform() {
         "--platform",
     ]);
     lazylayer(&["inspect", "--platform", "linux", &image], &[]).assert_error(&["--platform"]);
+
+    // A single-platform manifest (no index) is checked against its config's platform.
+    let single = format!("{}/test/multi:amd", reg.host());
+    check_report(
+        &lazylayer(
+            &["inspect", "--json", "--platform", "linux/amd64", &single],
+            &[],
+        )
+        .json(),
+        &app,
+    );
+    lazylayer(&["inspect", "--platform", "windows/arm", &single], &[]).assert_error(&[
+        "windows/arm",
+        "linux/amd64",
+        "--platform",
+    ]);
 }
 
 #[test]
@@ -363,6 +379,36 @@ fn htpasswd_auth_uses_user_flag_env_and_docker_config() {
         )
         .json(),
         &digest,
+    );
+
+    // A `--docker-config` that names no file is an error, not an anonymous request.
+    lazylayer(
+        &[
+            "inspect",
+            "--docker-config",
+            dir.path().join("typo.json").to_str().unwrap(),
+            &image,
+        ],
+        &[],
+    )
+    .assert_error(&["--docker-config", "typo.json"]);
+
+    // A push these credentials may not make fails before any layer is converted.
+    let refused = lazylayer(
+        &[
+            "convert",
+            "--user",
+            "alice:wrong",
+            &format!("oci:{}:debian-bookworm", shared_images().display()),
+            &format!("{}/test/converted:x", reg.host()),
+        ],
+        &[],
+    );
+    refused.assert_error(&["pushing to", "test/converted", "credentials refused"]);
+    assert!(
+        !refused.stderr.contains("layer 1/"),
+        "converted before the push was refused: {}",
+        refused.stderr
     );
 
     // A mount's daemon lives as long as the mount: its command line (readable by every user in
@@ -696,4 +742,40 @@ fn malformed_layers_with_valid_digests_fail_after_one_download() {
             "{tag}: the layer was downloaded {downloads} times"
         );
     }
+}
+
+/// A layer that matches its digest but not the config's `rootfs.diff_ids` is refused, as
+/// containerd refuses it, naming the layer and the config field; once, not retried.
+#[test]
+fn a_layer_that_is_not_its_diff_id_is_refused() {
+    let registry = Registry::start(RegistryAuth::None);
+    let layer = {
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_gnu();
+        header.set_size(5);
+        header.set_mode(0o644);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(0);
+        header.set_cksum();
+        tar.append_data(&mut header, "hello", &b"hello"[..])
+            .unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut gz, &tar.into_inner().unwrap()).unwrap();
+        gz.finish().unwrap()
+    };
+    let pushed = registry.push_image("test/diffid", "good", std::slice::from_ref(&layer), None);
+    let good = format!("{}/test/diffid:good", registry.host());
+    let listed = lazylayer(&["ls", &good, "/"], &[]);
+    assert!(listed.stdout.contains("hello"), "{}", listed.stderr);
+    let wrong = Digest::of(b"some other layer").to_string();
+    registry.push_image("test/diffid", "bad", &[layer], Some(vec![wrong.clone()]));
+    let bad = format!("{}/test/diffid:bad", registry.host());
+    lazylayer(&["ls", &bad, "/"], &[]).assert_error(&[&pushed[0], &wrong, "rootfs.diff_ids"]);
+    let downloads = registry
+        .log()
+        .lines()
+        .filter(|l| l.contains(&format!("GET /v2/test/diffid/blobs/{}", pushed[0])))
+        .count();
+    assert_eq!(downloads, 2, "good once, bad once (not retried)");
 }

@@ -102,6 +102,9 @@ pub(super) async fn convert(args: ConvertArgs) -> Result<(), CliError> {
         options.prioritize = crate::convert::parse_prioritize(&text).map_err(bad)?;
     }
     let config = args.remote.registry_config()?;
+    if let ImageRef::Registry(target) = &destination {
+        crate::convert::output::check_push_access(target, &config).await?;
+    }
     let progress = ConvertProgress::unless_quiet(args.quiet);
     let image = crate::convert::convert(
         &args.source,

@@ -19,6 +19,11 @@ pub enum CliError {
     User(String),
     #[error("--{name}: {value} is not a positive number of seconds")]
     Timeout { name: &'static str, value: f64 },
+    #[error(
+        "--docker-config {path}: no such file; name the config.json that `docker login` wrote, \
+         or leave the flag out to use $DOCKER_CONFIG/config.json or ~/.docker/config.json"
+    )]
+    DockerConfig { path: String },
     #[error("--max-attempts: must be at least 1")]
     Attempts,
     #[error(transparent)]

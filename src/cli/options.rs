@@ -90,6 +90,13 @@ impl RemoteArgs {
             ..defaults
         };
         if let Some(path) = &self.docker_config {
+            // Only the default location may be absent (no `docker login` yet): a file named on
+            // the command line that is not there is a typo that would turn into "unauthorized".
+            if !path.exists() {
+                return Err(CliError::DockerConfig {
+                    path: path.display().to_string(),
+                });
+            }
             config.docker_config = Some(path.clone());
         }
         Ok(config)
@@ -194,6 +201,25 @@ mod tests {
             cat_args(&["--max-attempts", "0"]).fetch_config(&FetchSection::default()),
             Err(CliError::Attempts)
         ));
+    }
+
+    /// A `--docker-config` that names no file is refused (a typo would otherwise read as no
+    /// credentials); one that exists is used.
+    #[test]
+    fn a_docker_config_named_but_missing_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("config.jsn");
+        let err = cat_args(&["--docker-config", missing.to_str().unwrap()])
+            .fetch_config(&FetchSection::default())
+            .unwrap_err();
+        assert!(matches!(err, CliError::DockerConfig { .. }), "{err}");
+        assert!(err.to_string().contains("config.jsn"), "{err}");
+        let present = dir.path().join("config.json");
+        std::fs::write(&present, "{}").unwrap();
+        let config = cat_args(&["--docker-config", present.to_str().unwrap()])
+            .fetch_config(&FetchSection::default())
+            .unwrap();
+        assert_eq!(config.docker_config, Some(present));
     }
 
     /// The config file examples we publish say they show the defaults; they must stay true.

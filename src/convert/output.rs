@@ -3,7 +3,8 @@
 //! Blobs are written under `blobs/sha256/` through a temporary name and renamed, so a reader
 //! never sees half a blob; `index.json` gets the manifest under the tag (replacing an entry of
 //! the same tag) and is rewritten atomically last, so the layout is valid at every moment.
-//! Registry destinations are pushed by `registry::push`.
+//! Registry destinations are pushed by `registry::push`; push access is checked before the
+//! conversion starts ([`check_push_access`]).
 
 use std::io;
 use std::path::Path;
@@ -11,7 +12,9 @@ use std::path::Path;
 use super::{ConvertError, ConvertedImage};
 use crate::model::digest::Digest;
 use crate::model::oci::{ANNOTATION_REF_NAME as REF_NAME, MEDIA_OCI_MANIFEST};
-use crate::model::reference::LayoutRef;
+use crate::model::reference::{LayoutRef, RegistryRef};
+use crate::source::config::FetchConfig;
+use crate::source::registry::RegistryError;
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> ConvertError + '_ {
     move |e| ConvertError::Output(format!("{}: {e}", path.display()))
@@ -84,17 +87,39 @@ pub fn write_layout(image: &ConvertedImage, dest: &LayoutRef) -> Result<(), Conv
     std::fs::rename(&tmp, &index_path).map_err(io_error(&index_path))
 }
 
+fn push_failed(target: &RegistryRef) -> impl Fn(RegistryError) -> ConvertError + Copy + '_ {
+    move |e| ConvertError::Output(format!("pushing to {target}: {e}"))
+}
+
+fn push_repository(
+    target: &RegistryRef,
+    config: &FetchConfig,
+) -> Result<crate::source::registry::Repository, ConvertError> {
+    let registry =
+        crate::source::registry::Registry::new(target, config).map_err(push_failed(target))?;
+    Ok(registry.repository_for_push(&target.repository))
+}
+
+/// Fails at once if `target` refuses these credentials a push, before a conversion that could
+/// take minutes is thrown away.
+pub async fn check_push_access(
+    target: &RegistryRef,
+    config: &FetchConfig,
+) -> Result<(), ConvertError> {
+    push_repository(target, config)?
+        .check_push_access()
+        .await
+        .map_err(push_failed(target))
+}
+
 /// Pushes `image` to `target` (layers, config, then the manifest under the tag).
 pub async fn push(
     image: &ConvertedImage,
-    target: &crate::model::reference::RegistryRef,
-    config: &crate::source::config::FetchConfig,
+    target: &RegistryRef,
+    config: &FetchConfig,
 ) -> Result<(), ConvertError> {
-    let failed = |e: crate::source::registry::RegistryError| {
-        ConvertError::Output(format!("pushing to {target}: {e}"))
-    };
-    let registry = crate::source::registry::Registry::new(target, config).map_err(failed)?;
-    let repository = registry.repository_for_push(&target.repository);
+    let failed = push_failed(target);
+    let repository = push_repository(target, config)?;
     for layer in &image.layers {
         repository
             .push_blob(

@@ -177,6 +177,23 @@ pub async fn resolve(
     let config_bytes = config_bytes?;
     let config = ImageConfig::parse(&config_bytes)
         .map_err(|e| malformed("config", &manifest.config.digest, e))?;
+    // A manifest reached without an index says its platform in its config only; containerd
+    // refuses one that is not the platform asked for, and so do we, rather than hand a linux/amd64
+    // tree to someone who asked for windows/arm. Configs that leave the platform (or its variant)
+    // out are taken as they are.
+    let config_platform = config.platform().normalized();
+    let runs_as_asked = config.os.is_empty()
+        || config.architecture.is_empty()
+        || (platform.os == config_platform.os
+            && platform.architecture == config_platform.architecture
+            && (config.variant.is_none() || platform.variant == config_platform.variant));
+    if chosen_platform.is_none() && !runs_as_asked {
+        return Err(ImageError::NoMatchingPlatform {
+            image,
+            wanted: platform.clone(),
+            available: vec![config_platform.to_string()],
+        });
+    }
     if config.rootfs.diff_ids.len() != manifest.layers.len() {
         return Err(ImageError::Inconsistent {
             image,

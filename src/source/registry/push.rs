@@ -41,16 +41,22 @@ impl Repository {
         }
     }
 
-    /// Uploads the file at `path` as blob `digest` (`size` bytes), unless the registry has it.
-    pub async fn push_blob(
-        &self,
-        digest: &Digest,
-        size: u64,
-        path: &Path,
-    ) -> Result<(), RegistryError> {
-        if self.has_blob(digest).await? {
-            return Ok(());
-        }
+    /// Checks that these credentials may push here, before any work that a refusal would waste
+    /// (`convert` reads and rewrites every layer before its first upload): opens an upload session
+    /// and cancels it. A registry that does not cancel sessions expires them itself.
+    pub async fn check_push_access(&self) -> Result<(), RegistryError> {
+        let session = self.start_upload().await?;
+        let http = &self.registry.http;
+        // Best effort: the session is empty, and the answer does not change the verdict.
+        let _ = self
+            .registry
+            .send(|| http.delete(session.clone()), &session, &self.scope)
+            .await;
+        Ok(())
+    }
+
+    /// Opens an upload session; returns its location.
+    async fn start_upload(&self) -> Result<reqwest::Url, RegistryError> {
         let start = self.url("blobs", "uploads/");
         let http = &self.registry.http;
         let resp = self
@@ -68,14 +74,26 @@ impl Repository {
             url: shown(&start),
             reason: "upload session without a Location".into(),
         })?;
-        let mut url = start
-            .join(&location)
-            .map_err(|e| RegistryError::Transport {
-                url: shown(&start),
-                reason: format!("bad upload location {location:?}: {e}"),
-            })?;
+        start.join(&location).map_err(|e| RegistryError::Transport {
+            url: shown(&start),
+            reason: format!("bad upload location {location:?}: {e}"),
+        })
+    }
+
+    /// Uploads the file at `path` as blob `digest` (`size` bytes), unless the registry has it.
+    pub async fn push_blob(
+        &self,
+        digest: &Digest,
+        size: u64,
+        path: &Path,
+    ) -> Result<(), RegistryError> {
+        if self.has_blob(digest).await? {
+            return Ok(());
+        }
+        let mut url = self.start_upload().await?;
         url.query_pairs_mut()
             .append_pair("digest", &digest.to_string());
+        let http = &self.registry.http;
         let body = || -> reqwest::Body {
             match std::fs::File::open(path) {
                 Ok(file) => reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(
