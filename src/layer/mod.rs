@@ -365,7 +365,9 @@ pub async fn load(
         (_, compression) => {
             DiskCache::meta_or_fetch(
                 disk,
-                &format!("stream-index-{}.json", digest.hex()),
+                // The index was checked against one config's diff_id: an image whose config
+                // names another diff_id for the same blob must not take it on trust.
+                &format!("stream-index-{}-{}.json", digest.hex(), layer.diff_id.hex()),
                 |stored| {
                     serde_json::from_slice::<LayerIndex>(stored)
                         .ok()
@@ -382,6 +384,55 @@ pub async fn load(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The index of a streamed layer stored in the disk cache was checked against one config's
+    /// diff_id; an image naming another diff_id for the same blob streams it again and is refused.
+    #[tokio::test]
+    async fn a_stored_stream_index_does_not_vouch_for_another_diff_id() {
+        use crate::model::oci::{Descriptor, MEDIA_OCI_LAYER_GZIP};
+        use crate::source::memory::MemorySource;
+
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_gnu();
+        header.set_size(5);
+        header.set_mode(0o644);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(0);
+        header.set_cksum();
+        tar.append_data(&mut header, "hello", &b"hello"[..])
+            .unwrap();
+        let tar = tar.into_inner().unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &tar).unwrap();
+        let blob = gz.finish().unwrap();
+
+        let memory = MemorySource::new();
+        let size = blob.len() as u64;
+        let descriptor = Descriptor::new(MEDIA_OCI_LAYER_GZIP, memory.put(blob), size);
+        let layer = |diff_id: Digest| Layer {
+            descriptor: descriptor.clone(),
+            diff_id,
+            lazy_index: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let disk = DiskCache::open(dir.path(), u64::MAX).unwrap();
+        let source: Arc<dyn ImageSource> = memory.clone();
+        let load = |layer: Layer| {
+            let source = source.clone();
+            let disk = &disk;
+            async move { load(source, &layer, Arc::new(tar_stream::Ignore), Some(disk)).await }
+        };
+        load(layer(Digest::of(&tar))).await.unwrap();
+        load(layer(Digest::of(&tar))).await.unwrap();
+        assert_eq!(
+            memory.ranges().len(),
+            1,
+            "the second load uses the stored index"
+        );
+        let err = load(layer(Digest::of(b"other"))).await.unwrap_err();
+        assert!(matches!(err, LayerError::DiffIdMismatch { .. }), "{err}");
+    }
 
     #[test]
     fn paths_are_normalised() {

@@ -15,6 +15,14 @@
 //! any eStargz chunk. Observers that use data before the end (`cat` printing as it streams) must
 //! treat the stream's final result as the verdict.
 //!
+//! The uncompressed stream is hashed too and must match the layer's diff_id (the config's
+//! `rootfs.diff_ids`), as containerd's unpacker requires: a blob that matches its digest but not
+//! the config is the image's own inconsistency, refused and never retried. Only streamed layers
+//! (and `convert` and `index`, which stream whole layers) are checked; a lazily read eStargz,
+//! zstd:chunked or seek-indexed layer is never read whole in order, and its chunks are checked
+//! against its index instead. A stored index is named by blob and diff_id, so the index one image
+//! built does not vouch for another whose config disagrees.
+//!
 //! The work runs on a blocking thread (`tar` and `flate2` are synchronous readers) fed by the
 //! async HTTP body through `SyncIoBridge`, so inflating never stalls the async runtime.
 
