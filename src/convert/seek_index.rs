@@ -61,17 +61,28 @@ pub async fn index(
     let OpenedImage { source, image, .. } =
         open_image(&parsed, None, registry, platform, None).await?;
     let count = image.layers.len();
-    let mut indexed = Vec::new();
-    let mut skipped = Vec::new();
-    for (i, layer) in image.layers.iter().enumerate() {
-        let why_not = match (&layer.lazy_index, layer.compression().ok()) {
+    let why_not =
+        |layer: &crate::source::image::Layer| match (&layer.lazy_index, layer.compression().ok()) {
             (Some(LazyIndex::Estargz { .. } | LazyIndex::ZstdChunked { .. }), _) => {
                 Some("already lazy (it has a TOC)")
             }
             (_, Some(LayerCompression::Gzip)) => None,
             _ => Some("not gzip"),
         };
-        if let Some(why) = why_not {
+    let failed = |e: crate::source::registry::RegistryError| {
+        ConvertError::Output(format!("publishing the index of {reference}: {e}"))
+    };
+    let registry_handle =
+        crate::source::registry::Registry::new(target, registry).map_err(failed)?;
+    let repository = registry_handle.repository_for_push(&target.repository);
+    // Reading every gzip layer takes minutes: a refused push is found out first.
+    if image.layers.iter().any(|l| why_not(l).is_none()) {
+        repository.check_push_access().await.map_err(failed)?;
+    }
+    let mut indexed = Vec::new();
+    let mut skipped = Vec::new();
+    for (i, layer) in image.layers.iter().enumerate() {
+        if let Some(why) = why_not(layer) {
             skipped.push((layer.descriptor.clone(), why));
             continue;
         }
@@ -97,17 +108,11 @@ pub async fn index(
         });
     }
 
-    let failed = |e: crate::source::registry::RegistryError| {
-        ConvertError::Output(format!("publishing the index of {reference}: {e}"))
-    };
     let stage = |bytes: &[u8]| {
         tempfile::NamedTempFile::new()
             .and_then(|f| std::fs::write(f.path(), bytes).map(|_| f))
             .map_err(|e| ConvertError::Output(format!("staging an index blob: {e}")))
     };
-    let registry_handle =
-        crate::source::registry::Registry::new(target, registry).map_err(failed)?;
-    let repository = registry_handle.repository_for_push(&target.repository);
     let config = Descriptor::of(MEDIA_EMPTY, EMPTY);
     repository
         .push_blob(&config.digest, config.size, stage(EMPTY)?.path())
