@@ -483,6 +483,18 @@ fn corrupt_or_truncated_streams_are_refused() {
     )
     .unwrap_err();
     assert!(err.to_string().contains(&digest.to_string()), "{err}");
+    // A whole gzip stream of a tar cut inside a file's data: said in words, not read_exact's.
+    let mut tar = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&blob[..]), &mut tar).unwrap();
+    let cut_tar = {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&tar[..3000]).unwrap();
+        gz.finish().unwrap()
+    };
+    let err = index(&cut_tar).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("truncated"), "{text}");
+    assert!(!text.contains("fill whole buffer"), "{text}");
     // Not gzip at all.
     let junk = b"this is not a gzip stream at all".to_vec();
     let err = index_reader(

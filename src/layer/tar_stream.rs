@@ -104,6 +104,11 @@ fn io_error(layer: &Digest, e: io::Error) -> LayerError {
     // sees the registry's message, not "other error".
     match e.downcast::<crate::source::SourceError>() {
         Ok(source) => LayerError::Source(source),
+        // `read_exact`'s own words ("failed to fill whole buffer") say nothing to a user.
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => LayerError::malformed(
+            layer,
+            "reading the layer as tar: its data ends in the middle of the archive (truncated)",
+        ),
         Err(e) => LayerError::malformed(layer, format!("reading the layer as tar: {e}")),
     }
 }

@@ -108,10 +108,16 @@ pub(crate) fn shown(url: &Url) -> String {
     url.to_string()
 }
 
-/// Formats a reqwest error with its causes ("error sending request: connection refused").
+/// Formats a reqwest error with its causes ("connection refused"), in words a user can act on:
+/// reqwest's own framing ("error sending request", "error decoding response body") says how it
+/// failed inside, not what happened on the wire.
 pub(crate) fn describe_reqwest(e: &reqwest::Error) -> String {
     let mut out = if e.is_timeout() {
-        "timed out".to_string()
+        "timed out: nothing arrived within the connect or stall timeout (raise \
+         --connect-timeout or --stall-timeout for a slow link)"
+            .to_string()
+    } else if e.is_body() || e.is_decode() {
+        "the response broke off while it was being received".to_string()
     } else {
         String::new()
     };
@@ -125,7 +131,12 @@ pub(crate) fn describe_reqwest(e: &reqwest::Error) -> String {
             .next()
             .unwrap_or_default()
             .to_string();
-        let noise = s == "error sending request" || s.starts_with("client error (");
+        let noise = s == "error sending request"
+            || s == "error decoding response body"
+            || s == "error reading a body from connection"
+            || s == "request or response body error"
+            || s.starts_with("client error (")
+            || (e.is_timeout() && (s == "operation timed out" || s == "timed out"));
         if !out.contains(&s) && !noise {
             if !out.is_empty() {
                 out.push_str(": ");
