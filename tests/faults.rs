@@ -163,6 +163,66 @@ fn registry_killed_for_fifteen_seconds_fails_no_read() {
     );
 }
 
+/// An image read whole before mounts while its registry is down: by digest from the disk cache
+/// alone (no request), by tag with the manifest the tag named last and a warning that says so.
+#[test]
+fn a_cached_image_mounts_with_its_registry_down() {
+    let mut registry = Registry::start(RegistryAuth::None);
+    registry.push_shared("debian-bookworm", "test/debian");
+    let digest = support::shared_manifest_digest("debian-bookworm");
+    let by_tag = format!("{}/test/debian:latest", registry.host());
+    let by_digest = format!("{}/test/debian@{digest}", registry.host());
+    let cache = tempfile::tempdir().unwrap();
+    let expected = {
+        let online = Mounted::with_args(&by_tag, cache.path(), &["--no-background-fetch"]);
+        disk_tree(online.path())
+    };
+    registry.kill();
+
+    let offline = Mounted::with_args(&by_digest, cache.path(), &["--no-background-fetch"]);
+    assert_same_tree(
+        "by digest, registry down",
+        &expected,
+        &disk_tree(offline.path()),
+    );
+    let stats = offline.stats();
+    assert_eq!(stats["requests"], 0, "{stats}");
+    drop(offline);
+
+    let started = Instant::now();
+    let tagged = Mounted::with_args(&by_tag, cache.path(), &["--no-background-fetch"]);
+    eprintln!(
+        "mount by tag with the registry down took {:?}",
+        started.elapsed()
+    );
+    assert_same_tree(
+        "by tag, registry down",
+        &expected,
+        &disk_tree(tagged.path()),
+    );
+    let log = tagged.daemon_log();
+    assert!(
+        log.contains("cannot be reached") && log.contains(&digest) && log.contains("WARN"),
+        "no warning that the tag was resolved from the cache:\n{log}"
+    );
+    drop(tagged);
+
+    // What the registry refuses is not papered over: an unknown tag is an error once it is back.
+    registry.start_again();
+    let dir = tempfile::tempdir().unwrap();
+    lazylayer(
+        &[
+            "mount",
+            "--cache-dir",
+            cache.path().to_str().unwrap(),
+            &format!("{}/test/debian:nope", registry.host()),
+            dir.path().to_str().unwrap(),
+        ],
+        &[],
+    )
+    .assert_error(&["nope", "not found"]);
+}
+
 /// The token endpoint answers 503 to its first three requests: the client retries and gets in.
 /// The retry budget follows flags over the config file: a file allowing one attempt fails, the
 /// flag allowing more wins over it.

@@ -10,7 +10,8 @@
 //! in front of it), then [`image::resolve`] through that stack, so that the manifest and config
 //! requests are counted too and a remount serves the config from disk. It sends the registry's
 //! ping beside the manifest request rather than before it (a round trip less for every pull and
-//! mount), and still reports the ping's failure first when both fail.
+//! mount), and still reports the ping's failure first when both fail; once the image is resolved
+//! the ping is not waited for, so an image the disk cache holds mounts with its registry down.
 
 use std::sync::Arc;
 
@@ -74,11 +75,22 @@ pub async fn open_image(
         selector = ManifestSelector::Digest(digest.clone());
     }
     let (source, stats) = stack(raw.clone(), disk);
-    let (image, checked) =
-        tokio::join!(image::resolve(source.as_ref(), &selector, platform), check);
-    // A registry that is not one explains a failed manifest request better than it does.
-    checked?;
-    let image = image?;
+    let check = tokio::spawn(check);
+    let image = match image::resolve(source.as_ref(), &selector, platform).await {
+        // The ping only explains failures: a resolved image (perhaps from the disk cache, with
+        // the registry down) does not wait for it.
+        Ok(image) => {
+            check.abort();
+            image
+        }
+        Err(e) => {
+            // A registry that is not one explains a failed manifest request better than it does.
+            if let Ok(Err(checked)) = check.await {
+                return Err(checked.into());
+            }
+            return Err(e);
+        }
+    };
     Ok(OpenedImage {
         raw,
         source,
