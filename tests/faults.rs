@@ -223,6 +223,79 @@ fn a_cached_image_mounts_with_its_registry_down() {
     .assert_error(&["nope", "not found"]);
 }
 
+/// SIGTERM to a foreground mount while a file is open leaves no dead mount: the mount leaves the
+/// tree at once, the open file keeps reading, and the process exits 0 once it is closed.
+#[test]
+fn sigterm_with_a_file_open_detaches_and_serves_it_until_closed() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = tempfile::tempdir().unwrap();
+    let image = format!("oci:{}:debian-bookworm", support::shared_images().display());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lazylayer"))
+        .args(["mount", "--cache-dir", "none", &image])
+        .arg(dir.path())
+        .env("LAZYLAYER_RUN_DIR", run_dir.path())
+        .env("LAZYLAYER_CONFIG", "/dev/null")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let file_path = dir.path().join("etc/os-release");
+    support::wait_until(
+        Duration::from_secs(60),
+        || file_path.exists(),
+        || "the mount did not come up".into(),
+    );
+    let is_mounted = || {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .any(|l| l.split(' ').nth(4) == dir.path().to_str())
+    };
+    let mut file = std::fs::File::open(&file_path).unwrap();
+    let len = file.metadata().unwrap().len() as usize;
+    let mut head = [0u8; 4];
+    file.read_exact(&mut head).unwrap();
+
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    support::wait_until(
+        Duration::from_secs(10),
+        || !is_mounted(),
+        || "the busy mount was not detached".into(),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "exited with a file still open"
+    );
+    let mut rest = Vec::new();
+    file.read_to_end(&mut rest).unwrap();
+    assert_eq!(&head, b"PRET");
+    assert_eq!(4 + rest.len(), len, "the open file did not read to its end");
+
+    drop(file);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running after the file was closed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stderr.contains("busy"), "{stderr}");
+    assert!(!is_mounted());
+}
+
 /// The token endpoint answers 503 to its first three requests: the client retries and gets in.
 /// The retry budget follows flags over the config file: a file allowing one attempt fails, the
 /// flag allowing more wins over it.

@@ -84,8 +84,11 @@ against its digest before it is printed."
 once the mount is serving: layer tables of contents are loaded, no file contents are fetched. \
 A read then fetches only the chunks it needs (each verified against its digest) and keeps them \
 in a memory cache shared by all files of the mount.\n\n\
-Runs in the foreground until Ctrl-C or SIGTERM, then unmounts. With --daemon it returns as soon \
-as the mount serves and keeps serving in the background; stop it with `lazylayer umount DIR`.\n\n\
+Runs in the foreground until Ctrl-C or SIGTERM, then unmounts. If a file in the mount is still \
+open then, the mount is detached from the tree (as `umount -l`) and its open files are served \
+until they are closed; it exits 0 after that (a second signal exits at once). With --daemon it \
+returns as soon as the mount serves and keeps serving in the background; stop it with \
+`lazylayer umount DIR` (which refuses a busy mount, as umount does).\n\n\
 Layers without a lazy index (plain gzip) are streamed once while mounting, to index them.",
         after_help = "Examples:\n  \
 mkdir -p /mnt/app && lazylayer mount --daemon 127.0.0.1:5000/test/app:latest /mnt/app\n  \

@@ -76,8 +76,32 @@ pub(super) async fn mount(args: MountArgs) -> Result<(), CliError> {
         _ = terminate.recv() => true,
     };
     if unmount_requested {
-        crate::mount::unmount(&args.dir)?;
-        let _ = ended.await;
+        match crate::mount::unmount(&args.dir) {
+            Ok(()) => {
+                let _ = ended.await;
+            }
+            // A file is still open (a shell in the tree, a running container): refusing would
+            // leave the mount with nobody serving it. Detach it from the tree instead and serve
+            // what is open until it is closed; the kernel then ends the session.
+            Err(crate::mount::MountError::Unmount { source, .. })
+                if source.raw_os_error() == Some(libc::EBUSY) =>
+            {
+                crate::mount::detach(&args.dir)?;
+                tracing::warn!(
+                    "{} is busy: detached from the tree; files still open there are served until \
+                     they are closed, then lazylayer exits (a second Ctrl-C or SIGTERM stops at \
+                     once, and those files then fail)",
+                    args.dir.display()
+                );
+                // After a second signal the session is left to end with the process.
+                tokio::select! {
+                    _ = &mut ended => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
     } else {
         // The connection ended without an unmount (aborted through fusectl): do not leave a
         // dead mount point behind. An ordinary `umount` already removed it; that error is moot.
