@@ -85,8 +85,15 @@ pub(super) async fn ls(args: LsArgs) -> Result<(), CliError> {
         recursive: args.recursive,
         all: args.all,
     };
-    let out = listing::list(&fs.tree, ino, &args.path, options);
-    write_stdout(out.as_bytes())?;
+    use std::io::Write as _;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    match listing::list(&mut out, &fs.tree, ino, &args.path, options).and_then(|()| out.flush()) {
+        Ok(()) => {}
+        // A closed pipe (`| head`) ends the listing quietly, as it does for `cat`.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+        Err(e) => return Err(CliError::Output(e)),
+    }
+    drop(out);
     if args.stats {
         print_stats(fs.stats());
     }

@@ -19,6 +19,11 @@
 //!   `usr/bin/ls` and keeps the link; `..` stops at the root; a loop refuses the layer.
 //! - Symlinks read mode 0777, as every symlink does on Linux, whatever their header says.
 //!
+//! Memory: a node keeps its name in its parent's map, never its whole path, and the layers' entry
+//! paths it is built from are at most [`crate::layer::MAX_PATH_BYTES`] (Linux's `PATH_MAX`; longer
+//! ones refuse the layer, as containerd cannot unpack them either). So an entry costs at most
+//! about 4 KiB of path while the tree is built and its name's length after, however deep it lies.
+//!
 //! Inode numbers are indexes into one vector (`ino - 1`), so they are stable for the life of the
 //! tree and cost nothing to look up. Nodes dropped by later layers stay allocated but unreachable;
 //! images rarely replace much, and compacting would renumber inodes.

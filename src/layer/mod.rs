@@ -59,7 +59,7 @@ pub enum LayerError {
          this persists, the layer is broken in the registry)"
     )]
     Undecodable { layer: Digest, reason: String },
-    #[error("layer {layer}: entry {path:?}: {reason}")]
+    #[error("layer {layer}: entry {:?}: {reason}", shortened(path))]
     BadEntry {
         layer: Digest,
         path: String,
@@ -104,6 +104,23 @@ impl Transient for LayerError {
             | LayerError::UnsupportedMediaType { .. } => Verdict::Fatal,
         }
     }
+}
+
+/// A path as an error message shows it: a hostile one can be megabytes long, so the middle of
+/// a long one is left out (its start and end say where it is).
+fn shortened(path: &str) -> String {
+    const SHOWN: usize = 120;
+    if path.len() <= 2 * SHOWN {
+        return path.to_string();
+    }
+    let start = path.floor_char_boundary(SHOWN);
+    let end = path.ceil_char_boundary(path.len() - SHOWN);
+    format!(
+        "{}...({} bytes)...{}",
+        &path[..start],
+        end - start,
+        &path[end..]
+    )
 }
 
 impl LayerError {
@@ -266,14 +283,29 @@ pub struct LayerIndex {
     pub checkpoints: Option<gzip_index::Checkpoints>,
 }
 
+/// The longest path an entry may have, in bytes: `/` + path + NUL must fit Linux's `PATH_MAX`
+/// (4096). Nothing can open a longer path in one call, and containerd cannot unpack it either;
+/// bounding it bounds what every entry costs in memory. Without the bound an entry's path grows
+/// with its depth, so a deep tree costs memory quadratic in its depth: a 372 KB layer of 10,000
+/// nested directories held 415 MB of paths.
+pub const MAX_PATH_BYTES: usize = 4094;
+
 /// Normalises a tar or TOC path: strips `./` and `/` prefixes and trailing `/`, drops `.`
 /// components and empty ones. `..` components and NUL bytes are refused: no layer needs them and
-/// they are how hostile layers try to write outside the tree.
+/// they are how hostile layers try to write outside the tree; so are paths longer than
+/// [`MAX_PATH_BYTES`].
 pub fn normalize_path(raw: &[u8]) -> Result<Vec<u8>, String> {
     if raw.contains(&0) {
         return Err("name contains a NUL byte".into());
     }
-    let mut out = Vec::with_capacity(raw.len());
+    let too_long = || {
+        format!(
+            "path is longer than {MAX_PATH_BYTES} bytes (Linux's PATH_MAX): nothing could open it \
+             and containerd could not unpack it"
+        )
+    };
+    // A hostile header can carry megabytes of path: never more than the bound is built.
+    let mut out = Vec::with_capacity(raw.len().min(MAX_PATH_BYTES + 1));
     for component in raw.split(|&b| b == b'/') {
         match component {
             b"" | b"." => continue,
@@ -283,6 +315,9 @@ pub fn normalize_path(raw: &[u8]) -> Result<Vec<u8>, String> {
                     out.push(b'/');
                 }
                 out.extend_from_slice(c);
+                if out.len() > MAX_PATH_BYTES {
+                    return Err(too_long());
+                }
             }
         }
     }
@@ -444,6 +479,22 @@ mod tests {
         assert!(normalize_path(b"../etc/passwd").is_err());
         assert!(normalize_path(b"a/../../b").is_err());
         assert!(normalize_path(b"a\0b").is_err());
+        // PATH_MAX: the longest path that fits passes, one byte more is refused, however it is
+        // padded with `./` and slashes.
+        let longest = vec![b'a'; MAX_PATH_BYTES];
+        assert_eq!(normalize_path(&longest).unwrap(), longest);
+        let padded = [b"./".repeat(5000), longest.clone(), b"//".to_vec()].concat();
+        assert_eq!(normalize_path(&padded).unwrap(), longest);
+        let deep = b"d/".repeat(MAX_PATH_BYTES / 2 + 1);
+        assert!(normalize_path(&deep).unwrap_err().contains("PATH_MAX"));
+        // Such a path is shown shortened in errors.
+        let shown = LayerError::BadEntry {
+            layer: Digest::of(b"layer"),
+            path: String::from_utf8(deep).unwrap(),
+            reason: "too long".into(),
+        }
+        .to_string();
+        assert!(shown.len() < 400 && shown.contains("bytes)"), "{shown}");
     }
 
     fn chunk(file_offset: u64, size: u64) -> ChunkRef {

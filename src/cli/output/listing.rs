@@ -5,6 +5,7 @@
 //! count, owner, group, size (or `major, minor` for devices), mtime, name and symlink target.
 
 use std::fmt::Write as _;
+use std::io::{self, Write};
 
 use crate::fs::tree::{Ino, MergedTree, Node, NodeKind};
 
@@ -72,33 +73,44 @@ pub fn long_line(node: &Node, name: &str) -> String {
     line
 }
 
-fn entry(out: &mut String, tree: &MergedTree, ino: Ino, name: &str, options: ListOptions) {
+fn entry(
+    out: &mut impl Write,
+    tree: &MergedTree,
+    ino: Ino,
+    name: &str,
+    options: ListOptions,
+) -> io::Result<()> {
     let node = tree.node(ino).expect("listed inode exists");
     if options.long {
-        out.push_str(&long_line(node, name));
+        writeln!(out, "{}", long_line(node, name))
     } else {
-        out.push_str(name);
+        writeln!(out, "{name}")
     }
-    out.push('\n');
 }
 
-/// Lists `ino` (shown as `shown`, the path the user typed): a directory's entries, or the
-/// single entry itself.
-pub fn list(tree: &MergedTree, ino: Ino, shown: &str, options: ListOptions) -> String {
-    let mut out = String::new();
+/// Lists `ino` (shown as `shown`, the path the user typed) to `out`: a directory's entries, or
+/// the single entry itself. Written as it goes, never built whole: a recursive listing repeats
+/// every directory's path, so a deep tree's listing is quadratic in its depth (an 82 KB TOC of
+/// a deep tree lists to gigabytes), while what is held here is one path per pending directory.
+pub fn list(
+    out: &mut impl Write,
+    tree: &MergedTree,
+    ino: Ino,
+    shown: &str,
+    options: ListOptions,
+) -> io::Result<()> {
     let is_dir = tree.node(ino).is_some_and(Node::is_dir);
     if !is_dir {
-        entry(&mut out, tree, ino, shown, options);
-        return out;
+        return entry(out, tree, ino, shown, options);
     }
     let mut queue = vec![(ino, shown.to_string())];
     let mut first = true;
     while let Some((dir, path)) = queue.pop() {
         if options.recursive {
             if !first {
-                out.push('\n');
+                writeln!(out)?;
             }
-            let _ = writeln!(out, "{path}:");
+            writeln!(out, "{path}:")?;
         }
         first = false;
         let mut subdirs = Vec::new();
@@ -107,7 +119,7 @@ pub fn list(tree: &MergedTree, ino: Ino, shown: &str, options: ListOptions) -> S
             if !options.all && name.starts_with('.') {
                 continue;
             }
-            entry(&mut out, tree, child, &name, options);
+            entry(out, tree, child, &name, options)?;
             if options.recursive && tree.node(child).is_some_and(Node::is_dir) {
                 let sep = if path.ends_with('/') { "" } else { "/" };
                 subdirs.push((child, format!("{path}{sep}{name}")));
@@ -116,7 +128,7 @@ pub fn list(tree: &MergedTree, ino: Ino, shown: &str, options: ListOptions) -> S
         // Depth first, in name order, as `ls -R` prints.
         queue.extend(subdirs.into_iter().rev());
     }
-    out
+    Ok(())
 }
 
 #[cfg(test)]
