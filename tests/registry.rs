@@ -680,8 +680,17 @@ async fn blob_redirects_drop_authorization_and_are_remembered() {
 #[test]
 fn dead_and_stalled_registries_fail_with_a_clear_error() {
     let port = support::free_port();
-    lazylayer(&["inspect", &format!("127.0.0.1:{port}/x")], &[])
-        .assert_error(&["cannot reach registry", &format!("127.0.0.1:{port}")]);
+    // Retried until --read-timeout (60 s by default), as an outage would be.
+    lazylayer(
+        &[
+            "inspect",
+            "--read-timeout",
+            "2",
+            &format!("127.0.0.1:{port}/x"),
+        ],
+        &[],
+    )
+    .assert_error(&["cannot reach registry", &format!("127.0.0.1:{port}")]);
 
     let stalled = HttpServer::start(|req| {
         if req.path() == "/v2/" {
@@ -691,17 +700,21 @@ fn dead_and_stalled_registries_fail_with_a_clear_error() {
         Response::new(500)
     });
     let started = Instant::now();
+    // Each stalled attempt ends after --stall-timeout; stalls are retried (an outage costs
+    // latency, not errors) until --read-timeout passes without a byte.
     lazylayer(
         &[
             "inspect",
             "--stall-timeout",
             "1",
+            "--read-timeout",
+            "3",
             &format!("127.0.0.1:{}/x", stalled.port),
         ],
         &[],
     )
-    .assert_error(&["timed out"]);
-    // Not a timing assertion on speed: only that the stall timeout, not the server, ended it.
+    .assert_error(&["timed out", "--stall-timeout"]);
+    // Not a timing assertion on speed: only that our timeouts, not the server, ended it.
     assert!(started.elapsed() < Duration::from_secs(25));
 
     lazylayer(&["inspect", "--stall-timeout", "0", "x"], &[]).assert_error(&["--stall-timeout"]);
