@@ -230,3 +230,49 @@ fn gzip_image_without_a_lazy_index_is_unpacked_by_containerd_and_runs() {
     let again = pull(&containerd, &snapshotter, &reference);
     assert_eq!(again.matches("already present").count(), 3, "{again}");
 }
+
+/// containerd's own snapshotter conformance suite (`snapshots/testsuite` from Debian's
+/// golang-github-containerd-containerd-dev) against `lazylayer snapshotter`, through
+/// containerd's proxy client: the Go harness in tests/snapshotter-suite starts a fresh
+/// snapshotter for each sub-test. Every sub-test passes (the suite itself skips `Rename` on
+/// every snapshotter).
+#[test]
+fn containerd_snapshotter_conformance_suite_passes() {
+    support::require_tool("go");
+    let work = tempfile::tempdir().unwrap();
+    let harness = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshotter-suite");
+    let binary = work.path().join("suite.test");
+    let gopath = format!("{}:/usr/share/gocode", work.path().display());
+    let built = std::process::Command::new("go")
+        .args(["test", "-c", "-o"])
+        .arg(&binary)
+        .arg(".")
+        .current_dir(&harness)
+        .env("GO111MODULE", "off")
+        .env("GOPATH", &gopath)
+        .env("GOCACHE", work.path().join("cache"))
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "building the suite failed: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let run = std::process::Command::new(&binary)
+        .args(["-test.root", "-test.v", "-test.timeout", "10m"])
+        .env("LAZYLAYER_BIN", env!("CARGO_BIN_EXE_lazylayer"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&run.stdout);
+    let passed = out
+        .lines()
+        .filter(|l| l.trim_start().starts_with("--- PASS: "))
+        .count();
+    assert!(
+        run.status.success() && !out.contains("--- FAIL"),
+        "containerd's snapshotter suite failed:\n{out}{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    // The suite's 20 sub-tests that run (Rename is skipped upstream) plus the test itself.
+    assert!(passed >= 21, "only {passed} passed:\n{out}");
+}
