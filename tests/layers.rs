@@ -4,6 +4,8 @@
 
 use std::io::Write;
 
+mod support;
+
 use lazylayer::fs::tree::{MergedTree, NodeKind, ResolveError};
 use lazylayer::layer::tar_stream::{Ignore, index_reader};
 use lazylayer::layer::{ChunkSource, EntryKind, LayerError, LayerIndex, STREAM_CHUNK_BYTES};
@@ -520,6 +522,42 @@ fn corrupt_or_truncated_streams_are_refused() {
     )
     .unwrap_err();
     assert!(err.to_string().contains(&digest.to_string()), "{err}");
+}
+
+/// GNU tar's PAX sparse files (formats 1.0 and 0.1, as `tar --sparse --format=posix` writes
+/// them) read as the file itself: its real name, size and bytes with the holes as zeros, never
+/// the internal `GNUSparseFile.NNN/` name or the map.
+#[test]
+fn gnu_sparse_files_read_as_their_real_name_and_content() {
+    for version in ["1.0", "0.1"] {
+        let (tar, expected) = support::gnu_sparse_tar(version);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&tar).unwrap();
+        let index = index(&gz.finish().unwrap()).unwrap();
+        assert_eq!(index.entries.len(), 1, "{version}");
+        let entry = &index.entries[0];
+        assert_eq!(entry.path, b"hole", "{version}");
+        let EntryKind::File { size, chunks } = &entry.kind else {
+            panic!("{version}: not a file: {:?}", entry.kind)
+        };
+        assert_eq!(*size, expected.len() as u64, "{version}");
+        let mut content = Vec::new();
+        for chunk in chunks.iter() {
+            assert_eq!(chunk.file_offset, content.len() as u64, "{version}");
+            match chunk.source {
+                ChunkSource::TarStream { offset } => {
+                    content.extend_from_slice(&tar[offset as usize..(offset + chunk.size) as usize])
+                }
+                ChunkSource::Zeros => content.resize(content.len() + chunk.size as usize, 0),
+                ref other => panic!("{version}: unexpected chunk source {other:?}"),
+            }
+        }
+        assert!(content == expected, "{version}: content differs");
+        assert!(
+            chunks.iter().any(|c| c.source == ChunkSource::Zeros),
+            "{version}: no hole was kept as one"
+        );
+    }
 }
 
 /// A layer whose blob matches its digest but whose tar stream is not the config's diff_id is

@@ -757,6 +757,42 @@ fn malformed_layers_with_valid_digests_fail_after_one_download() {
     }
 }
 
+/// A GNU sparse file in a plain gzip layer reads as containerd unpacks it, with its holes as
+/// zeros: `cat` while the layer streams, `ls -l` and a mount.
+#[test]
+fn a_sparse_file_reads_with_its_holes_through_cat_ls_and_a_mount() {
+    let registry = Registry::start(RegistryAuth::None);
+    let (tar, expected) = support::gnu_sparse_tar("1.0");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &tar).unwrap();
+    registry.push_image("test/sparse", "latest", &[gz.finish().unwrap()], None);
+    let image = format!("{}/test/sparse:latest", registry.host());
+    let cat = std::process::Command::new(env!("CARGO_BIN_EXE_lazylayer"))
+        .args(["cat", &image, "/hole"])
+        .env("LAZYLAYER_CONFIG", "/dev/null")
+        .output()
+        .unwrap();
+    assert!(
+        cat.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cat.stderr)
+    );
+    assert!(cat.stdout == expected, "cat printed other bytes");
+    let listed = lazylayer(&["ls", "-l", &image, "/"], &[]);
+    assert!(
+        listed.stdout.contains(&format!("{} ", expected.len())) && listed.stdout.contains("hole"),
+        "{}",
+        listed.stdout
+    );
+    assert!(
+        !listed.stdout.contains("GNUSparseFile"),
+        "{}",
+        listed.stdout
+    );
+    let mounted = support::mount::Mounted::new(&image);
+    assert!(std::fs::read(mounted.join("hole")).unwrap() == expected);
+}
+
 /// A layer that matches its digest but not the config's `rootfs.diff_ids` is refused, as
 /// containerd refuses it, naming the layer and the config field; once, not retried.
 #[test]

@@ -117,6 +117,23 @@ impl Watch {
     }
 }
 
+impl Watch {
+    /// The next bytes of the file being streamed, while any of it is still wanted.
+    fn data(&self, data: Bytes) {
+        let mut remaining = self.remaining.lock().unwrap();
+        if *remaining == 0 {
+            return;
+        }
+        *remaining -= data.len() as u64;
+        let done = *remaining == 0;
+        drop(remaining);
+        self.send(Event::Data(data));
+        if done {
+            self.send(Event::FileDone);
+        }
+    }
+}
+
 impl StreamObserver for Watch {
     fn entry(&self, entry: &LayerEntry) {
         if self.found.load(Ordering::Relaxed) {
@@ -140,16 +157,17 @@ impl StreamObserver for Watch {
     }
 
     fn chunk(&self, _offset: u64, data: &Bytes, _digest: &crate::model::digest::Digest) {
-        let mut remaining = self.remaining.lock().unwrap();
-        if *remaining == 0 {
-            return;
-        }
-        *remaining -= data.len() as u64;
-        let done = *remaining == 0;
-        drop(remaining);
-        self.send(Event::Data(data.clone()));
-        if done {
-            self.send(Event::FileDone);
+        self.data(data.clone());
+    }
+
+    fn hole(&self, len: u64) {
+        // Zeros, handed out a piece at a time from one static buffer (a hole can be gigabytes).
+        static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
+        let mut left = len;
+        while left > 0 {
+            let piece = left.min(ZEROS.len() as u64);
+            self.data(Bytes::from_static(&ZEROS[..piece as usize]));
+            left -= piece;
         }
     }
 

@@ -21,6 +21,7 @@
 pub mod codec;
 pub mod estargz;
 pub mod gzip_index;
+pub mod sparse;
 pub mod tar_stream;
 pub mod toc;
 pub mod zstd_chunked;

@@ -35,6 +35,7 @@ use bytes::Bytes;
 use futures_util::TryStreamExt;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
+use super::sparse::{self, SparseRecords};
 use super::{
     ChunkRef, ChunkSource, Codec, EntryKind, LayerEntry, LayerError, LayerFormat, LayerIndex, Meta,
     STREAM_CHUNK_BYTES, normalize_path,
@@ -51,6 +52,9 @@ pub trait StreamObserver: Send + Sync {
     /// A chunk of file data at `offset` of the uncompressed tar stream, and its digest (the one
     /// recorded in the entry's [`ChunkRef`]); the blob as a whole is not yet verified.
     fn chunk(&self, _offset: u64, _data: &Bytes, _digest: &Digest) {}
+    /// `len` bytes of zeros in the file's content, in order among its chunks: a hole of a sparse
+    /// file, which the stream does not carry.
+    fn hole(&self, _len: u64) {}
     /// Polled between entries: `true` stops the stream early (with an error).
     fn cancelled(&self) -> bool {
         false
@@ -294,6 +298,65 @@ pub fn index_reader_with<R: Read>(
     })
 }
 
+/// A regular file's content as it streams past, cut into chunks.
+struct FileData<'a, 'e, R: Read> {
+    entry: &'a mut tar::Entry<'e, R>,
+    layer: &'a Digest,
+    compression: LayerCompression,
+    observer: &'a dyn StreamObserver,
+    chunks: &'a mut Vec<ChunkRef>,
+}
+
+impl<R: Read> FileData<'_, '_, R> {
+    /// Reads the next `len` bytes of the entry (at `at` in the tar stream), the file's bytes
+    /// from `file_offset` on.
+    fn stream(&mut self, at: u64, file_offset: u64, len: u64) -> Result<(), LayerError> {
+        let mut done = 0;
+        while done < len {
+            let piece = (len - done).min(STREAM_CHUNK_BYTES);
+            let mut buf = vec![0u8; piece as usize];
+            self.entry
+                .read_exact(&mut buf)
+                .map_err(|e| io_error(self.layer, e))?;
+            let data = Bytes::from(buf);
+            let offset = at + done;
+            let source = match self.compression {
+                // An uncompressed layer can be read at any offset: no need to stream again.
+                LayerCompression::None => ChunkSource::Compressed {
+                    start: offset,
+                    end: offset + piece,
+                    inner_offset: 0,
+                    codec: Codec::Identity,
+                },
+                _ => ChunkSource::TarStream { offset },
+            };
+            let digest = Digest::of(&data);
+            self.observer.chunk(offset, &data, &digest);
+            self.chunks.push(ChunkRef {
+                file_offset: file_offset + done,
+                size: piece,
+                source,
+                digest: Some(digest),
+            });
+            done += piece;
+        }
+        Ok(())
+    }
+
+    /// A hole: the file's bytes `start..end` read as zeros.
+    fn zeros(&mut self, start: u64, end: u64) {
+        for hole in sparse::holes(start, end) {
+            self.observer.hole(hole.len);
+            self.chunks.push(ChunkRef {
+                file_offset: hole.offset,
+                size: hole.len,
+                source: ChunkSource::Zeros,
+                digest: None,
+            });
+        }
+    }
+}
+
 fn pax_number(value: &[u8]) -> Option<f64> {
     std::str::from_utf8(value).ok()?.trim().parse().ok()
 }
@@ -321,10 +384,14 @@ fn read_entries<R: Read>(
             mtime: header.mtime().map_err(|e| bad(e.to_string()))? as i64,
             xattrs: Vec::new(),
         };
+        let mut sparse_records = SparseRecords::default();
         if let Some(pax) = entry.pax_extensions().map_err(|e| io_error(layer, e))? {
             for ext in pax {
                 let ext = ext.map_err(|e| io_error(layer, e))?;
                 let key = ext.key_bytes();
+                if sparse_records.take(key, ext.value_bytes()) {
+                    continue;
+                }
                 if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
                     meta.xattrs
                         .push((name.to_vec(), ext.value_bytes().to_vec()));
@@ -343,6 +410,11 @@ fn read_entries<R: Read>(
                 }
             }
         }
+        let sparse = sparse_records.finish().map_err(&bad)?;
+        let path = match &sparse {
+            Some(sparse) => normalize_path(&sparse.name).map_err(&bad)?,
+            None => path,
+        };
         let link_target = || -> Result<Vec<u8>, LayerError> {
             Ok(entry
                 .link_name_bytes()
@@ -379,45 +451,54 @@ fn read_entries<R: Read>(
             T::Regular | T::Continuous => {
                 // Filled in below once the content has streamed past.
                 EntryKind::File {
-                    size: entry.size(),
+                    size: sparse.as_ref().map_or(entry.size(), |s| s.real_size),
                     chunks: Arc::from(Vec::new()),
                 }
             }
-            T::GNUSparse => return Err(bad("sparse files are not supported".into())),
+            T::GNUSparse => {
+                return Err(bad(
+                    "old GNU sparse headers are not supported (PAX sparse formats 0.1 and 1.0 are)"
+                        .into(),
+                ));
+            }
             other => return Err(bad(format!("unsupported tar entry type {other:?}"))),
         };
         let mut entry_out = LayerEntry { path, kind, meta };
         observer.entry(&entry_out);
         if let EntryKind::File { size, .. } = entry_out.kind {
             let start = entry.raw_file_position();
-            let mut chunks = Vec::with_capacity(size.div_ceil(STREAM_CHUNK_BYTES) as usize);
-            let mut offset = 0;
-            while offset < size {
-                let len = (size - offset).min(STREAM_CHUNK_BYTES);
-                let mut buf = vec![0u8; len as usize];
-                entry.read_exact(&mut buf).map_err(|e| io_error(layer, e))?;
-                let data = Bytes::from(buf);
-                let source = match compression {
-                    // An uncompressed layer can be read at any offset: no need to stream again.
-                    LayerCompression::None => ChunkSource::Compressed {
-                        start: start + offset,
-                        end: start + offset + len,
-                        inner_offset: 0,
-                        codec: Codec::Identity,
-                    },
-                    _ => ChunkSource::TarStream {
-                        offset: start + offset,
-                    },
-                };
-                let digest = Digest::of(&data);
-                observer.chunk(start + offset, &data, &digest);
-                chunks.push(ChunkRef {
-                    file_offset: offset,
-                    size: len,
-                    source,
-                    digest: Some(digest),
-                });
-                offset += len;
+            let stored = entry.size();
+            let mut chunks = Vec::with_capacity(stored.div_ceil(STREAM_CHUNK_BYTES) as usize);
+            let mut data = FileData {
+                entry: &mut entry,
+                layer,
+                compression,
+                observer,
+                chunks: &mut chunks,
+            };
+            match sparse {
+                None => data.stream(start, 0, size)?,
+                Some(sparse) => {
+                    let (regions, map_bytes) = match sparse.map {
+                        Some(map) => (map, 0),
+                        None => {
+                            sparse::read_map(data.entry, stored).map_err(|e| match e.kind() {
+                                io::ErrorKind::InvalidData => bad(e.to_string()),
+                                _ => io_error(layer, e),
+                            })?
+                        }
+                    };
+                    sparse::check(&regions, size, stored - map_bytes).map_err(&bad)?;
+                    let mut at = start + map_bytes;
+                    let mut end = 0;
+                    for region in regions {
+                        data.zeros(end, region.offset);
+                        data.stream(at, region.offset, region.len)?;
+                        at += region.len;
+                        end = region.offset + region.len;
+                    }
+                    data.zeros(end, size);
+                }
             }
             entry_out.kind = EntryKind::File {
                 size,

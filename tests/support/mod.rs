@@ -603,3 +603,55 @@ pub fn wait_with_deadline(child: Child, deadline: Duration) -> Output {
         }
     }
 }
+
+/// A tar of one sparse file `hole` (3 MiB: a few bytes at its start, middle and end, holes
+/// between) written by GNU tar in PAX sparse format `version` ("1.0" or "0.1"), and the file's
+/// bytes. Checks that GNU tar really wrote a `GNUSparseFile` entry.
+pub fn gnu_sparse_tar(version: &str) -> (Vec<u8>, Vec<u8>) {
+    use std::io::{Seek, SeekFrom, Write};
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("root");
+    std::fs::create_dir(&dir).unwrap();
+    let mut expected = vec![0u8; 3 << 20];
+    let mut file = std::fs::File::create(dir.join("hole")).unwrap();
+    for (at, text) in [
+        (0usize, &b"start"[..]),
+        (1 << 20, b"middle"),
+        ((3 << 20) - 3, b"end"),
+    ] {
+        expected[at..at + text.len()].copy_from_slice(text);
+        file.seek(SeekFrom::Start(at as u64)).unwrap();
+        file.write_all(text).unwrap();
+    }
+    drop(file);
+    let tar_path = work.path().join("layer.tar");
+    let made = Command::new("tar")
+        .args([
+            "--format=posix",
+            "--sparse",
+            &format!("--sparse-version={version}"),
+        ])
+        .args(["--owner=0", "--group=0", "--mtime=@0", "-C"])
+        .arg(&dir)
+        .arg("-cf")
+        .arg(&tar_path)
+        .arg("hole")
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let tar = std::fs::read(&tar_path).unwrap();
+    let first = tar::Archive::new(&tar[..])
+        .entries()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path_bytes()
+        .into_owned();
+    assert!(
+        String::from_utf8_lossy(&first).contains("GNUSparseFile"),
+        "{version}: GNU tar did not write a sparse entry: {}",
+        String::from_utf8_lossy(&first)
+    );
+    (tar, expected)
+}
