@@ -411,36 +411,6 @@ fn gzip_image_with_a_published_seek_index_mounts_lazily() {
     );
 }
 
-/// A gzip layer of `entries`: (path, entry type, link target or file content).
-fn layer_of(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
-    let mut tar = tar::Builder::new(Vec::new());
-    for &(path, kind, data) in entries {
-        let mut header = tar::Header::new_ustar();
-        header.set_entry_type(kind);
-        header.set_mode(if kind == tar::EntryType::Directory {
-            0o755
-        } else {
-            0o644
-        });
-        header.set_mtime(1_700_000_000);
-        header.set_uid(0);
-        header.set_gid(0);
-        let body: &[u8] = match kind {
-            tar::EntryType::Regular => data.as_bytes(),
-            tar::EntryType::Link | tar::EntryType::Symlink => {
-                header.set_link_name(data).unwrap();
-                &[]
-            }
-            _ => &[],
-        };
-        header.set_size(body.len() as u64);
-        tar.append_data(&mut header, path, body).unwrap();
-    }
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    std::io::Write::write_all(&mut gz, &tar.into_inner().unwrap()).unwrap();
-    gz.finish().unwrap()
-}
-
 /// The writer refuses what the readers refuse: a hard link whose target no layer below or
 /// before it holds is an error naming the layer and the link, and nothing is written; a hard
 /// link to a file of a lower layer is fine and reads back as the same file.
@@ -448,9 +418,9 @@ fn layer_of(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
 fn convert_refuses_a_hard_link_to_a_missing_target() {
     use tar::EntryType::{Directory, Link, Regular};
     let registry = Registry::start(RegistryAuth::None);
-    let base = layer_of(&[("etc/", Directory, ""), ("etc/real", Regular, "content\n")]);
-    let dangling = layer_of(&[("etc/link", Link, "etc/missing")]);
-    let linked = layer_of(&[("etc/link", Link, "etc/real")]);
+    let base = support::layer_of(&[("etc/", Directory, ""), ("etc/real", Regular, "content\n")]);
+    let dangling = support::layer_of(&[("etc/link", Link, "etc/missing")]);
+    let linked = support::layer_of(&[("etc/link", Link, "etc/real")]);
     let bad = registry.push_image("test/links", "bad", &[base.clone(), dangling], None);
     registry.push_image("test/links", "good", &[base, linked], None);
     let work = tempfile::tempdir().unwrap();

@@ -798,21 +798,7 @@ fn a_sparse_file_reads_with_its_holes_through_cat_ls_and_a_mount() {
 #[test]
 fn a_layer_that_is_not_its_diff_id_is_refused() {
     let registry = Registry::start(RegistryAuth::None);
-    let layer = {
-        let mut tar = tar::Builder::new(Vec::new());
-        let mut header = tar::Header::new_gnu();
-        header.set_size(5);
-        header.set_mode(0o644);
-        header.set_uid(0);
-        header.set_gid(0);
-        header.set_mtime(0);
-        header.set_cksum();
-        tar.append_data(&mut header, "hello", &b"hello"[..])
-            .unwrap();
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        std::io::Write::write_all(&mut gz, &tar.into_inner().unwrap()).unwrap();
-        gz.finish().unwrap()
-    };
+    let layer = support::layer_of(&[("hello", tar::EntryType::Regular, "hello")]);
     let pushed = registry.push_image("test/diffid", "good", std::slice::from_ref(&layer), None);
     let good = format!("{}/test/diffid:good", registry.host());
     let listed = lazylayer(&["ls", &good, "/"], &[]);

@@ -655,3 +655,33 @@ pub fn gnu_sparse_tar(version: &str) -> (Vec<u8>, Vec<u8>) {
     );
     (tar, expected)
 }
+
+/// A gzip layer of `entries`: (path, entry type, link target or file content).
+pub fn layer_of(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
+    let mut tar = tar::Builder::new(Vec::new());
+    for &(path, kind, data) in entries {
+        let mut header = tar::Header::new_ustar();
+        header.set_entry_type(kind);
+        header.set_mode(if kind == tar::EntryType::Directory {
+            0o755
+        } else {
+            0o644
+        });
+        header.set_mtime(1_700_000_000);
+        header.set_uid(0);
+        header.set_gid(0);
+        let body: &[u8] = match kind {
+            tar::EntryType::Regular => data.as_bytes(),
+            tar::EntryType::Link | tar::EntryType::Symlink => {
+                header.set_link_name(data).unwrap();
+                &[]
+            }
+            _ => &[],
+        };
+        header.set_size(body.len() as u64);
+        tar.append_data(&mut header, path, body).unwrap();
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, &tar.into_inner().unwrap()).unwrap();
+    gz.finish().unwrap()
+}
