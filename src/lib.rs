@@ -21,12 +21,13 @@
 //!   reads;
 //! - [`mount`]: FUSE operations, mount options, the control socket and metrics;
 //! - [`containerd`]: the remote snapshotter and `lazylayer pull`;
+//! - [`run`]: `lazylayer run`, a container from a lazily mounted image through runc;
 //! - [`convert`]: rewriting images to eStargz / zstd:chunked and publishing gzip seek indexes;
 //! - [`cli`]: the `lazylayer` command, its config file and its output.
 //!
 //! Modules import only from those below them in this list's read path (`model` ← `cache` ←
 //! `source` ← `layer` ← `fetch` ← `fs` ← `mount` ← `containerd` ← `cli`; `convert` uses `layer`
-//! and `source`), so that each can be read, and tested, without those above it.
+//! and `source`, `run` uses `mount`), so that each can be read, and tested, without those above it.
 
 pub mod cache;
 pub mod cli;
@@ -37,4 +38,5 @@ pub mod fs;
 pub mod layer;
 pub mod model;
 pub mod mount;
+pub mod run;
 pub mod source;

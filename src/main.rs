@@ -45,7 +45,7 @@ fn main() -> ExitCode {
         }
     };
     let code = match runtime.block_on(cli::run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("lazylayer: error: {e}");
             ExitCode::FAILURE

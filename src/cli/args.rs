@@ -173,6 +173,27 @@ lazylayer pull 127.0.0.1:5000/test/python-app:esgz\n  \
 ctr run --rm --snapshotter lazylayer 127.0.0.1:5000/test/python-app:esgz app1 python3 /app/main.py"
     )]
     Pull(PullArgs),
+
+    /// Run a command in an image with runc, fetching its files as they are read (root only).
+    #[command(
+        long_about = "Run a command in the filesystem of image REF, as `docker run` would, with no \
+daemon and no download: the image is mounted lazily (as `mount` does, sharing its disk cache), a \
+writable overlay goes over it (a tmpfs, or --upper DIR to keep the changes), and runc (Debian's \
+package) runs the image's Entrypoint with the given command or its Cmd, with its Env, WorkingDir and \
+User. stdin (with -i), stdout, stderr and the exit status pass through; a container killed by \
+signal N exits 128+N; SIGINT and SIGTERM go to the container.\n\n\
+Nothing is kept when the command ends: mounts, overlay and runc state are removed (--rm is \
+accepted and is what always happens), and what a killed run left behind is removed by the next. \
+Root only (FUSE, overlayfs and runc's namespaces need it); rootless runs are not supported.\n\n\
+Docker's -v is --volume here (-v is --verbose in every lazylayer command), and registry \
+credentials are --registry-user (-u is the container's user, as in docker).",
+        after_help = "Examples:\n  \
+lazylayer run --rm 127.0.0.1:5000/test/python-app:latest\n  \
+lazylayer run -e DEBUG=1 --volume /srv/data:/data:ro debian:bookworm -- ls -l /data\n  \
+lazylayer run -it --network none debian:bookworm -- bash",
+        mut_arg("user", |a| a.long("registry-user").short(None))
+    )]
+    Run(RunArgs),
 }
 
 #[derive(Args, Debug)]
@@ -249,6 +270,64 @@ pub enum ConvertFormat {
     Estargz,
     /// zstd frames per chunk and a TOC in a skippable frame (containers/storage, lazylayer).
     ZstdChunked,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Image reference: NAME[:TAG], HOST[:PORT]/NAME[:TAG][@DIGEST], or oci:PATH[:TAG].
+    pub reference: String,
+
+    /// The command and its arguments (after the image's Entrypoint); default: the image's Cmd.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+
+    /// Remove everything when the command ends (what always happens; accepted as docker's).
+    #[arg(long)]
+    pub rm: bool,
+
+    /// Keep stdin open and pass it to the command.
+    #[arg(short, long)]
+    pub interactive: bool,
+
+    /// Give the command a terminal.
+    #[arg(short, long)]
+    pub tty: bool,
+
+    /// Set an environment variable (K=V), or pass the host's value of K.
+    #[arg(short, long = "env", value_name = "K[=V]")]
+    pub env: Vec<String>,
+
+    /// Bind-mount a host directory or file: HOST:CONTAINER[:ro].
+    #[arg(long = "volume", value_name = "HOST:CTR[:ro]")]
+    pub volume: Vec<String>,
+
+    /// Working directory in the container [default: the image's WorkingDir, else /].
+    #[arg(short, long, value_name = "DIR")]
+    pub workdir: Option<String>,
+
+    /// User to run as: NAME or UID, optionally :GROUP or :GID (names from the image's /etc/passwd
+    /// and /etc/group) [default: the image's User, else root].
+    #[arg(
+        short = 'u',
+        long = "user",
+        id = "run_user",
+        value_name = "USER[:GROUP]"
+    )]
+    pub run_user: Option<String>,
+
+    /// The host's network (and its resolv.conf and hosts), or none (loopback only).
+    #[arg(long, value_enum, default_value_t = crate::run::spec::Network::Host)]
+    pub network: crate::run::spec::Network,
+
+    /// Keep the container's changes in DIR (the overlay's upper directory) instead of a tmpfs.
+    #[arg(long, value_name = "DIR")]
+    pub upper: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub read: ReadArgs,
+
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 #[derive(Args, Debug)]

@@ -82,6 +82,8 @@ pub enum CliError {
         address: String,
         source: std::io::Error,
     },
+    #[error("run: {0}")]
+    Run(String),
     #[error("writing to standard output: {0}")]
     Output(std::io::Error),
 }

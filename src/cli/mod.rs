@@ -5,7 +5,7 @@
 //!   something fails;
 //! - one file per group of subcommands: `read` (`ls`, `cat`, `inspect`), `mount` (`mount`,
 //!   `stats`), `containerd` (`snapshotter`, `pull`), `convert` (`convert`, `index`),
-//!   `cache` (`cache`, `profile`);
+//!   `cache` (`cache`, `profile`), `run` (`run`);
 //! - [`config`]: the config file; [`output`]: tables and reports.
 
 pub mod args;
@@ -18,6 +18,7 @@ mod mount;
 mod options;
 pub mod output;
 mod read;
+mod run;
 mod size;
 
 pub use args::Cli;
@@ -25,8 +26,9 @@ use args::Command;
 pub use error::CliError;
 
 /// Runs a parsed command line. Output goes to stdout; errors are returned for `main` to print.
-pub async fn run(cli: Cli) -> Result<(), CliError> {
-    match cli.command {
+/// The exit code is success, except for `run`, which passes its command's on.
+pub async fn run(cli: Cli) -> Result<std::process::ExitCode, CliError> {
+    let done = match cli.command {
         Command::Inspect(args) => read::inspect(args).await,
         Command::Ls(args) => read::ls(args).await,
         Command::Cat(args) => read::cat(args).await,
@@ -39,5 +41,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Pull(args) => containerd::pull(args).await,
         Command::Convert(args) => convert::convert(args).await,
         Command::Index(args) => convert::index(args).await,
-    }
+        Command::Run(args) => return run::run(args).await,
+    };
+    done.map(|()| std::process::ExitCode::SUCCESS)
 }

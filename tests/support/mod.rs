@@ -385,6 +385,19 @@ impl Registry {
         layers: &[Vec<u8>],
         diff_ids: Option<Vec<String>>,
     ) -> Vec<String> {
+        self.push_image_with(repo, tag, layers, diff_ids, Value::Null)
+    }
+
+    /// As [`Registry::push_image`], with `runtime` as the config's `config` section (Env, Cmd,
+    /// WorkingDir...; `Null` for none).
+    pub fn push_image_with(
+        &self,
+        repo: &str,
+        tag: &str,
+        layers: &[Vec<u8>],
+        diff_ids: Option<Vec<String>>,
+        runtime: Value,
+    ) -> Vec<String> {
         let diff_ids = diff_ids.unwrap_or_else(|| {
             layers
                 .iter()
@@ -400,12 +413,15 @@ impl Registry {
                 .collect()
         });
         let digests: Vec<String> = layers.iter().map(|l| self.put_blob(repo, l)).collect();
-        let config = serde_json::json!({
+        let mut config = serde_json::json!({
             "architecture": "amd64",
             "os": "linux",
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        })
-        .to_string();
+        });
+        if !runtime.is_null() {
+            config["config"] = runtime;
+        }
+        let config = config.to_string();
         let config_digest = self.put_blob(repo, config.as_bytes());
         let manifest = serde_json::json!({
             "schemaVersion": 2,

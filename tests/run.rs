@@ -1,0 +1,196 @@
+//! `lazylayer run` end to end: images from Debian's registry, run by Debian's runc over the lazy
+//! mount and an overlay; stdio, exit codes, the image config's Env/WorkingDir/Cmd, `-e`,
+//! `--volume`, and nothing left behind, even by a run that was killed.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::json;
+use support::{Registry, RegistryAuth, Run, lazylayer, shared_blob, shared_layer, wait_until};
+
+/// `lazylayer run ARGS` with its own run directory and disk cache.
+fn run(run_dir: &Path, cache: &Path, args: &[&str]) -> Run {
+    let mut full = vec!["run", "--cache-dir", cache.to_str().unwrap()];
+    full.extend_from_slice(args);
+    lazylayer(&full, &[("LAZYLAYER_RUN_DIR", run_dir.to_str().unwrap())])
+}
+
+/// What a run may leave: nothing under its run directory, no mount anywhere below it.
+fn assert_nothing_left(run_dir: &Path) {
+    let containers = run_dir.join("containers");
+    let left: Vec<_> = std::fs::read_dir(&containers)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let prefix = run_dir.to_str().unwrap();
+    assert!(
+        !mounts.lines().any(|l| l.contains(prefix)),
+        "mounts left behind:\n{mounts}"
+    );
+}
+
+#[test]
+fn python_app_runs_and_exit_codes_env_workdir_and_volumes_come_through() {
+    let registry = Registry::start(RegistryAuth::None);
+    registry.push_shared("python-app", "test/app");
+    let debian_layer = shared_blob(&shared_layer("debian-bookworm", 0));
+    registry.push_image_with(
+        "test/configured",
+        "latest",
+        &[debian_layer],
+        None,
+        json!({"Env": ["PATH=/usr/bin:/bin", "GREETING=hello"], "WorkingDir": "/usr/share",
+               "Cmd": ["sh", "-c", "echo $GREETING from $(pwd)"]}),
+    );
+    let run_dir = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let (run_dir, cache) = (run_dir.path(), cache.path());
+
+    let app = run(run_dir, cache, &[&format!("{}/test/app", registry.host())]);
+    assert!(
+        app.status.success() && app.stdout.starts_with("app ok"),
+        "{}{}",
+        app.stdout,
+        app.stderr
+    );
+
+    let image = format!("{}/test/configured", registry.host());
+    let defaults = run(run_dir, cache, &[&image]);
+    assert_eq!(
+        defaults.stdout, "hello from /usr/share\n",
+        "{}",
+        defaults.stderr
+    );
+
+    let host_dir = tempfile::tempdir().unwrap();
+    std::fs::write(host_dir.path().join("f"), "from the host\n").unwrap();
+    let volume = format!("{}:/data:ro", host_dir.path().display());
+    let given = run(
+        run_dir,
+        cache,
+        &[
+            "-e",
+            "GREETING=bye",
+            "--volume",
+            &volume,
+            "-w",
+            "/data",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            "echo $GREETING from $(pwd); cat f; touch g 2>/dev/null || echo read-only",
+        ],
+    );
+    assert_eq!(
+        given.stdout, "bye from /data\nfrom the host\nread-only\n",
+        "{}",
+        given.stderr
+    );
+
+    for code in [0, 3] {
+        let exited = run(
+            run_dir,
+            cache,
+            &[&image, "sh", "-c", &format!("exit {code}")],
+        );
+        assert_eq!(exited.status.code(), Some(code), "{}", exited.stderr);
+    }
+    // Killed by a signal from outside (PID 1 of a container ignores one from inside): 128+9.
+    let killed = std::thread::spawn({
+        let (run_dir, cache, image) = (run_dir.to_path_buf(), cache.to_path_buf(), image.clone());
+        move || run(&run_dir, &cache, &[&image, "sleep", "1234.5"])
+    });
+    let sleeping = || {
+        std::process::Command::new("pgrep")
+            .args(["-f", "^sleep 1234.5"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    wait_until(Duration::from_secs(60), sleeping, || {
+        "the container did not start".into()
+    });
+    std::process::Command::new("pkill")
+        .args(["-KILL", "-f", "^sleep 1234.5"])
+        .status()
+        .unwrap();
+    let killed = killed.join().unwrap();
+    assert_eq!(killed.status.code(), Some(137), "{}", killed.stderr);
+
+    assert_nothing_left(run_dir);
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_a_killed_run_is_cleaned_up_by_the_next() {
+    let layout = format!("oci:{}", support::shared_images().display());
+    let debian = format!("{layout}:debian-bookworm");
+    let run_dir = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let (run_dir, cache) = (run_dir.path(), cache.path());
+
+    run(run_dir, cache, &[&format!("{layout}:nope")]).assert_error(&["nope", "debian-bookworm"]);
+    let missing = run(run_dir, cache, &[&debian, "no-such-command"]);
+    assert_eq!(missing.status.code(), Some(127), "{}", missing.stderr);
+    assert!(
+        missing.stderr.contains("no-such-command"),
+        "{}",
+        missing.stderr
+    );
+    let no_runc = lazylayer(
+        &["run", &debian, "true"],
+        &[
+            ("PATH", "/nonexistent"),
+            ("LAZYLAYER_RUN_DIR", run_dir.to_str().unwrap()),
+        ],
+    );
+    no_runc.assert_error(&["runc", "apt-get install runc"]);
+    run(
+        run_dir,
+        cache,
+        &["--volume", "relative:/x", &debian, "true"],
+    )
+    .assert_error(&["--volume", "absolute"]);
+
+    // A run killed outright leaves its directory, mounts and container; the next run removes
+    // them, container included.
+    let mut killed = std::process::Command::new(env!("CARGO_BIN_EXE_lazylayer"))
+        .args([
+            "run",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            &debian,
+            "sleep",
+            "2345.5",
+        ])
+        .env("LAZYLAYER_RUN_DIR", run_dir)
+        .env("LAZYLAYER_CONFIG", "/dev/null")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let sleeping = || {
+        std::process::Command::new("pgrep")
+            .args(["-f", "^sleep 2345.5"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    wait_until(Duration::from_secs(60), sleeping, || {
+        "the container did not start".into()
+    });
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    assert!(
+        std::fs::read_dir(run_dir.join("containers"))
+            .unwrap()
+            .count()
+            == 1,
+        "the killed run left nothing to clean, so this tests nothing"
+    );
+    let next = run(run_dir, cache, &[&debian, "true"]);
+    assert!(next.status.success(), "{}", next.stderr);
+    assert!(!sleeping(), "the killed run's container still runs");
+    assert_nothing_left(run_dir);
+}
