@@ -45,12 +45,7 @@ pub(super) async fn run(args: RunArgs) -> Result<std::process::ExitCode, CliErro
         runc: runc.clone(),
         upper: args.upper.clone(),
     };
-    for sub in ["lower", "tmp", "rootfs", "runc"] {
-        std::fs::create_dir_all(dir.join(sub))
-            .map_err(|e| failed(format!("{}: {e}", dir.display())))?;
-    }
-    std::fs::write(dir.join("pid"), std::process::id().to_string())
-        .map_err(|e| failed(format!("{}: {e}", dir.display())))?;
+    crate::run::create(&dir).map_err(|e| failed(format!("{}: {e}", dir.display())))?;
 
     let mount_options = crate::mount::MountOptions {
         // The container's users are not the one who mounted, and its setuid binaries (su,

@@ -34,6 +34,19 @@ pub fn find_runc() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Creates a run's directory `dir` with its `pid` already in it (made under a hidden name and
+/// renamed), so that a run starting at the same moment never takes it for a killed run's.
+pub fn create(dir: &Path) -> io::Result<()> {
+    let name = dir.file_name().ok_or(io::ErrorKind::InvalidInput)?;
+    let hidden = dir.with_file_name(format!(".{}", name.to_string_lossy()));
+    std::fs::create_dir_all(&hidden)?;
+    std::fs::write(hidden.join("pid"), std::process::id().to_string())?;
+    for sub in ["lower", "tmp", "rootfs", "runc"] {
+        std::fs::create_dir(hidden.join(sub))?;
+    }
+    std::fs::rename(&hidden, dir)
+}
+
 /// Removes what runs that were killed left behind: directories whose `pid` is not alive.
 pub fn clean_stale(runc: &Path) {
     let Ok(entries) = std::fs::read_dir(runs_dir()) else {
@@ -41,10 +54,18 @@ pub fn clean_stale(runc: &Path) {
     };
     for entry in entries.flatten() {
         let dir = entry.path();
-        let alive = std::fs::read_to_string(dir.join("pid"))
+        let pid = std::fs::read_to_string(dir.join("pid"))
             .ok()
-            .and_then(|p| p.trim().parse::<u32>().ok())
-            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+            .and_then(|p| p.trim().parse::<u32>().ok());
+        let alive = match pid {
+            Some(pid) => Path::new(&format!("/proc/{pid}")).exists(),
+            // Killed between creating its hidden directory and writing its pid (a run being made
+            // right now has its pid written within microseconds).
+            None => entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().unwrap_or_default().as_secs() < 60),
+        };
         if !alive {
             tracing::info!("removing what a killed run left in {}", dir.display());
             remove(&dir, runc);
