@@ -163,10 +163,12 @@ pub fn read_map(reader: &mut impl Read, stored: u64) -> io::Result<(Vec<Region>,
     let bad = |reason: String| io::Error::new(io::ErrorKind::InvalidData, reason);
     let mut text = Vec::new();
     let mut block = [0u8; 512];
-    // Lines wanted: the count, then two per region; known once the count is read.
+    // Lines read so far, counted per block (recounting all the text for each block would be
+    // quadratic in the map's size); lines wanted: the count, then two per region, known once
+    // the count is read.
+    let mut lines = 0;
     let mut wanted: Option<usize> = None;
     loop {
-        let lines = text.iter().filter(|&&b| b == b'\n').count();
         if let Some(wanted) = wanted
             && lines >= wanted
         {
@@ -192,6 +194,7 @@ pub fn read_map(reader: &mut impl Read, stored: u64) -> io::Result<(Vec<Region>,
         }
         reader.read_exact(&mut block)?;
         text.extend_from_slice(&block);
+        lines += block.iter().filter(|&&b| b == b'\n').count();
     }
     let used = text.len() as u64;
     let mut lines = text.split(|&b| b == b'\n');
