@@ -85,15 +85,7 @@ pub(super) async fn ls(args: LsArgs) -> Result<(), CliError> {
         recursive: args.recursive,
         all: args.all,
     };
-    use std::io::Write as _;
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    match listing::list(&mut out, &fs.tree, ino, &args.path, options).and_then(|()| out.flush()) {
-        Ok(()) => {}
-        // A closed pipe (`| head`) ends the listing quietly, as it does for `cat`.
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
-        Err(e) => return Err(CliError::Output(e)),
-    }
-    drop(out);
+    write_stdout_with(|out| listing::list(out, &fs.tree, ino, &args.path, options))?;
     if args.stats {
         print_stats(fs.stats());
     }
@@ -103,8 +95,17 @@ pub(super) async fn ls(args: LsArgs) -> Result<(), CliError> {
 /// Writes to stdout; a closed pipe (`| head`) ends output quietly, as it does for `cat`.
 pub(super) fn write_stdout(bytes: &[u8]) -> Result<bool, CliError> {
     use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    match out.write_all(bytes).and_then(|()| out.flush()) {
+    write_stdout_with(|out| out.write_all(bytes))
+}
+
+/// Lets `write` write to stdout as it goes (output too large to build first); a closed pipe
+/// ends it quietly, as for [`write_stdout`]. Returns whether everything was written.
+pub(super) fn write_stdout_with(
+    write: impl FnOnce(&mut std::io::BufWriter<std::io::StdoutLock<'static>>) -> std::io::Result<()>,
+) -> Result<bool, CliError> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    match write(&mut out).and_then(|()| out.flush()) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
         Err(e) => Err(CliError::Output(e)),
