@@ -115,9 +115,7 @@ impl Watch {
             self.stop.store(true, Ordering::Relaxed);
         }
     }
-}
 
-impl Watch {
     /// The next bytes of the file being streamed, while any of it is still wanted.
     fn data(&self, data: Bytes) {
         let mut remaining = self.remaining.lock().unwrap();

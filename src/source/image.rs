@@ -181,17 +181,16 @@ pub async fn resolve(
     // refuses one that is not the platform asked for, and so do we, rather than hand a linux/amd64
     // tree to someone who asked for windows/arm. Configs that leave the platform (or its variant)
     // out are taken as they are.
-    let config_platform = config.platform().normalized();
-    let runs_as_asked = config.os.is_empty()
-        || config.architecture.is_empty()
-        || (platform.os == config_platform.os
-            && platform.architecture == config_platform.architecture
-            && (config.variant.is_none() || platform.variant == config_platform.variant));
-    if chosen_platform.is_none() && !runs_as_asked {
+    let mut offered = config.platform();
+    if offered.variant.is_none() {
+        offered.variant.clone_from(&platform.variant);
+    }
+    let unstated = config.os.is_empty() || config.architecture.is_empty();
+    if chosen_platform.is_none() && !unstated && !platform.matches(&offered) {
         return Err(ImageError::NoMatchingPlatform {
             image,
             wanted: platform.clone(),
-            available: vec![config_platform.to_string()],
+            available: vec![config.platform().normalized().to_string()],
         });
     }
     if config.rootfs.diff_ids.len() != manifest.layers.len() {
