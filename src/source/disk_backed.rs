@@ -95,12 +95,33 @@ impl DiskBackedSource {
             .put_meta(&name, &serde_json::to_vec(&stored).expect("serialises"));
     }
 
-    /// How long to give the source before a remembered answer is used.
-    fn wait(&self) -> Duration {
-        match self.found_unreachable.load(Ordering::Relaxed) {
+    /// Runs `ask` against the source; with a remembered answer, for at most
+    /// [`UNREACHABLE_AFTER`] (not at all once this image's source was found unreachable),
+    /// falling back to that answer, after `warn` has said why, when the source cannot be
+    /// reached. Returns the answer and whether it is the remembered one.
+    async fn or_remembered<T>(
+        &self,
+        ask: impl std::future::Future<Output = Result<T, SourceError>>,
+        remembered: Option<T>,
+        warn: impl FnOnce(&str),
+    ) -> Result<(T, bool), SourceError> {
+        let Some(remembered) = remembered else {
+            return Ok((ask.await?, false));
+        };
+        let wait = match self.found_unreachable.load(Ordering::Relaxed) {
             true => Duration::ZERO,
             false => UNREACHABLE_AFTER,
-        }
+        };
+        let why = match tokio::time::timeout(wait, ask).await {
+            Ok(Ok(answer)) => return Ok((answer, false)),
+            Ok(Err(e)) if !unreachable(&e) => return Err(e),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) if wait.is_zero() => "it could not be reached for this image's manifest".into(),
+            Err(_) => format!("no answer within {} s", wait.as_secs()),
+        };
+        self.found_unreachable.store(true, Ordering::Relaxed);
+        warn(&why);
+        Ok((remembered, true))
     }
 
     fn tag_record_name(&self, tag: &str) -> String {
@@ -118,34 +139,6 @@ impl DiskBackedSource {
 /// refusal that the remembered answer must not hide.
 fn unreachable(e: &SourceError) -> bool {
     matches!(e, SourceError::TimedOut { .. }) || matches!(e.verdict(), Verdict::Retry(_))
-}
-
-/// Runs `ask` against the source; with a remembered answer, for at most `wait`, falling back to
-/// that answer (through `fallback`) when the source cannot be reached.
-async fn or_remembered<T>(
-    ask: impl std::future::Future<Output = Result<T, SourceError>>,
-    remembered: Option<T>,
-    wait: Duration,
-    fallback: impl FnOnce(&str),
-) -> Result<T, SourceError> {
-    let Some(remembered) = remembered else {
-        return ask.await;
-    };
-    match tokio::time::timeout(wait, ask).await {
-        Ok(Ok(answer)) => Ok(answer),
-        Ok(Err(e)) if !unreachable(&e) => Err(e),
-        Ok(Err(e)) => {
-            fallback(&e.to_string());
-            Ok(remembered)
-        }
-        Err(_) => {
-            fallback(&match wait.is_zero() {
-                true => "it could not be reached for this image's manifest".to_string(),
-                false => format!("no answer within {} s", wait.as_secs()),
-            });
-            Ok(remembered)
-        }
-    }
 }
 
 fn now_secs() -> u64 {
@@ -180,24 +173,22 @@ impl ImageSource for DiskBackedSource {
                     .as_ref()
                     .and_then(|r| self.stored_manifest(&r.digest));
                 let image = self.inner.name();
-                let mut fell_back = false;
                 let ask = self.inner.manifest(selector);
-                let fetched = or_remembered(ask, remembered, self.wait(), |why| {
-                    fell_back = true;
-                    self.found_unreachable.store(true, Ordering::Relaxed);
-                    let (digest, age) = record.as_ref().map_or_else(Default::default, |r| {
-                        (
-                            r.digest.to_string(),
-                            now_secs().saturating_sub(r.resolved_at),
-                        )
-                    });
-                    tracing::warn!(
-                        "{image}:{tag}: the registry cannot be reached ({why}); using the \
-                         manifest this tag named {age} s ago, {digest}, from the cache (the tag \
-                         may have moved since; mount by digest to pin it)"
-                    );
-                })
-                .await?;
+                let (fetched, fell_back) = self
+                    .or_remembered(ask, remembered, |why| {
+                        let (digest, age) = record.as_ref().map_or_else(Default::default, |r| {
+                            (
+                                r.digest.to_string(),
+                                now_secs().saturating_sub(r.resolved_at),
+                            )
+                        });
+                        tracing::warn!(
+                            "{image}:{tag}: the registry cannot be reached ({why}); using the \
+                             manifest this tag named {age} s ago, {digest}, from the cache (the tag \
+                             may have moved since; mount by digest to pin it)"
+                        );
+                    })
+                    .await?;
                 if !fell_back {
                     self.store_manifest(&fetched);
                     let record = TagRecord {
@@ -246,21 +237,18 @@ impl ImageSource for DiskBackedSource {
             .get_meta(&name)
             .and_then(|r| serde_json::from_slice(&r).ok());
         let image = self.inner.name();
-        let mut fell_back = false;
-        let found = or_remembered(
-            self.inner.referrers(subject, artifact_type),
-            remembered,
-            self.wait(),
-            |why| {
-                fell_back = true;
-                self.found_unreachable.store(true, Ordering::Relaxed);
-                tracing::warn!(
-                    "{image}@{subject}: the registry cannot be reached ({why}); using the \
-                     referrers found last time, from the cache"
-                );
-            },
-        )
-        .await?;
+        let (found, fell_back) = self
+            .or_remembered(
+                self.inner.referrers(subject, artifact_type),
+                remembered,
+                |why| {
+                    tracing::warn!(
+                        "{image}@{subject}: the registry cannot be reached ({why}); using the \
+                         referrers found last time, from the cache"
+                    );
+                },
+            )
+            .await?;
         if !fell_back {
             self.disk
                 .put_meta(&name, &serde_json::to_vec(&found).expect("serialises"));
