@@ -196,15 +196,13 @@ impl Run {
     }
 
     /// Undoes the run's mounts and state; `--upper` keeps its directory, not its work directory.
+    /// The overlay, tmpfs and lower mount are detached by [`crate::run::remove`], the same
+    /// undoing a later run applies to a killed one; lower, still served by this process, is
+    /// released when its session is dropped.
     fn undo(&self) {
-        for sub in ["rootfs", "tmp"] {
-            let _ = crate::mount::unmount(&self.dir.join(sub));
-        }
         if let Some(upper) = &self.upper {
             let _ = std::fs::remove_dir_all(work_dir_for(upper));
         }
-        // Lower is still served by this process: unmounted when its session is dropped.
-        let _ = crate::mount::detach(&self.dir.join("lower"));
         crate::run::remove(&self.dir, &self.runc);
     }
 }

@@ -174,37 +174,28 @@ pub fn user_ids(user: &str, rootfs: &Path) -> Result<(u32, u32), String> {
         None => (user, None),
     };
     let table = |file: &str| std::fs::read_to_string(rootfs.join(file)).unwrap_or_default();
-    let passwd = table("etc/passwd");
-    let lookup = |text: &str, name: &str| -> Option<(u32, Option<u32>)> {
+    // The id (third field) and, for passwd, the primary group (fourth) of the line whose field
+    // `by` is `key`.
+    let find = |text: &str, by: usize, key: &str| -> Option<(u32, Option<u32>)> {
         text.lines().find_map(|line| {
             let fields: Vec<&str> = line.split(':').collect();
-            (fields.len() >= 4 && fields[0] == name)
+            (fields.len() >= 4 && fields[by] == key)
                 .then(|| Some((fields[2].parse().ok()?, fields[3].parse().ok())))
                 .flatten()
         })
     };
+    let passwd = table("etc/passwd");
     let (uid, primary_gid) = match name.parse::<u32>() {
-        Ok(uid) => (
-            uid,
-            passwd.lines().find_map(|line| {
-                let fields: Vec<&str> = line.split(':').collect();
-                (fields.len() >= 4 && fields[2] == name)
-                    .then(|| fields[3].parse().ok())
-                    .flatten()
-            }),
-        ),
-        Err(_) => {
-            let (uid, gid) = lookup(&passwd, name)
-                .ok_or_else(|| format!("user `{name}` is not in the image's /etc/passwd"))?;
-            (uid, gid)
-        }
+        Ok(uid) => (uid, find(&passwd, 2, name).and_then(|(_, gid)| gid)),
+        Err(_) => find(&passwd, 0, name)
+            .ok_or_else(|| format!("user `{name}` is not in the image's /etc/passwd"))?,
     };
     let gid = match group {
         None => primary_gid.unwrap_or(0),
         Some(g) => match g.parse::<u32>() {
             Ok(gid) => gid,
             Err(_) => {
-                lookup(&table("etc/group"), g)
+                find(&table("etc/group"), 0, g)
                     .ok_or_else(|| format!("group `{g}` is not in the image's /etc/group"))?
                     .0
             }
