@@ -17,6 +17,15 @@ fn run(run_dir: &Path, cache: &Path, args: &[&str]) -> Run {
     lazylayer(&full, &[("LAZYLAYER_RUN_DIR", run_dir.to_str().unwrap())])
 }
 
+/// Whether a process whose command line matches `pattern` runs (a container's, seen from the
+/// host).
+fn running(pattern: &str) -> bool {
+    std::process::Command::new("pgrep")
+        .args(["-f", pattern])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 /// What a run may leave: nothing under its run directory, no mount anywhere below it.
 fn assert_nothing_left(run_dir: &Path) {
     let containers = run_dir.join("containers");
@@ -104,15 +113,11 @@ fn python_app_runs_and_exit_codes_env_workdir_and_volumes_come_through() {
         let (run_dir, cache, image) = (run_dir.to_path_buf(), cache.to_path_buf(), image.clone());
         move || run(&run_dir, &cache, &[&image, "sleep", "1234.5"])
     });
-    let sleeping = || {
-        std::process::Command::new("pgrep")
-            .args(["-f", "^sleep 1234.5"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    wait_until(Duration::from_secs(60), sleeping, || {
-        "the container did not start".into()
-    });
+    wait_until(
+        Duration::from_secs(60),
+        || running("^sleep 1234.5"),
+        || "the container did not start".into(),
+    );
     std::process::Command::new("pkill")
         .args(["-KILL", "-f", "^sleep 1234.5"])
         .status()
@@ -171,12 +176,7 @@ fn bad_input_gets_clear_errors_and_a_killed_run_is_cleaned_up_by_the_next() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let sleeping = || {
-        std::process::Command::new("pgrep")
-            .args(["-f", "^sleep 2345.5"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
+    let sleeping = || running("^sleep 2345.5");
     wait_until(Duration::from_secs(60), sleeping, || {
         "the container did not start".into()
     });
