@@ -63,9 +63,12 @@ func start(binary, root string) (snapshots.Snapshotter, func() error, error) {
 		}
 		return log.Close()
 	}
+	// Ready once a connection is accepted: the socket file can exist a moment before anyone
+	// listens on it (21 snapshotters start at once on two cores).
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		if _, err := os.Stat(socket); err == nil {
+		if probe, err := net.Dial("unix", socket); err == nil {
+			probe.Close()
 			break
 		}
 		if time.Now().After(deadline) {
