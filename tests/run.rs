@@ -1,6 +1,6 @@
 //! `lazylayer run` end to end: images from Debian's registry, run by Debian's runc over the lazy
 //! mount and an overlay; stdio, exit codes, the image config's Env/WorkingDir/Cmd, `-e`,
-//! `--volume`, and nothing left behind, even by a run that was killed.
+//! `-v`, and nothing left behind, even by a run that was killed.
 
 mod support;
 
@@ -83,7 +83,7 @@ fn python_app_runs_and_exit_codes_env_workdir_and_volumes_come_through() {
         &[
             "-e",
             "GREETING=bye",
-            "--volume",
+            "-v",
             &volume,
             "-w",
             "/data",

@@ -185,13 +185,18 @@ signal N exits 128+N; SIGINT and SIGTERM go to the container.\n\n\
 Nothing is kept when the command ends: mounts, overlay and runc state are removed (--rm is \
 accepted and is what always happens), and what a killed run left behind is removed by the next. \
 Root only (FUSE, overlayfs and runc's namespaces need it); rootless runs are not supported.\n\n\
-Docker's -v is --volume here (-v is --verbose in every lazylayer command), and registry \
-credentials are --registry-user (-u is the container's user, as in docker).",
+As in docker, -v is --volume and -u the container's user: here --verbose has no short form, \
+and registry credentials are --registry-user.",
         after_help = "Examples:\n  \
 lazylayer run --rm 127.0.0.1:5000/test/python-app:latest\n  \
-lazylayer run -e DEBUG=1 --volume /srv/data:/data:ro debian:bookworm -- ls -l /data\n  \
+lazylayer run -e DEBUG=1 -v /srv/data:/data:ro debian:bookworm -- ls -l /data\n  \
 lazylayer run -it --network none debian:bookworm -- bash",
-        mut_arg("user", |a| a.long("registry-user").short(None))
+        mut_arg("user", |a| a.long("registry-user").short(None)),
+        // Defined here, -v gone, so that the global --verbose is not propagated with its -v.
+        arg(clap::Arg::new("verbose")
+            .long("verbose")
+            .action(clap::ArgAction::Count)
+            .help("More log output (--verbose: debug, twice: trace). LAZYLAYER_LOG overrides."))
     )]
     Run(RunArgs),
 }
@@ -298,7 +303,7 @@ pub struct RunArgs {
     pub env: Vec<String>,
 
     /// Bind-mount a host directory or file: HOST:CONTAINER[:ro].
-    #[arg(long = "volume", value_name = "HOST:CTR[:ro]")]
+    #[arg(short, long = "volume", value_name = "HOST:CTR[:ro]")]
     pub volume: Vec<String>,
 
     /// Working directory in the container [default: the image's WorkingDir, else /].
