@@ -26,13 +26,29 @@ fn running(pattern: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// The entries of `dir` (none if it does not exist).
+fn entries(dir: &Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+/// FUSE mounts below `run_dir`.
+fn fuse_mounts(run_dir: &Path) -> usize {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let prefix = run_dir.to_str().unwrap();
+    mounts
+        .lines()
+        .filter(|l| l.contains(prefix) && l.contains(" - fuse"))
+        .count()
+}
+
 /// What a run may leave: nothing under its run directory, no mount anywhere below it.
 fn assert_nothing_left(run_dir: &Path) {
-    let containers = run_dir.join("containers");
-    let left: Vec<_> = std::fs::read_dir(&containers)
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "left behind: {left:?}");
+    for dir in ["containers", "images"] {
+        let left = entries(&run_dir.join(dir));
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let prefix = run_dir.to_str().unwrap();
     assert!(
@@ -126,6 +142,66 @@ fn python_app_runs_and_exit_codes_env_workdir_and_volumes_come_through() {
     assert_eq!(killed.status.code(), Some(137), "{}", killed.stderr);
 
     assert_nothing_left(run_dir);
+}
+
+#[test]
+fn runs_of_one_image_at_once_share_one_mount_kept_until_the_last_ends() {
+    let debian = format!("oci:{}:debian-bookworm", support::shared_images().display());
+    let run_dir = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let signals = tempfile::tempdir().unwrap();
+    let volume = format!("{}:/x", signals.path().display());
+    // Each container says it started, waits for its go, then reads a file of the image.
+    let start = |name: &str| {
+        let (run_dir, cache) = (run_dir.path().to_path_buf(), cache.path().to_path_buf());
+        let (debian, volume) = (debian.clone(), volume.clone());
+        let script = format!(
+            "touch /x/{name}-started; while [ ! -e /x/{name}-go ]; do sleep 0.05; done; \
+             cat /etc/debian_version"
+        );
+        std::thread::spawn(move || {
+            run(
+                &run_dir,
+                &cache,
+                &["-v", &volume, &debian, "sh", "-c", &script],
+            )
+        })
+    };
+    let started = |name: &str| signals.path().join(format!("{name}-started")).exists();
+    let go = |name: &str| std::fs::write(signals.path().join(format!("{name}-go")), "").unwrap();
+    let done = |run: std::thread::JoinHandle<Run>| {
+        let run = run.join().unwrap();
+        assert!(run.status.success(), "{}", run.stderr);
+        assert!(run.stdout.starts_with("12."), "{}", run.stdout);
+    };
+
+    // The first run mounts the image; the second joins it.
+    let first = start("a");
+    wait_until(
+        Duration::from_secs(60),
+        || started("a"),
+        || "the first container did not start".into(),
+    );
+    let second = start("b");
+    wait_until(
+        Duration::from_secs(60),
+        || started("b"),
+        || "the second container did not start".into(),
+    );
+    assert_eq!(fuse_mounts(run_dir.path()), 1, "two runs of one image");
+    assert_eq!(entries(&run_dir.path().join("images")).len(), 1);
+
+    // The run that mounted it ends first: the mount stays for the other, which reads after.
+    go("a");
+    done(first);
+    assert_eq!(
+        fuse_mounts(run_dir.path()),
+        1,
+        "the mount went with its first run"
+    );
+    go("b");
+    done(second);
+    assert_nothing_left(run_dir.path());
 }
 
 #[test]

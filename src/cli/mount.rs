@@ -114,9 +114,6 @@ pub(super) async fn mount(args: MountArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// How long `umount` waits for the daemon to store its chunks and profile and exit.
-const DAEMON_EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
-
 /// Unmounts, then waits for the daemon that served the mount to finish: it stores the chunks
 /// still queued for the disk cache and the start-up profile on its way out, and a mount started
 /// right after `umount` returns (a remount, another image sharing the cache) must find them.
@@ -133,18 +130,14 @@ pub(super) async fn umount(args: UmountArgs) -> Result<(), CliError> {
     };
     crate::mount::unmount(&args.dir)?;
     let Some(pid) = daemon else { return Ok(()) };
-    let deadline = std::time::Instant::now() + DAEMON_EXIT_WAIT;
-    let proc_dir = std::path::PathBuf::from(format!("/proc/{pid}"));
-    while socket.exists() && proc_dir.exists() {
-        if std::time::Instant::now() > deadline {
-            tracing::warn!(
-                "{}: unmounted, but its daemon (pid {pid}) has not exited after {} s",
-                args.dir.display(),
-                DAEMON_EXIT_WAIT.as_secs()
-            );
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    let finished =
+        tokio::task::spawn_blocking(move || crate::mount::wait_for_server(pid, &socket)).await;
+    if !finished.unwrap_or(false) {
+        tracing::warn!(
+            "{}: unmounted, but its daemon (pid {pid}) has not exited after {} s",
+            args.dir.display(),
+            crate::mount::SERVER_EXIT_WAIT.as_secs()
+        );
     }
     Ok(())
 }
@@ -152,7 +145,6 @@ pub(super) async fn umount(args: UmountArgs) -> Result<(), CliError> {
 /// Starts this same command without `--daemon` in the background and waits until it reports that
 /// the mount serves (or fails, in which case its log explains why).
 fn daemonize(args: &MountArgs) -> Result<(), CliError> {
-    use std::io::BufRead;
     let socket = crate::mount::control_socket(&args.dir);
     let log = args
         .log_file
@@ -164,64 +156,91 @@ fn daemonize(args: &MountArgs) -> Result<(), CliError> {
     }
     let log_file = std::fs::File::create(&log)
         .map_err(|e| CliError::Daemon(format!("{}: {e}", log.display())))?;
-    let exe = std::env::current_exe().map_err(|e| CliError::Daemon(e.to_string()))?;
-    let child_args = daemon_args(std::env::args_os().skip(1).collect());
-    let user = args.remote.user.as_deref();
-    // /proc/PID/cmdline is readable by every user for as long as the mount lives; the
-    // environment (/proc/PID/environ) only by the daemon's owner.
-    if let Some(secret) = user.and_then(|u| u.split_once(':')).map(|(_, p)| p)
-        && !secret.is_empty()
-        && child_args
-            .iter()
-            .any(|a| a.to_string_lossy().contains(secret))
-    {
-        return Err(CliError::Daemon(
-            "could not keep the password out of the daemon's command line; pass it in \
-             LAZYLAYER_USER instead of --user"
-                .into(),
-        ));
-    }
-    let mut command = std::process::Command::new(exe);
-    command.args(child_args);
-    if let Some(user) = user {
-        command.env("LAZYLAYER_USER", user);
-    }
+    let args_os = std::env::args_os().skip(1).filter(|a| a != "--daemon");
+    let command = background_command(
+        args_os.collect(),
+        "--user",
+        Some('u'),
+        args.remote.user.as_deref(),
+    )
+    .map_err(CliError::Daemon)?;
+    let pid = start_server(command, log_file, &log).map_err(CliError::Daemon)?;
+    eprintln!(
+        "lazylayer: mounted at {} (daemon pid {pid}, log {})",
+        args.dir.display(),
+        log.display()
+    );
+    Ok(())
+}
+
+/// Starts `command`, a lazylayer that serves a mount (`mount`, or a run's image server), with its
+/// log in `log_file` (at `log`), and waits until it reports that the mount serves. Returns its
+/// pid, or why it failed: the last error line of its log.
+pub(super) fn start_server(
+    mut command: std::process::Command,
+    log_file: std::fs::File,
+    log: &std::path::Path,
+) -> Result<u32, String> {
+    use std::io::BufRead;
     let mut child = command
         .env(READY_ENV, "1")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(log_file)
         .spawn()
-        .map_err(|e| CliError::Daemon(e.to_string()))?;
+        .map_err(|e| format!("starting {}: {e}", command.get_program().to_string_lossy()))?;
     let stdout = child.stdout.take().expect("piped stdout");
     let mut line = String::new();
     let _ = std::io::BufReader::new(stdout).read_line(&mut line);
     if line.trim() == "ready" {
-        eprintln!(
-            "lazylayer: mounted at {} (daemon pid {}, log {})",
-            args.dir.display(),
-            child.id(),
-            log.display()
-        );
-        return Ok(());
+        return Ok(child.id());
     }
     let _ = child.wait();
-    let reason = std::fs::read_to_string(&log).unwrap_or_default();
+    let reason = std::fs::read_to_string(log).unwrap_or_default();
     let reason = reason
         .lines()
         .rfind(|l| l.contains("error"))
         .unwrap_or("the daemon exited before the mount was ready")
         .trim_start_matches("lazylayer: error: ")
         .to_string();
-    Err(CliError::Daemon(format!(
-        "{reason} (log: {})",
-        log.display()
-    )))
+    Err(format!("{reason} (log: {})", log.display()))
 }
 
-/// The daemon's arguments: the command line without `--daemon` and without `--user`/`-u` and
-/// its value, which the daemon gets in its environment instead.
-fn daemon_args(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+/// This binary with the command line `args` for a process that serves in the background, the
+/// registry credentials `user` (option `long`, or `short`) moved from its command line to its
+/// environment: /proc/PID/cmdline is readable by every user for as long as the process lives,
+/// /proc/PID/environ only by its owner.
+pub(super) fn background_command(
+    args: Vec<std::ffi::OsString>,
+    long: &str,
+    short: Option<char>,
+    user: Option<&str>,
+) -> Result<std::process::Command, String> {
+    let args = without_credentials(args, long, short);
+    if let Some(secret) = user.and_then(|u| u.split_once(':')).map(|(_, p)| p)
+        && !secret.is_empty()
+        && args.iter().any(|a| a.to_string_lossy().contains(secret))
+    {
+        return Err(format!(
+            "could not keep the password out of the command line of the process serving in \
+             the background; pass it in LAZYLAYER_USER instead of {long}"
+        ));
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("finding this program: {e}"))?;
+    let mut command = std::process::Command::new(exe);
+    command.args(args);
+    if let Some(user) = user {
+        command.env("LAZYLAYER_USER", user);
+    }
+    Ok(command)
+}
+
+/// The command line `args` without the option `long` (and its `short` form) and its value.
+fn without_credentials(
+    args: Vec<std::ffi::OsString>,
+    long: &str,
+    short: Option<char>,
+) -> Vec<std::ffi::OsString> {
     let mut out = Vec::new();
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -231,17 +250,18 @@ fn daemon_args(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
             out.extend(args);
             break;
         }
-        if text == "--daemon" || text.starts_with("--user=") {
+        if text.strip_prefix(long).is_some_and(|v| v.starts_with('=')) {
             continue;
         }
-        if text == "--user" {
+        if text == long {
             args.next();
             continue;
         }
         // A cluster of short flags (`-u X`, `-uX`, `-vu X`): `u` takes the rest, or the next
         // argument.
-        if let Some(flags) = text.strip_prefix('-').filter(|f| !f.starts_with('-'))
-            && let Some(at) = flags.find('u')
+        if let Some(short) = short
+            && let Some(flags) = text.strip_prefix('-').filter(|f| !f.starts_with('-'))
+            && let Some(at) = flags.find(short)
         {
             if at + 1 == flags.len() {
                 args.next();
@@ -340,19 +360,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_daemons_command_line_has_no_credentials() {
+    fn a_background_command_line_has_no_credentials() {
         let args =
             |line: &str| -> Vec<std::ffi::OsString> { line.split(' ').map(Into::into).collect() };
         for (given, daemon) in [
-            ("mount --daemon --user a:pw img dir", "mount img dir"),
-            ("mount --user=a:pw --daemon img dir", "mount img dir"),
-            ("mount -u a:pw --daemon img dir", "mount img dir"),
-            ("mount -ua:pw --daemon img dir", "mount img dir"),
-            ("mount --daemon -vu a:pw img dir", "mount -v img dir"),
-            ("mount --daemon -vvua:pw img dir", "mount -vv img dir"),
-            ("mount --daemon -v img -- -u", "mount -v img -- -u"),
+            ("mount --user a:pw img dir", "mount img dir"),
+            ("mount --user=a:pw img dir", "mount img dir"),
+            ("mount -u a:pw img dir", "mount img dir"),
+            ("mount -ua:pw img dir", "mount img dir"),
+            ("mount -vu a:pw img dir", "mount -v img dir"),
+            ("mount -vvua:pw img dir", "mount -vv img dir"),
+            ("mount -v img -- -u", "mount -v img -- -u"),
         ] {
-            assert_eq!(daemon_args(args(given)), args(daemon), "{given}");
+            let out = without_credentials(args(given), "--user", Some('u'));
+            assert_eq!(out, args(daemon), "{given}");
+        }
+        // `run`: -u is the container's user, the credentials are --registry-user.
+        for (given, server) in [
+            ("run --registry-user a:pw -u 1000 img", "run -u 1000 img"),
+            ("run --registry-user=a:pw -it img sh", "run -it img sh"),
+        ] {
+            let out = without_credentials(args(given), "--registry-user", None);
+            assert_eq!(out, args(server), "{given}");
         }
     }
 }

@@ -2,10 +2,13 @@
 
 use std::path::{Path, PathBuf};
 
-use super::args::RunArgs;
+use std::os::unix::process::CommandExt;
+
+use super::args::{MountArgs, RunArgs};
 use super::error::CliError;
+use super::mount::{background_command, start_server};
 use super::read::resolve_image;
-use crate::fs::ImageFs;
+use crate::run::image_mount::ImageMount;
 use crate::run::spec::{self, ImageRuntime, SpecInput, Volume};
 
 /// What a run failed at before its command could start.
@@ -13,7 +16,19 @@ fn failed(what: impl std::fmt::Display) -> CliError {
     CliError::Run(what.to_string())
 }
 
+/// Set in the environment of the process a run starts to serve its image: the manifest digest
+/// to serve (what the run's reference resolved to) and where.
+const SERVE_MANIFEST_ENV: &str = "LAZYLAYER_RUN_SERVE_MANIFEST";
+const SERVE_AT_ENV: &str = "LAZYLAYER_RUN_SERVE_AT";
+
 pub(super) async fn run(args: RunArgs) -> Result<std::process::ExitCode, CliError> {
+    if let (Some(manifest), Some(at)) = (
+        std::env::var_os(SERVE_MANIFEST_ENV),
+        std::env::var_os(SERVE_AT_ENV),
+    ) {
+        serve_image(args, &manifest.to_string_lossy(), at.into()).await?;
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
     let runc = crate::run::find_runc().ok_or_else(|| {
         failed("runc is not installed (or not on PATH): install it with `apt-get install runc`")
     })?;
@@ -25,47 +40,76 @@ pub(super) async fn run(args: RunArgs) -> Result<std::process::ExitCode, CliErro
     crate::run::clean_stale(&runc);
 
     let disk = args.read.disk_cache()?;
-    let resolved = resolve_image(&args.reference, &args.remote, disk.clone()).await?;
+    // Bad sizes are reported here, not by the process that serves the image.
+    args.read.image_fs_options(None, Default::default())?;
+    let resolved = resolve_image(&args.reference, &args.remote, disk).await?;
     let name = resolved.name.clone();
+    let manifest = resolved.opened.image.manifest_digest.clone();
     let image = ImageRuntime::from_config(&resolved.opened.image.config_bytes)
         .map_err(|e| failed(format!("image {name}: its config: {e}")))?;
     let argv = spec::argv(&image, &args.command).map_err(|e| failed(format!("{name}: {e}")))?;
-    let options = args.read.image_fs_options(disk, resolved.retry)?;
-    let fs = std::sync::Arc::new(ImageFs::open(resolved.opened, &options).await.map_err(
-        |source| CliError::Open {
-            image: name.clone(),
-            source,
-        },
-    )?);
 
     let id = format!("lazylayer-{}", std::process::id());
     let dir = crate::run::runs_dir().join(&id);
+    crate::run::create(&dir).map_err(|e| failed(format!("{}: {e}", dir.display())))?;
+    let cache = std::path::absolute(&args.read.cache_dir).unwrap_or(args.read.cache_dir.clone());
+    let key =
+        crate::model::digest::Digest::of(format!("{manifest}\n{}", cache.display()).as_bytes());
+    let user = args.remote.user.as_deref();
+    let shared = ImageMount::join(&key.hex()[..16], |lower, log| {
+        let log_file = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let args_os = std::env::args_os().skip(1).collect();
+        let mut command = background_command(args_os, "--registry-user", None, user)?;
+        command
+            .env(SERVE_MANIFEST_ENV, manifest.to_string())
+            .env(SERVE_AT_ENV, lower)
+            // Not in the run's process group: a Ctrl-C meant for this run's container must not
+            // end the mount that other runs use.
+            .process_group(0);
+        start_server(command, log_file, log).map_err(|e| format!("serving image {name}: {e}"))
+    });
     let made = Run {
         dir: dir.clone(),
         runc: runc.clone(),
         upper: args.upper.clone(),
     };
-    crate::run::create(&dir).map_err(|e| failed(format!("{}: {e}", dir.display())))?;
+    let shared = match shared {
+        Ok(shared) => shared,
+        Err(e) => {
+            made.undo();
+            return Err(failed(e));
+        }
+    };
+    let outcome = made
+        .start(&args, &image, argv, &volumes, &shared.lower())
+        .await;
+    made.undo();
+    shared.leave();
+    outcome
+}
 
-    let mount_options = crate::mount::MountOptions {
+/// The process a run starts to serve its image: a foreground `mount` of the manifest the run
+/// resolved, for the runs that share it (see [`crate::run::image_mount`]); it ends when the last
+/// of them unmounts it.
+async fn serve_image(args: RunArgs, manifest: &str, at: PathBuf) -> Result<(), CliError> {
+    let manifest = manifest
+        .parse()
+        .map_err(|e| failed(format!("{SERVE_MANIFEST_ENV}: {e}")))?;
+    let reference = crate::model::reference::ImageRef::parse(&args.reference)?.pinned(manifest);
+    super::mount::mount(MountArgs {
+        reference: reference.to_string(),
+        dir: at,
+        daemon: false,
         // The container's users are not the one who mounted, and its setuid binaries (su,
         // ping) and device nodes must work as in an unpacked image.
         allow_other: true,
         suid_dev: true,
-        ..Default::default()
-    };
-    let session = crate::mount::mount(
-        fs.clone(),
-        &dir.join("lower"),
-        &mount_options,
-        tokio::runtime::Handle::current(),
-    )?;
-    let companions = crate::mount::Companions::start(fs.clone(), &dir.join("lower"), false);
-    let outcome = made.start(&args, &image, argv, &volumes).await;
-    companions.stop();
-    made.undo();
-    drop(session);
-    outcome
+        read: args.read,
+        metrics_addr: None,
+        log_file: None,
+        remote: args.remote,
+    })
+    .await
 }
 
 /// One run's directory, undone by [`Run::undo`].
@@ -83,6 +127,7 @@ impl Run {
         image: &ImageRuntime,
         argv: Vec<String>,
         volumes: &[Volume],
+        lower: &Path,
     ) -> Result<std::process::ExitCode, CliError> {
         let (upper, work) = match &self.upper {
             Some(upper) => {
@@ -106,7 +151,7 @@ impl Run {
             }
         };
         let rootfs = self.dir.join("rootfs");
-        crate::run::mount_overlay(&self.dir.join("lower"), &upper, &work, &rootfs)
+        crate::run::mount_overlay(lower, &upper, &work, &rootfs)
             .map_err(|e| failed(format!("overlay at {}: {e}", rootfs.display())))?;
         let user = args
             .run_user
@@ -196,9 +241,8 @@ impl Run {
     }
 
     /// Undoes the run's mounts and state; `--upper` keeps its directory, not its work directory.
-    /// The overlay, tmpfs and lower mount are detached by [`crate::run::remove`], the same
-    /// undoing a later run applies to a killed one; lower, still served by this process, is
-    /// released when its session is dropped.
+    /// The overlay and tmpfs are detached by [`crate::run::remove`], the same undoing a later run
+    /// applies to a killed one.
     fn undo(&self) {
         if let Some(upper) = &self.upper {
             let _ = std::fs::remove_dir_all(work_dir_for(upper));

@@ -111,6 +111,17 @@ impl ImageRef {
         }
         RegistryRef::parse(s).map(ImageRef::Registry)
     }
+
+    /// The same image pinned to one manifest, as `NAME@DIGEST` pins it: what a tag resolved to
+    /// once, so that another process opens that very manifest without asking for the tag again.
+    pub fn pinned(mut self, manifest: Digest) -> ImageRef {
+        match &mut self {
+            ImageRef::Registry(r) => r.digest = Some(manifest),
+            ImageRef::Layout(l) => l.digest = Some(manifest),
+            ImageRef::S3(r) => r.digest = Some(manifest),
+        }
+        self
+    }
 }
 
 impl fmt::Display for ImageRef {
@@ -447,6 +458,22 @@ mod tests {
     use super::*;
 
     const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn a_pinned_reference_reads_back_as_itself() {
+        for s in [
+            "127.0.0.1:5000/test/app:esgz",
+            "python",
+            "oci:/srv/images:python-app",
+            "oci:./layout",
+            "s3://bucket/images/app:v1",
+        ] {
+            let pinned = ImageRef::parse(s).unwrap().pinned(D.parse().unwrap());
+            let text = pinned.to_string();
+            assert!(text.ends_with(&format!("@{D}")), "{text}");
+            assert_eq!(ImageRef::parse(&text).unwrap(), pinned, "{s}");
+        }
+    }
 
     fn reg(s: &str) -> RegistryRef {
         match ImageRef::parse(s) {

@@ -270,6 +270,25 @@ pub fn run_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/run/lazylayer"))
 }
 
+/// How long an unmount waits for the process that served the mount to store its chunks and
+/// profile and exit.
+pub const SERVER_EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// After an unmount: waits until the mount's server `pid` has exited or removed its control
+/// `socket` (its last step), at most [`SERVER_EXIT_WAIT`]; whether it finished. A mount started
+/// right after must find the chunks and the start-up profile that server stores on its way out.
+pub fn wait_for_server(pid: u32, socket: &Path) -> bool {
+    let deadline = std::time::Instant::now() + SERVER_EXIT_WAIT;
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    while socket.exists() && proc_dir.exists() {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    true
+}
+
 /// The control socket of the mount at `dir` (named after its absolute path).
 pub fn control_socket(dir: &Path) -> PathBuf {
     let absolute = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());

@@ -1,18 +1,20 @@
 //! `lazylayer run`: a process in a remote image's filesystem, with no daemon and no download.
 //!
-//! One run is one directory under the run directory (`RUN_DIR/containers/ID`): `lower/`, where
-//! this process serves the image lazily over FUSE (the same `ImageFs`, disk cache and profiles as
-//! `mount`); `tmp/`, a tmpfs holding the overlay's upper and work directories (or `--upper DIR`
-//! and a work directory beside it, to keep the changes); `rootfs/`, the overlay the container
-//! sees; `config.json`, the runtime spec ([`spec`]); `runc/`, runc's state; and `pid`, this
-//! process. runc (Debian's package) runs the container in the foreground, so stdio, the terminal
-//! and the exit status pass through it.
+//! The image is mounted lazily once for all runs of it ([`image_mount`]: the same `ImageFs`, disk
+//! cache and profiles as `mount`, served by a process of its own). One run is one directory under
+//! the run directory (`RUN_DIR/containers/ID`): `tmp/`, a tmpfs holding the overlay's upper and
+//! work directories (or `--upper DIR` and a work directory beside it, to keep the changes);
+//! `rootfs/`, the overlay of those over the image mount, which the container sees;
+//! `config.json`, the runtime spec ([`spec`]); `runc/`, runc's state; and `pid`, this process.
+//! runc (Debian's package) runs the container in the foreground, so stdio, the terminal and the
+//! exit status pass through it.
 //!
 //! Everything is undone when the run ends, whichever way it ends; a run that was killed leaves
 //! its directory behind, and the next run removes it (its `pid` no longer lives): the overlay and
-//! tmpfs are detached, the FUSE mount (dead with its process) too, and runc's state deleted.
+//! tmpfs are detached and runc's state deleted, then image mounts no live run uses are ended.
 //! Root only: FUSE with `allow_other`, overlayfs and runc's namespaces need it.
 
+pub mod image_mount;
 pub mod spec;
 
 use std::ffi::CString;
@@ -41,18 +43,20 @@ pub fn create(dir: &Path) -> io::Result<()> {
     let hidden = dir.with_file_name(format!(".{}", name.to_string_lossy()));
     std::fs::create_dir_all(&hidden)?;
     std::fs::write(hidden.join("pid"), std::process::id().to_string())?;
-    for sub in ["lower", "tmp", "rootfs", "runc"] {
+    for sub in ["tmp", "rootfs", "runc"] {
         std::fs::create_dir(hidden.join(sub))?;
     }
     std::fs::rename(&hidden, dir)
 }
 
-/// Removes what runs that were killed left behind: directories whose `pid` is not alive.
+/// Removes what runs that were killed left behind: directories whose `pid` is not alive, then
+/// the image mounts they used.
 pub fn clean_stale(runc: &Path) {
-    let Ok(entries) = std::fs::read_dir(runs_dir()) else {
-        return;
-    };
-    for entry in entries.flatten() {
+    let entries = std::fs::read_dir(runs_dir())
+        .into_iter()
+        .flatten()
+        .flatten();
+    for entry in entries {
         let dir = entry.path();
         let pid = std::fs::read_to_string(dir.join("pid"))
             .ok()
@@ -71,10 +75,11 @@ pub fn clean_stale(runc: &Path) {
             remove(&dir, runc);
         }
     }
+    image_mount::clean_stale();
 }
 
-/// Undoes one run's directory: runc's state, the overlay, the tmpfs and the FUSE mount (each
-/// detached, so a busy one goes when its last user does), then the files.
+/// Undoes one run's directory: runc's state, the overlay and the tmpfs (each detached, so a busy
+/// one goes when its last user does), then the files.
 pub fn remove(dir: &Path, runc: &Path) {
     if let Some(id) = dir.file_name() {
         let _ = std::process::Command::new(runc)
@@ -86,7 +91,7 @@ pub fn remove(dir: &Path, runc: &Path) {
             .stderr(std::process::Stdio::null())
             .status();
     }
-    for sub in ["rootfs", "tmp", "lower"] {
+    for sub in ["rootfs", "tmp"] {
         let _ = crate::mount::detach(&dir.join(sub));
     }
     if let Err(e) = std::fs::remove_dir_all(dir) {
