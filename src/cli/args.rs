@@ -113,8 +113,18 @@ image and mount, plus the tables of contents and configs needed to remount witho
     )]
     Cache(CacheArgs),
 
-    /// Show or delete an image's learned start-up profile (the files its start read, in order).
-    Profile(ProfileArgs),
+    /// Record, publish, fetch, show or delete an image's start-up profile (the files its start
+    /// reads, in order, prefetched by every mount of the image).
+    #[command(
+        subcommand,
+        long_about = "An image's start-up profile lists the files its start reads, in order; a mount prefetches them in a few large requests before the application asks. A mount learns one by itself (the files read in its first --profile-window seconds, kept in the disk cache), `profile record` records one in a throwaway container, and `profile push` publishes it next to the image in its registry (an OCI artifact whose subject is the image manifest; the image and its digest are untouched), where every mount, pull and snapshotter on any machine finds it with the image. A profile learned on this machine wins over a published one.",
+        after_help = "Examples:\n  \
+lazylayer profile record 127.0.0.1:5000/test/app:esgz\n  \
+lazylayer profile push 127.0.0.1:5000/test/app:esgz\n  \
+lazylayer profile pull 127.0.0.1:5000/test/app:esgz\n  \
+lazylayer profile show 127.0.0.1:5000/test/app:esgz"
+    )]
+    Profile(ProfileCommand),
 
     /// Serve containerd's snapshots API: image layers are mounted lazily instead of unpacked.
     #[command(
@@ -191,12 +201,8 @@ and registry credentials are --registry-user.",
 lazylayer run --rm 127.0.0.1:5000/test/python-app:latest\n  \
 lazylayer run -e DEBUG=1 -v /srv/data:/data:ro debian:bookworm -- ls -l /data\n  \
 lazylayer run -it --network none debian:bookworm -- bash",
-        mut_arg("user", |a| a.long("registry-user").short(None)),
-        // Defined here, -v gone, so that the global --verbose is not propagated with its -v.
-        arg(clap::Arg::new("verbose")
-            .long("verbose")
-            .action(clap::ArgAction::Count)
-            .help("More log output (--verbose: debug, twice: trace). LAZYLAYER_LOG overrides."))
+        mut_arg("user", registry_user),
+        arg(verbose_without_short())
     )]
     Run(RunArgs),
 }
@@ -320,9 +326,10 @@ pub struct RunArgs {
     )]
     pub run_user: Option<String>,
 
-    /// The host's network (and its resolv.conf and hosts), or none (loopback only).
-    #[arg(long, value_enum, default_value_t = crate::run::spec::Network::Host)]
-    pub network: crate::run::spec::Network,
+    /// The host's network (and its resolv.conf and hosts), or none (loopback only) [default:
+    /// host; none for `profile record`].
+    #[arg(long, value_enum)]
+    pub network: Option<crate::run::spec::Network>,
 
     /// Keep the container's changes in DIR (the overlay's upper directory) instead of a tmpfs.
     #[arg(long, value_name = "DIR")]
@@ -372,11 +379,55 @@ pub struct PullArgs {
     pub remote: RemoteArgs,
 }
 
+/// In commands that run containers, -u is the container's user (as in docker): the registry
+/// user is --registry-user.
+fn registry_user(arg: clap::Arg) -> clap::Arg {
+    arg.long("registry-user").short(None)
+}
+
+/// In commands that run containers, -v is --volume (as in docker): --verbose is defined there
+/// without it, so that the global one is not propagated with its -v.
+fn verbose_without_short() -> clap::Arg {
+    clap::Arg::new("verbose")
+        .long("verbose")
+        .action(clap::ArgAction::Count)
+        .help("More log output (--verbose: debug, twice: trace). LAZYLAYER_LOG overrides.")
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ProfileCommand {
+    /// Run the image's start in a throwaway container and record the files it reads (root only).
+    #[command(
+        long_about = "Run the image (its Entrypoint and Cmd, or the given command) as `lazylayer run` does, from a lazy mount, with a tmpfs over it and no network unless --network host, and record every file it reads, in order, with the ranges read, until it exits or --timeout passes (a server never exits: the timeout ends it, and is no failure). The profile is stored in the disk cache as the image's learned profile, replacing one learned before; `profile push` publishes it. Takes run's options (-e, -v, -w, -u, --upper).",
+        mut_arg("user", registry_user),
+        arg(verbose_without_short())
+    )]
+    Record(ProfileRecordArgs),
+    /// Publish the image's profile next to it in its registry (the image itself is untouched).
+    #[command(
+        long_about = "Publish the profile kept for the image in the disk cache (recorded, or learned by a mount) as an OCI artifact (artifactType application/vnd.lazylayer.profile.v1) whose subject is the image manifest: through the referrers API, or under the sha256-HEX fallback tag for registries without it, as `lazylayer index` does. Needs push access to the image's repository. A newer push wins over older ones."
+    )]
+    Push(ProfileArgs),
+    /// Fetch the profile published next to the image into the disk cache, as its learned one.
+    Pull(ProfileArgs),
+    /// List the files of the image's profile in the disk cache, in order.
+    Show(ProfileArgs),
+    /// Delete the image's profile from the disk cache.
+    Clear(ProfileArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ProfileRecordArgs {
+    /// Stop the command after this many seconds and keep what it read until then.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
+    pub timeout: f64,
+
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
 #[derive(Args, Debug)]
 pub struct ProfileArgs {
-    #[arg(value_enum)]
-    pub action: ProfileAction,
-
     /// Image reference (profiles are kept per repository).
     pub reference: String,
 
@@ -386,12 +437,6 @@ pub struct ProfileArgs {
 
     #[command(flatten)]
     pub remote: RemoteArgs,
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-pub enum ProfileAction {
-    Show,
-    Clear,
 }
 
 #[derive(Args, Debug)]

@@ -1,50 +1,9 @@
-//! `cache` and `profile`: looking after the machine's disk cache and the start-up profiles in it.
+//! `cache`: looking after the machine's disk cache.
 
-use super::args::{CacheAction, CacheArgs, ProfileAction, ProfileArgs};
+use super::args::{CacheAction, CacheArgs};
 use super::error::CliError;
 use super::options::{cache_dir_error, open_cache, size_flag};
-use super::read::write_stdout;
 use crate::cli::output::inspect::human_bytes;
-use crate::model::reference::ImageRef;
-use crate::source::{self};
-
-pub(super) async fn profile(args: ProfileArgs) -> Result<(), CliError> {
-    let reference = ImageRef::parse(&args.reference)?;
-    let (source, _) = source::open::open(&reference, &args.remote.registry_config()?).await?;
-    let image = source.name();
-    let disk = open_cache(&args.cache_dir, u64::MAX)?;
-    let Some(profile) = crate::fs::profile::load(&disk, &image) else {
-        return Err(CliError::Path {
-            image,
-            path: args.cache_dir.display().to_string(),
-            reason: "no start-up profile recorded in this cache".into(),
-        });
-    };
-    match args.action {
-        ProfileAction::Show => {
-            let mut out = String::new();
-            for f in &profile.files {
-                out.push('/');
-                out.push_str(f);
-                out.push('\n');
-            }
-            write_stdout(out.as_bytes())?;
-        }
-        ProfileAction::Clear => {
-            std::fs::remove_file(
-                disk.dir()
-                    .join("meta")
-                    .join(crate::fs::profile::file_name(&image)),
-            )
-            .map_err(cache_dir_error(&args.cache_dir))?;
-            eprintln!(
-                "lazylayer: removed the profile of {image} ({} files)",
-                profile.files.len()
-            );
-        }
-    }
-    Ok(())
-}
 
 pub(super) fn cache(args: CacheArgs) -> Result<(), CliError> {
     let budget = size_flag("cache-size", &args.cache_size)?;

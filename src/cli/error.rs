@@ -84,6 +84,8 @@ pub enum CliError {
     },
     #[error("run: {0}")]
     Run(String),
+    #[error("{0}")]
+    Publish(String),
     #[error("writing to standard output: {0}")]
     Output(std::io::Error),
 }

@@ -17,6 +17,7 @@ pub mod error;
 mod mount;
 mod options;
 pub mod output;
+mod profile;
 mod read;
 mod run;
 mod size;
@@ -36,7 +37,7 @@ pub async fn run(cli: Cli) -> Result<std::process::ExitCode, CliError> {
         Command::Umount(args) => mount::umount(args).await,
         Command::Stats(args) => mount::stats(args).await,
         Command::Cache(args) => cache::cache(args),
-        Command::Profile(args) => cache::profile(args).await,
+        Command::Profile(command) => profile::profile(command).await,
         Command::Snapshotter(args) => containerd::snapshotter(args).await,
         Command::Pull(args) => containerd::pull(args).await,
         Command::Convert(args) => convert::convert(args).await,

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use std::os::unix::process::CommandExt;
 
-use super::args::{MountArgs, RunArgs};
+use super::args::{MountArgs, ProfileRecordArgs, RunArgs};
 use super::error::CliError;
 use super::mount::{background_command, start_server};
 use super::read::resolve_image;
@@ -22,12 +22,68 @@ const SERVE_MANIFEST_ENV: &str = "LAZYLAYER_RUN_SERVE_MANIFEST";
 const SERVE_AT_ENV: &str = "LAZYLAYER_RUN_SERVE_AT";
 
 pub(super) async fn run(args: RunArgs) -> Result<std::process::ExitCode, CliError> {
+    Ok(execute(args, None).await?.code)
+}
+
+/// `profile record`: a run of its own (no shared mount, no network by default) whose server
+/// records every file read until the command ends or `timeout` passes, and stores that as the
+/// image's learned profile on its way out.
+pub(super) async fn record(args: ProfileRecordArgs) -> Result<(), CliError> {
+    if !(args.timeout > 0.0 && args.timeout.is_finite()) {
+        return Err(failed("--timeout must be a positive number of seconds"));
+    }
+    let timeout = std::time::Duration::from_secs_f64(args.timeout);
+    let cache_dir = args.run.read.cache_dir.clone();
+    let ran = execute(args.run, Some(timeout)).await?;
+    let Some(disk) = ran.disk else {
+        return Err(failed(
+            "--cache-dir none: a recorded profile is kept in the disk cache; give it one",
+        ));
+    };
+    let Some(profile) = crate::fs::profile::load(&disk, &ran.image) else {
+        return Err(failed(format!(
+            "{}: the command read no file of the image, so there is no profile to keep",
+            ran.image
+        )));
+    };
+    let ended = match (ran.timed_out, ran.code == std::process::ExitCode::SUCCESS) {
+        (true, _) => format!("stopped after {} s", args.timeout),
+        (false, true) => "exited".to_string(),
+        (false, false) => {
+            "failed; check that it runs without network, or pass --network host".into()
+        }
+    };
+    eprintln!(
+        "lazylayer: recorded {} files read by {} (the command {ended}) in {}; publish it with \
+         `lazylayer profile push`",
+        profile.files.len(),
+        ran.image,
+        cache_dir.display()
+    );
+    Ok(())
+}
+
+/// How a run ended.
+struct Ran {
+    code: std::process::ExitCode,
+    /// `record`'s timeout ended it.
+    timed_out: bool,
+    /// The image's source name (what profiles are kept under) and the disk cache.
+    image: String,
+    disk: Option<std::sync::Arc<crate::cache::disk::DiskCache>>,
+}
+
+async fn execute(mut args: RunArgs, record: Option<std::time::Duration>) -> Result<Ran, CliError> {
     if let (Some(manifest), Some(at)) = (
         std::env::var_os(SERVE_MANIFEST_ENV),
         std::env::var_os(SERVE_AT_ENV),
     ) {
+        if let Some(timeout) = record {
+            // The whole run is recorded, however long it takes to start.
+            args.read.profile_window = (timeout + RECORD_MARGIN).as_secs_f64();
+        }
         serve_image(args, &manifest.to_string_lossy(), at.into()).await?;
-        return Ok(std::process::ExitCode::SUCCESS);
+        std::process::exit(0);
     }
     let runc = crate::run::find_runc().ok_or_else(|| {
         failed("runc is not installed (or not on PATH): install it with `apt-get install runc`")
@@ -42,8 +98,9 @@ pub(super) async fn run(args: RunArgs) -> Result<std::process::ExitCode, CliErro
     let disk = args.read.disk_cache()?;
     // Bad sizes are reported here, not by the process that serves the image.
     args.read.image_fs_options(None, Default::default())?;
-    let resolved = resolve_image(&args.reference, &args.remote, disk).await?;
+    let resolved = resolve_image(&args.reference, &args.remote, disk.clone()).await?;
     let name = resolved.name.clone();
+    let source_name = resolved.opened.image.source.clone();
     let manifest = resolved.opened.image.manifest_digest.clone();
     let image = ImageRuntime::from_config(&resolved.opened.image.config_bytes)
         .map_err(|e| failed(format!("image {name}: its config: {e}")))?;
@@ -53,8 +110,14 @@ pub(super) async fn run(args: RunArgs) -> Result<std::process::ExitCode, CliErro
     let dir = crate::run::runs_dir().join(&id);
     crate::run::create(&dir).map_err(|e| failed(format!("{}: {e}", dir.display())))?;
     let cache = std::path::absolute(&args.read.cache_dir).unwrap_or(args.read.cache_dir.clone());
-    let key =
-        crate::model::digest::Digest::of(format!("{manifest}\n{}", cache.display()).as_bytes());
+    // A recording mount is nobody else's: its profile must be this run's reads only.
+    let sharing = match record {
+        None => String::new(),
+        Some(_) => format!("\nrecord {id}"),
+    };
+    let key = crate::model::digest::Digest::of(
+        format!("{manifest}\n{}{sharing}", cache.display()).as_bytes(),
+    );
     let user = args.remote.user.as_deref();
     let shared = ImageMount::join(&key.hex()[..16], |lower, log| {
         let log_file = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
@@ -80,13 +143,34 @@ pub(super) async fn run(args: RunArgs) -> Result<std::process::ExitCode, CliErro
             return Err(failed(e));
         }
     };
-    let outcome = made
-        .start(&args, &image, argv, &volumes, &shared.lower())
-        .await;
+    let network = args.network.unwrap_or(match record {
+        Some(_) => spec::Network::None,
+        None => spec::Network::Host,
+    });
+    let launch = Launch {
+        image: &image,
+        argv,
+        volumes: &volumes,
+        lower: &shared.lower(),
+        network,
+        timeout: record,
+    };
+    let outcome = made.start(&args, launch).await;
     made.undo();
+    // The last run out waits for the server to store what it learned (the recorded profile).
     shared.leave();
-    outcome
+    let (code, timed_out) = outcome?;
+    Ok(Ran {
+        code,
+        timed_out,
+        image: source_name,
+        disk,
+    })
 }
+
+/// What `profile record` adds to its timeout for the recording window: the mount is made, and
+/// its window starts, before the container starts.
+const RECORD_MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The process a run starts to serve its image: a foreground `mount` of the manifest the run
 /// resolved, for the runs that share it (see [`crate::run::image_mount`]); it ends when the last
@@ -112,6 +196,18 @@ async fn serve_image(args: RunArgs, manifest: &str, at: PathBuf) -> Result<(), C
     .await
 }
 
+/// What a run's container is made of, besides its command line's flags.
+struct Launch<'a> {
+    image: &'a ImageRuntime,
+    argv: Vec<String>,
+    volumes: &'a [Volume],
+    /// The image's mount, under the overlay.
+    lower: &'a Path,
+    network: spec::Network,
+    /// Kill the container after this long (`profile record`).
+    timeout: Option<std::time::Duration>,
+}
+
 /// One run's directory, undone by [`Run::undo`].
 struct Run {
     dir: PathBuf,
@@ -120,15 +216,21 @@ struct Run {
 }
 
 impl Run {
-    /// The overlay, the spec, then runc in the foreground; returns the command's exit status.
+    /// The overlay, the spec, then runc in the foreground; returns the command's exit status,
+    /// and whether the timeout ended it.
     async fn start(
         &self,
         args: &RunArgs,
-        image: &ImageRuntime,
-        argv: Vec<String>,
-        volumes: &[Volume],
-        lower: &Path,
-    ) -> Result<std::process::ExitCode, CliError> {
+        launch: Launch<'_>,
+    ) -> Result<(std::process::ExitCode, bool), CliError> {
+        let Launch {
+            image,
+            argv,
+            volumes,
+            lower,
+            network,
+            timeout,
+        } = launch;
         let (upper, work) = match &self.upper {
             Some(upper) => {
                 let work = work_dir_for(upper);
@@ -167,7 +269,7 @@ impl Run {
                 "lazylayer: error: run: `{}` is not in image {} (looked on its PATH)",
                 argv[0], args.reference
             );
-            return Ok(std::process::ExitCode::from(127));
+            return Ok((std::process::ExitCode::from(127), false));
         }
         let spec = spec::runtime_spec(&SpecInput {
             rootfs: &rootfs,
@@ -182,7 +284,7 @@ impl Run {
             gid,
             tty: args.tty,
             hostname: &id,
-            network: args.network,
+            network,
             volumes,
         });
         std::fs::write(
@@ -217,11 +319,24 @@ impl Run {
         let mut interrupt =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
                 .map_err(failed)?;
+        let deadline = tokio::time::sleep(timeout.unwrap_or(std::time::Duration::MAX));
+        tokio::pin!(deadline);
+        let mut timed_out = false;
         let status = loop {
             tokio::select! {
                 status = child.wait() => break status.map_err(failed)?,
                 _ = terminate.recv() => forward(libc::SIGTERM),
                 _ = interrupt.recv() => forward(libc::SIGINT),
+                _ = &mut deadline, if timeout.is_some() && !timed_out => {
+                    timed_out = true;
+                    // runc passes on the signals it gets, but not SIGKILL (nobody can catch it).
+                    let _ = tokio::process::Command::new(&self.runc)
+                        .arg("--root")
+                        .arg(self.dir.join("runc"))
+                        .args(["kill", &id, "KILL"])
+                        .status()
+                        .await;
+                }
             }
         };
         use std::os::unix::process::ExitStatusExt;
@@ -230,7 +345,10 @@ impl Run {
             (None, Some(signal)) => 128 + signal,
             (None, None) => 1,
         };
-        Ok(std::process::ExitCode::from(code.clamp(0, 255) as u8))
+        Ok((
+            std::process::ExitCode::from(code.clamp(0, 255) as u8),
+            timed_out,
+        ))
     }
 
     fn id(&self) -> String {

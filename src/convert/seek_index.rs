@@ -21,16 +21,10 @@ use crate::model::digest::Digest;
 use crate::model::oci::{
     ANNOTATION_GZIP_INDEX_LAYER, GZIP_INDEX_ARTIFACT_TYPE, MEDIA_GZIP_INDEX_BLOB,
 };
-use crate::model::oci::{
-    Descriptor, ImageManifest, LayerCompression, LazyIndex, MEDIA_OCI_MANIFEST, Platform,
-};
+use crate::model::oci::{Descriptor, LayerCompression, LazyIndex, Platform};
 use crate::model::reference::ImageRef;
 use crate::source::config::FetchConfig;
 use crate::source::open::{OpenedImage, open_image};
-
-/// Media type and content of the empty config an artifact without one carries (OCI 1.1).
-const MEDIA_EMPTY: &str = "application/vnd.oci.empty.v1+json";
-const EMPTY: &[u8] = b"{}";
 
 /// What `index` published.
 pub struct Published {
@@ -108,42 +102,22 @@ pub async fn index(
         });
     }
 
-    let stage = |bytes: &[u8]| {
-        tempfile::NamedTempFile::new()
-            .and_then(|f| std::fs::write(f.path(), bytes).map(|_| f))
-            .map_err(|e| ConvertError::Output(format!("staging an index blob: {e}")))
-    };
-    let config = Descriptor::of(MEDIA_EMPTY, EMPTY);
-    repository
-        .push_blob(&config.digest, config.size, stage(EMPTY)?.path())
-        .await
-        .map_err(failed)?;
-    for (_, descriptor, blob) in &indexed {
-        repository
-            .push_blob(&descriptor.digest, descriptor.size, stage(blob)?.path())
-            .await
-            .map_err(failed)?;
-    }
-    let manifest = ImageManifest {
-        schema_version: 2,
-        media_type: Some(MEDIA_OCI_MANIFEST.to_string()),
-        artifact_type: Some(GZIP_INDEX_ARTIFACT_TYPE.to_string()),
-        config,
-        layers: indexed.iter().map(|(_, d, _)| d.clone()).collect(),
-        subject: Some(Descriptor::new(
-            image.manifest_media_type.clone(),
-            image.manifest_digest.clone(),
-            image.manifest_size,
-        )),
-        annotations: Default::default(),
-    };
-    let bytes = serde_json::to_vec(&manifest).expect("manifest serialises");
-    let referrer = Descriptor {
-        artifact_type: Some(GZIP_INDEX_ARTIFACT_TYPE.to_string()),
-        ..Descriptor::of(MEDIA_OCI_MANIFEST, &bytes)
-    };
-    repository
-        .put_referrer(&image.manifest_digest, &bytes, &referrer)
+    let subject = Descriptor::new(
+        image.manifest_media_type.clone(),
+        image.manifest_digest.clone(),
+        image.manifest_size,
+    );
+    let blobs: Vec<_> = indexed
+        .iter()
+        .map(|(_, d, blob)| (d.clone(), bytes::Bytes::from(blob.clone())))
+        .collect();
+    let referrer = repository
+        .publish_artifact(
+            &subject,
+            GZIP_INDEX_ARTIFACT_TYPE,
+            &blobs,
+            Default::default(),
+        )
         .await
         .map_err(failed)?;
     Ok(Published {

@@ -189,7 +189,32 @@ impl ImageFs {
                 .await
             }
         });
-        let indexes = futures_util::future::try_join_all(loads).await?;
+        // A learned profile (this machine's own) wins; else the published one is read while the
+        // layers' indexes load.
+        let learned = options
+            .disk
+            .as_deref()
+            .filter(|_| options.profile_window.is_some())
+            .and_then(|disk| profile::load(disk, &image.source));
+        let published = async {
+            let artifact = image.profile.as_ref()?;
+            if learned.is_some() || options.profile_window.is_none() {
+                return None;
+            }
+            match profile::fetch_published(&*source, &image.manifest_digest, artifact).await {
+                Ok(profile) => Some(profile),
+                Err(e) => {
+                    tracing::warn!(
+                        "{}: its published start-up profile is not used: {e}",
+                        image.source
+                    );
+                    None
+                }
+            }
+        };
+        let (indexes, published) =
+            tokio::join!(futures_util::future::try_join_all(loads), published);
+        let indexes = indexes?;
         let layers: Vec<OpenedLayer> = indexes
             .iter()
             .zip(&image.layers)
@@ -229,14 +254,10 @@ impl ImageFs {
             .profile_window
             .filter(|_| options.disk.is_some())
             .map(Recorder::new);
-        let profile = options
-            .disk
-            .as_deref()
-            .filter(|_| recorder.is_some())
-            .and_then(|disk| profile::load(disk, &image.source));
+        let profile = learned.or(published);
         let background = options.background_fill && options.disk.is_some();
         // Prioritised files: the eStargz landmark's (the image author's list), then the
-        // learned profile's.
+        // profile's.
         let mut work = landmark_work(&all_chunks, &layers);
         if let Some(profile) = profile {
             work.extend(profile.work(&tree));

@@ -16,6 +16,16 @@
 //!
 //! Paths that no longer exist in the new image are skipped; the profile is rewritten by the next
 //! mount that records one.
+//!
+//! A profile can also be published next to the image (`lazylayer profile push`): an OCI artifact
+//! whose `subject` is the image manifest, found through the referrers lookup the image's
+//! resolution makes anyway ([`crate::source::image`]). A mount with no learned profile of its own
+//! reads the published one ([`fetch_published`]), so the first start on a new machine is
+//! prefetched too. The learned profile wins when both exist: it is what this machine's own
+//! starts of the image read (its command, its configuration), and it costs no request. A
+//! published profile is trusted as much as the repository that serves it: it can only name
+//! files of the image, each prefetched once, so the worst it can do is fetch what was not needed,
+//! never more than the image holds; and one larger than [`MAX_PROFILE_BYTES`] is refused.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -28,10 +38,40 @@ use crate::cache::disk::DiskCache;
 use crate::fs::tree::{Ino, MergedTree, NodeKind};
 use crate::layer::ChunkRef;
 use crate::model::digest::Digest;
+use crate::model::oci::{Descriptor, MEDIA_PROFILE_BLOB, Manifest, PROFILE_ARTIFACT_TYPE};
+use crate::model::reference::ManifestSelector;
+use crate::source::{ImageSource, SourceError};
 
 /// How long after mounting reads are recorded: long enough for an application to start, short
 /// enough that later, request-driven reads do not crowd the list.
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(30);
+
+/// The largest profile accepted, as JSON: 8 MiB holds over 100,000 paths with their ranges
+/// (python-app's start reads 1,300 files: a 120 KB profile).
+pub const MAX_PROFILE_BYTES: u64 = 8 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error("profile artifact {artifact}: {source}")]
+    Source {
+        artifact: Digest,
+        source: SourceError,
+    },
+    #[error(
+        "profile artifact {artifact} is not a lazylayer profile of manifest {subject}: {reason}"
+    )]
+    NotOurs {
+        artifact: Digest,
+        subject: Digest,
+        reason: String,
+    },
+    #[error(
+        "profile artifact {artifact}: its profile is {size} bytes, more than the {MAX_PROFILE_BYTES}-byte limit"
+    )]
+    TooLarge { artifact: Digest, size: u64 },
+    #[error("profile {digest} does not parse: {reason}")]
+    Malformed { digest: Digest, reason: String },
+}
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 pub struct Profile {
@@ -46,12 +86,28 @@ pub struct Profile {
 }
 
 impl Profile {
+    /// Reads a profile's JSON (as stored, or as published: see [`fetch_published`]).
+    pub fn parse(bytes: &[u8], digest: &Digest) -> Result<Profile, ProfileError> {
+        if bytes.len() as u64 > MAX_PROFILE_BYTES {
+            return Err(ProfileError::TooLarge {
+                artifact: digest.clone(),
+                size: bytes.len() as u64,
+            });
+        }
+        serde_json::from_slice(bytes).map_err(|e| ProfileError::Malformed {
+            digest: digest.clone(),
+            reason: e.to_string(),
+        })
+    }
+
     /// What to prefetch in `tree`, in the profile's order, per file: the chunks that hold the
     /// ranges the recorded start read (all of them for a file read whole). Paths that are not
-    /// regular files of `tree` are skipped.
+    /// regular files of `tree` are skipped, and a path listed twice counts once.
     pub fn work(&self, tree: &MergedTree) -> Vec<(usize, Vec<ChunkRef>)> {
+        let mut seen = std::collections::HashSet::new();
         self.files
             .iter()
+            .filter(|path| seen.insert(path.as_str()))
             .filter_map(|path| {
                 let ino = tree.lookup_path(path.as_bytes())?;
                 let NodeKind::File { layer, chunks, .. } = &tree.node(ino)?.kind else {
@@ -84,6 +140,62 @@ pub fn load(disk: &DiskCache, image: &str) -> Option<Profile> {
     serde_json::from_slice::<Profile>(&bytes)
         .ok()
         .filter(|p| p.image == image)
+}
+
+/// Keeps `profile` as the learned profile of its image.
+pub fn store(disk: &DiskCache, profile: &Profile) {
+    let json = serde_json::to_vec_pretty(profile).expect("profile serialises");
+    disk.put_meta(&file_name(&profile.image), &json);
+}
+
+/// Reads the profile published as `artifact`, a referrer of manifest `subject`: the artifact's
+/// manifest, then its profile blob, each verified against its digest.
+pub async fn fetch_published(
+    source: &dyn ImageSource,
+    subject: &Digest,
+    artifact: &Descriptor,
+) -> Result<Profile, ProfileError> {
+    let from_source = |source| ProfileError::Source {
+        artifact: artifact.digest.clone(),
+        source,
+    };
+    let not_ours = |reason: &str| ProfileError::NotOurs {
+        artifact: artifact.digest.clone(),
+        subject: subject.clone(),
+        reason: reason.to_string(),
+    };
+    let fetched = source
+        .manifest(&ManifestSelector::Digest(artifact.digest.clone()))
+        .await
+        .map_err(from_source)?;
+    let Ok(Manifest::Image(manifest)) =
+        Manifest::parse(&fetched.bytes, fetched.media_type.as_deref())
+    else {
+        return Err(not_ours("not an image manifest"));
+    };
+    if manifest.artifact_type.as_deref() != Some(PROFILE_ARTIFACT_TYPE) {
+        return Err(not_ours("another artifactType"));
+    }
+    if manifest.subject.as_ref().map(|s| &s.digest) != Some(subject) {
+        return Err(not_ours("another subject"));
+    }
+    let [blob] = manifest.layers.as_slice() else {
+        return Err(not_ours("not exactly one blob"));
+    };
+    if blob.media_type != MEDIA_PROFILE_BLOB {
+        return Err(not_ours("its blob is not a profile"));
+    }
+    if blob.size > MAX_PROFILE_BYTES {
+        return Err(ProfileError::TooLarge {
+            artifact: artifact.digest.clone(),
+            size: blob.size,
+        });
+    }
+    let bytes = source
+        .blob(blob, MAX_PROFILE_BYTES)
+        .await
+        .map_err(from_source)?;
+    Profile::parse(&bytes, &blob.digest)
 }
 
 /// What was read during the window: files in the order of their first read, and per file the
@@ -193,8 +305,7 @@ impl Recorder {
                 profile.ranges.insert(path.clone(), read.clone());
             }
         }
-        let json = serde_json::to_vec_pretty(&profile).expect("profile serialises");
-        disk.put_meta(&file_name(image), &json);
+        store(disk, &profile);
     }
 }
 

@@ -27,6 +27,13 @@ pub const GZIP_INDEX_ARTIFACT_TYPE: &str = "application/vnd.lazylayer.gzip-index
 pub const MEDIA_GZIP_INDEX_BLOB: &str = "application/vnd.lazylayer.gzip-index.v1+json+zstd";
 /// Annotation on each seek index blob's descriptor: the digest of the layer it indexes.
 pub const ANNOTATION_GZIP_INDEX_LAYER: &str = "dev.lazylayer.gzip-index.layer";
+/// `artifactType` of a published start-up profile's manifest (`lazylayer profile push`).
+pub const PROFILE_ARTIFACT_TYPE: &str = "application/vnd.lazylayer.profile.v1";
+/// Media type of the profile blob in it: the JSON of `fs::profile::Profile`.
+pub const MEDIA_PROFILE_BLOB: &str = "application/vnd.lazylayer.profile.v1+json";
+/// Annotation on a published profile's manifest (and so on its referrers entry): when it was
+/// pushed, RFC 3339 in UTC. Of several, the newest is used.
+pub const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
 
 pub const MEDIA_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const MEDIA_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";

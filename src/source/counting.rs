@@ -76,9 +76,9 @@ impl ImageSource for CountingSource {
     async fn referrers(
         &self,
         subject: &Digest,
-        artifact_type: &str,
+        artifact_types: &[&str],
     ) -> Result<Vec<Descriptor>, SourceError> {
-        tracing::debug!(subject = %subject, artifact_type, "referrers request");
-        self.inner.referrers(subject, artifact_type).await
+        tracing::debug!(subject = %subject, ?artifact_types, "referrers request");
+        self.inner.referrers(subject, artifact_types).await
     }
 }

@@ -129,8 +129,8 @@ impl DiskBackedSource {
         format!("tag-{}", Digest::of(key.as_bytes()).hex())
     }
 
-    fn referrers_name(subject: &Digest, artifact_type: &str) -> String {
-        let kind = Digest::of(artifact_type.as_bytes());
+    fn referrers_name(subject: &Digest, artifact_types: &[&str]) -> String {
+        let kind = Digest::of(artifact_types.join("\n").as_bytes());
         format!("referrers-{}-{}", subject.hex(), &kind.hex()[..16])
     }
 }
@@ -229,9 +229,9 @@ impl ImageSource for DiskBackedSource {
     async fn referrers(
         &self,
         subject: &Digest,
-        artifact_type: &str,
+        artifact_types: &[&str],
     ) -> Result<Vec<Descriptor>, SourceError> {
-        let name = Self::referrers_name(subject, artifact_type);
+        let name = Self::referrers_name(subject, artifact_types);
         let remembered: Option<Vec<Descriptor>> = self
             .disk
             .get_meta(&name)
@@ -239,7 +239,7 @@ impl ImageSource for DiskBackedSource {
         let image = self.inner.name();
         let (found, fell_back) = self
             .or_remembered(
-                self.inner.referrers(subject, artifact_type),
+                self.inner.referrers(subject, artifact_types),
                 remembered,
                 |why| {
                     tracing::warn!(

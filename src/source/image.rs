@@ -88,6 +88,9 @@ pub struct ResolvedImage {
     /// The platform the image is for: the matched index entry's, else the config's.
     pub platform: Platform,
     pub layers: Vec<Layer>,
+    /// The newest start-up profile published as a referrer of the manifest (`lazylayer profile
+    /// push`): its artifact manifest's descriptor, read when the image is mounted.
+    pub profile: Option<Descriptor>,
 }
 
 impl ResolvedImage {
@@ -160,20 +163,17 @@ pub async fn resolve(
         .clone()
         .or(fetched.media_type.clone())
         .unwrap_or_else(|| crate::model::oci::MEDIA_OCI_MANIFEST.to_string());
-    // The config and the seek-index referrers each depend on the manifest only: one round trip
-    // for both.
+    // The config and the referrers (seek indexes, a start-up profile) each depend on the
+    // manifest only: one round trip for both.
     let unindexed_gzip = |d: &Descriptor| {
         matches!(LazyIndex::of(d), Ok(None))
             && LayerCompression::from_media_type(&d.media_type).ok() == Some(LayerCompression::Gzip)
     };
     let wants_indexes = manifest.layers.iter().any(unindexed_gzip);
-    let (config_bytes, gzip_indexes) =
-        tokio::join!(source.blob(&manifest.config, MAX_CONFIG_BYTES), async {
-            match wants_indexes {
-                true => Some(find_gzip_indexes(source, &fetched.digest).await),
-                false => None,
-            }
-        });
+    let (config_bytes, published) = tokio::join!(
+        source.blob(&manifest.config, MAX_CONFIG_BYTES),
+        find_published(source, &fetched.digest, wants_indexes)
+    );
     let config_bytes = config_bytes?;
     let config = ImageConfig::parse(&config_bytes)
         .map_err(|e| malformed("config", &manifest.config.digest, e))?;
@@ -218,19 +218,17 @@ pub async fn resolve(
             })
         })
         .collect::<Result<Vec<Layer>, ImageError>>()?;
-    if let Some(found) = gzip_indexes {
-        match found {
-            Ok(found) => {
-                for layer in layers.iter_mut().filter(|l| unindexed_gzip(&l.descriptor)) {
-                    if let Some(index) = found.get(&layer.descriptor.digest) {
-                        layer.lazy_index = Some(LazyIndex::GzipIndex {
-                            index: index.clone(),
-                        });
-                    }
-                }
-            }
-            // The layers still read correctly, streamed whole.
-            Err(e) => tracing::warn!(%image, "looking for gzip seek indexes: {e}"),
+    let published = published.unwrap_or_else(|e| {
+        // The layers still read correctly, streamed whole, and a start without its profile
+        // is only slower.
+        tracing::warn!(%image, "looking for seek indexes and a start-up profile: {e}");
+        Published::default()
+    });
+    for layer in layers.iter_mut().filter(|l| unindexed_gzip(&l.descriptor)) {
+        if let Some(index) = published.gzip_indexes.get(&layer.descriptor.digest) {
+            layer.lazy_index = Some(LazyIndex::GzipIndex {
+                index: index.clone(),
+            });
         }
     }
     Ok(ResolvedImage {
@@ -245,21 +243,48 @@ pub async fn resolve(
         manifest,
         config,
         layers,
+        profile: published.profile,
     })
 }
 
-/// The gzip seek index blobs published as referrers of `manifest` (by `lazylayer index`), by
-/// the digest of the layer each indexes. Later artifacts win over earlier ones for a layer.
-async fn find_gzip_indexes(
+/// What was published next to an image manifest for lazylayer.
+#[derive(Default)]
+struct Published {
+    /// Gzip seek index blobs (by `lazylayer index`), by the digest of the layer each indexes.
+    gzip_indexes: std::collections::HashMap<Digest, Descriptor>,
+    /// The newest start-up profile artifact (by `lazylayer profile push`).
+    profile: Option<Descriptor>,
+}
+
+/// The referrers of `manifest`, in one lookup: its start-up profile and, when `want_indexes`,
+/// its gzip seek indexes. Later artifacts win over earlier ones.
+async fn find_published(
     source: &dyn ImageSource,
     manifest: &Digest,
-) -> Result<std::collections::HashMap<Digest, Descriptor>, ImageError> {
+    want_indexes: bool,
+) -> Result<Published, ImageError> {
     use crate::model::oci::{
-        ANNOTATION_GZIP_INDEX_LAYER as ANNOTATION_LAYER, GZIP_INDEX_ARTIFACT_TYPE as ARTIFACT_TYPE,
-        MEDIA_GZIP_INDEX_BLOB as MEDIA_INDEX_BLOB,
+        ANNOTATION_CREATED, ANNOTATION_GZIP_INDEX_LAYER as ANNOTATION_LAYER,
+        GZIP_INDEX_ARTIFACT_TYPE, MEDIA_GZIP_INDEX_BLOB as MEDIA_INDEX_BLOB, PROFILE_ARTIFACT_TYPE,
     };
-    let mut found = std::collections::HashMap::new();
-    for referrer in source.referrers(manifest, ARTIFACT_TYPE).await? {
+    let types: &[&str] = match want_indexes {
+        true => &[GZIP_INDEX_ARTIFACT_TYPE, PROFILE_ARTIFACT_TYPE],
+        false => &[PROFILE_ARTIFACT_TYPE],
+    };
+    let mut found = Published::default();
+    for referrer in source.referrers(manifest, types).await? {
+        if referrer.artifact_type.as_deref() == Some(PROFILE_ARTIFACT_TYPE) {
+            // RFC 3339 times in UTC, as `profile push` writes them, sort as text.
+            let created = |d: &Descriptor| d.annotations.get(ANNOTATION_CREATED).cloned();
+            if found
+                .profile
+                .as_ref()
+                .is_none_or(|p| created(p) <= created(&referrer))
+            {
+                found.profile = Some(referrer);
+            }
+            continue;
+        }
         let fetched = source
             .manifest(&ManifestSelector::Digest(referrer.digest.clone()))
             .await?;
@@ -268,7 +293,7 @@ async fn find_gzip_indexes(
         else {
             continue;
         };
-        let ours = artifact.artifact_type.as_deref() == Some(ARTIFACT_TYPE)
+        let ours = artifact.artifact_type.as_deref() == Some(GZIP_INDEX_ARTIFACT_TYPE)
             && artifact
                 .subject
                 .as_ref()
@@ -282,7 +307,7 @@ async fn find_gzip_indexes(
                 .get(ANNOTATION_LAYER)
                 .and_then(|d| d.parse::<Digest>().ok());
             if let (Some(layer), true) = (layer, blob.media_type == MEDIA_INDEX_BLOB) {
-                found.insert(layer, blob);
+                found.gzip_indexes.insert(layer, blob);
             }
         }
     }

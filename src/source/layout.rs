@@ -241,7 +241,7 @@ impl ImageSource for LayoutSource {
     async fn referrers(
         &self,
         _subject: &Digest,
-        _artifact_type: &str,
+        _artifact_types: &[&str],
     ) -> Result<Vec<Descriptor>, SourceError> {
         Ok(Vec::new())
     }

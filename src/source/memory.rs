@@ -173,7 +173,7 @@ impl ImageSource for MemorySource {
         Ok(Box::pin(futures_util::stream::iter(pieces)))
     }
 
-    async fn referrers(&self, _: &Digest, _: &str) -> Result<Vec<Descriptor>, SourceError> {
+    async fn referrers(&self, _: &Digest, _: &[&str]) -> Result<Vec<Descriptor>, SourceError> {
         Ok(Vec::new())
     }
 }

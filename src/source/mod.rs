@@ -104,13 +104,14 @@ pub trait ImageSource: Send + Sync {
         range: Range<u64>,
     ) -> Result<ByteStream, SourceError>;
 
-    /// Descriptors of the manifests of `artifact_type` whose `subject` is the manifest
-    /// `subject` (OCI referrers). No default: a wrapper that forgot to pass this on would hide
+    /// Descriptors of the manifests of any of `artifact_types` whose `subject` is the manifest
+    /// `subject` (OCI referrers), in the order the registry lists them: one lookup for all the
+    /// kinds a caller wants. No default: a wrapper that forgot to pass this on would hide
     /// every published index.
     async fn referrers(
         &self,
         subject: &Digest,
-        artifact_type: &str,
+        artifact_types: &[&str],
     ) -> Result<Vec<Descriptor>, SourceError>;
 
     /// Reads the bytes `range` of a blob into memory.

@@ -52,11 +52,11 @@ impl ImageSource for RetryingSource {
     async fn referrers(
         &self,
         subject: &Digest,
-        artifact_type: &str,
+        artifact_types: &[&str],
     ) -> Result<Vec<Descriptor>, SourceError> {
         let what = || format!("referrers of {subject} in {}", self.inner.name());
         retry(&self.policy, what, || {
-            self.inner.referrers(subject, artifact_type)
+            self.inner.referrers(subject, artifact_types)
         })
         .await
     }

@@ -543,7 +543,7 @@ impl ImageSource for S3Source {
     async fn referrers(
         &self,
         _subject: &Digest,
-        _artifact_type: &str,
+        _artifact_types: &[&str],
     ) -> Result<Vec<Descriptor>, SourceError> {
         Ok(Vec::new())
     }

@@ -58,6 +58,9 @@ pub struct Registry {
     auth: Authenticator,
     redirect_ttl: Duration,
     redirects: Mutex<HashMap<String, (Url, Instant)>>,
+    /// Whether the registry answers the referrers API, once it has answered (see
+    /// `Repository::referrers`).
+    referrers_api: Mutex<Option<bool>>,
 }
 
 /// A repository within a registry; the object range reads go through.
@@ -113,6 +116,7 @@ impl Registry {
             http,
             redirect_ttl: config.redirect_ttl,
             redirects: Mutex::new(HashMap::new()),
+            referrers_api: Mutex::new(None),
         }))
     }
 
@@ -526,8 +530,8 @@ impl ImageSource for Repository {
     async fn referrers(
         &self,
         subject: &Digest,
-        artifact_type: &str,
+        artifact_types: &[&str],
     ) -> Result<Vec<Descriptor>, SourceError> {
-        Ok(Repository::referrers(self, subject, artifact_type).await?)
+        Ok(Repository::referrers(self, subject, artifact_types).await?)
     }
 }

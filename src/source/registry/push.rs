@@ -87,6 +87,39 @@ impl Repository {
         size: u64,
         path: &Path,
     ) -> Result<(), RegistryError> {
+        self.upload(digest, size, || match std::fs::File::open(path) {
+            Ok(file) => reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(
+                tokio::fs::File::from_std(file),
+            )),
+            // Surfaces as a transport error of the PUT, naming the URL.
+            Err(e) => reqwest::Body::wrap_stream(futures_util::stream::once(async move {
+                Err::<bytes::Bytes, _>(e)
+            })),
+        })
+        .await
+    }
+
+    /// Uploads `bytes` as blob `digest`, unless the registry has it: for small blobs made in
+    /// memory (artifacts' configs, profiles).
+    pub async fn push_bytes(
+        &self,
+        digest: &Digest,
+        bytes: &bytes::Bytes,
+    ) -> Result<(), RegistryError> {
+        self.upload(digest, bytes.len() as u64, || {
+            reqwest::Body::from(bytes.clone())
+        })
+        .await
+    }
+
+    /// One monolithic upload of the blob `body()` gives (`size` bytes), unless the registry
+    /// has it; `body` is called again for a retry.
+    async fn upload(
+        &self,
+        digest: &Digest,
+        size: u64,
+        body: impl Fn() -> reqwest::Body,
+    ) -> Result<(), RegistryError> {
         if self.has_blob(digest).await? {
             return Ok(());
         }
@@ -94,17 +127,6 @@ impl Repository {
         url.query_pairs_mut()
             .append_pair("digest", &digest.to_string());
         let http = &self.registry.http;
-        let body = || -> reqwest::Body {
-            match std::fs::File::open(path) {
-                Ok(file) => reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(
-                    tokio::fs::File::from_std(file),
-                )),
-                // Surfaces as a transport error of the PUT, naming the URL.
-                Err(e) => reqwest::Body::wrap_stream(futures_util::stream::once(async move {
-                    Err::<bytes::Bytes, _>(e)
-                })),
-            }
-        };
         let resp = self
             .registry
             .send(
