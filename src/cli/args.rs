@@ -402,7 +402,7 @@ pub enum ProfileCommand {
         mut_arg("user", registry_user),
         arg(verbose_without_short())
     )]
-    Record(ProfileRecordArgs),
+    Record(Box<ProfileRecordArgs>),
     /// Publish the image's profile next to it in its registry (the image itself is untouched).
     #[command(
         long_about = "Publish the profile kept for the image in the disk cache (recorded, or learned by a mount) as an OCI artifact (artifactType application/vnd.lazylayer.profile.v1) whose subject is the image manifest: through the referrers API, or under the sha256-HEX fallback tag for registries without it, as `lazylayer index` does. Needs push access to the image's repository. A newer push wins over older ones."

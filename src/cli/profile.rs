@@ -18,7 +18,7 @@ use crate::source::open::{OpenedImage, open_image};
 
 pub(super) async fn profile(command: ProfileCommand) -> Result<(), CliError> {
     match command {
-        ProfileCommand::Record(args) => super::run::record(args).await,
+        ProfileCommand::Record(args) => super::run::record(*args).await,
         ProfileCommand::Push(args) => push(args).await,
         ProfileCommand::Pull(args) => pull(args).await,
         ProfileCommand::Show(args) => show(args, false).await,
