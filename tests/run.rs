@@ -270,3 +270,133 @@ fn bad_input_gets_clear_errors_and_a_killed_run_is_cleaned_up_by_the_next() {
     assert!(!sleeping(), "the killed run's container still runs");
     assert_nothing_left(run_dir);
 }
+
+/// Requests in the registry's access log after its first `from` lines that match `pattern`.
+fn requests_since(registry: &Registry, from: usize, pattern: &str) -> Vec<String> {
+    registry
+        .log()
+        .lines()
+        .skip(from)
+        .filter(|l| l.starts_with("127.0.0.1 - ") && l.contains(pattern))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn a_recorded_profile_published_next_to_the_image_prefetches_a_new_machines_start() {
+    let registry = Registry::start(RegistryAuth::None);
+    registry.push_shared("python-app", "test/app");
+    let image = format!("{}/test/app:esgz", registry.host());
+    let converted = lazylayer(
+        &[
+            "convert",
+            "-q",
+            &format!("{}/test/app", registry.host()),
+            &image,
+        ],
+        &[],
+    );
+    assert!(converted.status.success(), "{}", converted.stderr);
+    let run_dir = tempfile::tempdir().unwrap();
+    let env = [("LAZYLAYER_RUN_DIR", run_dir.path().to_str().unwrap())];
+    let caches: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let cache = |i: usize| caches[i].path().to_str().unwrap();
+    let profile = |action: &str, i: usize| {
+        lazylayer(&["profile", action, "--cache-dir", cache(i), &image], &env)
+    };
+
+    // No profile published yet: once the registry is known (a first contact asks the referrers
+    // API and the fallback tag at once), a mount's lookup is one request.
+    let lookups = |from: usize| {
+        requests_since(&registry, from, "/referrers/").len()
+            + requests_since(&registry, from, "/manifests/sha256-").len()
+    };
+    let true_run = |i: usize| {
+        let ran = lazylayer(&["run", "--cache-dir", cache(i), &image, "true"], &env);
+        assert!(ran.status.success(), "{}", ran.stderr);
+    };
+    true_run(3);
+    let before = registry.log().lines().count();
+    true_run(3);
+    assert!(lookups(before) <= 1, "{}", registry.log());
+    profile("pull", 3).assert_error(&["no start-up profile is published"]);
+
+    // Recorded on one machine (cache 0) and published.
+    let recorded = lazylayer(
+        &[
+            "profile",
+            "record",
+            "--timeout",
+            "120",
+            "--cache-dir",
+            cache(0),
+            &image,
+        ],
+        &env,
+    );
+    assert!(
+        recorded.status.success() && recorded.stdout.contains("app ok"),
+        "{}{}",
+        recorded.stdout,
+        recorded.stderr
+    );
+    let files = profile("show", 0).stdout;
+    assert!(files.contains("/app/main.py\n"), "{files}");
+    let pushed = profile("push", 0);
+    assert!(pushed.status.success(), "{}", pushed.stderr);
+    let artifact = pushed
+        .stderr
+        .split_whitespace()
+        .find(|w| w.starts_with("sha256:"))
+        .expect("push names the artifact")
+        .trim_end_matches(',')
+        .to_string();
+
+    // A new machine (cache 1): its mount fetches the published profile and prefetches its
+    // files before anybody reads; reading them then asks the registry for nothing more.
+    let mark = registry.log().lines().count();
+    let mounted =
+        support::mount::Mounted::with_args(&image, caches[1].path(), &["--no-background-fetch"]);
+    mounted.wait_until_prefetched(Duration::from_secs(60));
+    assert_eq!(
+        requests_since(&registry, mark, &format!("/manifests/{artifact}")).len(),
+        1,
+        "the profile artifact was not fetched:\n{}",
+        registry.log()
+    );
+    let prefetched = requests_since(&registry, mark, "/blobs/").len();
+    let mark = registry.log().lines().count();
+    mounted.run_app();
+    let after = requests_since(&registry, mark, "/blobs/");
+    assert!(
+        after.len() <= 3,
+        "{prefetched} blob requests before the app ran, and these while it ran:\n{}",
+        after.join("\n")
+    );
+    drop(mounted);
+
+    // `profile pull` keeps it as the learned profile of another machine (cache 2).
+    let pulled = profile("pull", 2);
+    assert!(pulled.status.success(), "{}", pulled.stderr);
+    assert_eq!(profile("show", 2).stdout, files);
+
+    // A tampered profile blob is refused by its digest; mounts go on without it.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(registry.blob_data_path(&artifact)).unwrap())
+            .unwrap();
+    let blob = manifest["layers"][0]["digest"].as_str().unwrap();
+    let path = registry.blob_data_path(blob);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.iter().position(|&b| b == b'/').unwrap();
+    bytes[at] = b'x';
+    std::fs::write(&path, bytes).unwrap();
+    profile("clear", 2);
+    profile("pull", 2).assert_error(&[blob]);
+    let tampered = support::mount::Mounted::with_cache(&image, caches[2].path());
+    assert!(tampered.join("app/main.py").exists());
+    let log = tampered.daemon_log();
+    assert!(
+        log.contains("published start-up profile is not used") && log.contains(blob),
+        "{log}"
+    );
+}

@@ -8,7 +8,9 @@
 //!   [`UNREACHABLE_AFTER`]) and the tag was resolved before, the manifest it resolved to last is
 //!   used, with a warning that says so and when; what the source refuses (unknown tag, bad
 //!   credentials) is reported as it is, never papered over.
-//! - Referrers (the seek indexes of gzip layers) are remembered and fall back the same way.
+//! - Referrers (seek indexes of gzip layers, start-up profiles) are remembered and fall back the
+//!   same way. An answer younger than [`REFERRERS_FRESH`] is used without asking: the run that
+//!   resolves an image and the process it starts to serve it ask once between them.
 //!
 //! The wait before falling back is short because a start is waiting on it, paid once per image
 //! (after one fallback the referrers fall back at once), and it only applies to a tag or
@@ -35,6 +37,19 @@ use crate::source::{ByteStream, ImageSource, SourceError};
 /// A reachable registry answers in a few round trips; one that has not answered in 5 s is down
 /// or cut off, and the container start waiting on it should not wait for `--read-timeout`.
 pub const UNREACHABLE_AFTER: Duration = Duration::from_secs(5);
+
+/// How long a referrers answer is used without asking again. A minute: an artifact published
+/// since is found by the next mount after that, and one start (its processes, its resolutions)
+/// asks once.
+pub const REFERRERS_FRESH: Duration = Duration::from_secs(60);
+
+/// The referrers of one subject, as stored under `referrers-HEX-KIND`.
+#[derive(Serialize, Deserialize)]
+struct ReferrersRecord {
+    referrers: Vec<Descriptor>,
+    /// Seconds since the epoch when the source gave them.
+    seen: u64,
+}
 
 /// A source whose content-addressed documents come from the disk cache when it has them, and
 /// whose tags and referrers fall back to the last answer when the source is unreachable.
@@ -232,15 +247,21 @@ impl ImageSource for DiskBackedSource {
         artifact_types: &[&str],
     ) -> Result<Vec<Descriptor>, SourceError> {
         let name = Self::referrers_name(subject, artifact_types);
-        let remembered: Option<Vec<Descriptor>> = self
+        let remembered: Option<ReferrersRecord> = self
             .disk
             .get_meta(&name)
             .and_then(|r| serde_json::from_slice(&r).ok());
+        if let Some(fresh) = remembered
+            .as_ref()
+            .filter(|r| now_secs().saturating_sub(r.seen) < REFERRERS_FRESH.as_secs())
+        {
+            return Ok(fresh.referrers.clone());
+        }
         let image = self.inner.name();
         let (found, fell_back) = self
             .or_remembered(
                 self.inner.referrers(subject, artifact_types),
-                remembered,
+                remembered.map(|r| r.referrers),
                 |why| {
                     tracing::warn!(
                         "{image}@{subject}: the registry cannot be reached ({why}); using the \
@@ -250,8 +271,12 @@ impl ImageSource for DiskBackedSource {
             )
             .await?;
         if !fell_back {
+            let record = ReferrersRecord {
+                referrers: found.clone(),
+                seen: now_secs(),
+            };
             self.disk
-                .put_meta(&name, &serde_json::to_vec(&found).expect("serialises"));
+                .put_meta(&name, &serde_json::to_vec(&record).expect("serialises"));
         }
         Ok(found)
     }

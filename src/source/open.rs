@@ -70,7 +70,7 @@ pub async fn open_image(
     platform: &Platform,
     disk: Option<Arc<DiskCache>>,
 ) -> Result<OpenedImage, ImageError> {
-    let (raw, mut selector, check) = connect(reference, config).await?;
+    let (raw, mut selector, check) = connect(reference, config, disk.as_ref()).await?;
     if let Some(digest) = pin {
         selector = ManifestSelector::Digest(digest.clone());
     }
@@ -121,7 +121,7 @@ pub async fn open(
     reference: &ImageRef,
     config: &FetchConfig,
 ) -> Result<(Arc<dyn ImageSource>, ManifestSelector), SourceError> {
-    let (source, selector, check) = connect(reference, config).await?;
+    let (source, selector, check) = connect(reference, config, None).await?;
     check.await?;
     Ok((source, selector))
 }
@@ -129,16 +129,21 @@ pub async fn open(
 /// A registry's API check, left for the caller to run beside its first request.
 type Check = futures_util::future::BoxFuture<'static, Result<(), SourceError>>;
 
-/// As [`open`], with the registry's ping not yet sent.
+/// As [`open`], with the registry's ping not yet sent; a registry keeps what it learns of
+/// itself in `disk` (see [`Registry::remember_in`]).
 async fn connect(
     reference: &ImageRef,
     config: &FetchConfig,
+    disk: Option<&Arc<DiskCache>>,
 ) -> Result<(Arc<dyn ImageSource>, ManifestSelector, Check), SourceError> {
     use futures_util::FutureExt;
     let checked = || futures_util::future::ready(Ok(())).boxed();
     match reference {
         ImageRef::Registry(r) => {
             let registry = Registry::new(r, config)?;
+            if let Some(disk) = disk {
+                registry.remember_in(disk.clone());
+            }
             let repo = Arc::new(registry.repository(&r.repository));
             let (policy, name) = (config.retry.clone(), r.registry.clone());
             let check = async move {

@@ -61,6 +61,24 @@ pub struct Registry {
     /// Whether the registry answers the referrers API, once it has answered (see
     /// `Repository::referrers`).
     referrers_api: Mutex<Option<bool>>,
+    /// Where that is kept for the next process (see [`Registry::remember_in`]).
+    memory: std::sync::OnceLock<std::sync::Arc<crate::cache::disk::DiskCache>>,
+}
+
+/// What a registry's features are remembered as in the disk cache, and for how long: a registry
+/// upgraded to the referrers API is asked again a day later.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Features {
+    referrers_api: bool,
+    /// Seconds since the epoch when it was seen.
+    seen: u64,
+}
+const FEATURES_TTL_SECS: u64 = 24 * 3600;
+
+fn epoch_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// A repository within a registry; the object range reads go through.
@@ -117,11 +135,44 @@ impl Registry {
             redirect_ttl: config.redirect_ttl,
             redirects: Mutex::new(HashMap::new()),
             referrers_api: Mutex::new(None),
+            memory: std::sync::OnceLock::new(),
         }))
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Keeps what this client learns of the registry (whether it has the referrers API) in
+    /// `disk`, and starts from what an earlier process learned, so that a mount's referrers
+    /// lookup is one request, not the two a first contact sends.
+    pub fn remember_in(&self, disk: std::sync::Arc<crate::cache::disk::DiskCache>) {
+        let known = disk
+            .get_meta(&self.features_name())
+            .and_then(|b| serde_json::from_slice::<Features>(&b).ok())
+            .filter(|f| epoch_secs().saturating_sub(f.seen) < FEATURES_TTL_SECS);
+        if let Some(known) = known {
+            *self.referrers_api.lock().unwrap() = Some(known.referrers_api);
+        }
+        let _ = self.memory.set(disk);
+    }
+
+    /// Notes whether the registry has the referrers API.
+    fn learned_referrers_api(&self, has_api: bool) {
+        let known = self.referrers_api.lock().unwrap().replace(has_api);
+        if let (Some(disk), true) = (self.memory.get(), known != Some(has_api)) {
+            let features = Features {
+                referrers_api: has_api,
+                seen: epoch_secs(),
+            };
+            let json = serde_json::to_vec(&features).expect("serialises");
+            disk.put_meta(&self.features_name(), &json);
+        }
+    }
+
+    fn features_name(&self) -> String {
+        let digest = crate::model::digest::Digest::of(self.base.as_str().as_bytes());
+        format!("registry-{}.json", &digest.hex()[..16])
     }
 
     pub fn repository(self: &std::sync::Arc<Self>, name: &str) -> Repository {

@@ -96,7 +96,7 @@ impl Repository {
             StatusCode::NOT_FOUND => false,
             _ => return Err(status_error(resp, url).await),
         };
-        *self.registry.referrers_api.lock().unwrap() = Some(has_api);
+        self.registry.learned_referrers_api(has_api);
         if !has_api {
             return Ok(None);
         }
