@@ -299,7 +299,7 @@ fn a_recorded_profile_published_next_to_the_image_prefetches_a_new_machines_star
     assert!(converted.status.success(), "{}", converted.stderr);
     let run_dir = tempfile::tempdir().unwrap();
     let env = [("LAZYLAYER_RUN_DIR", run_dir.path().to_str().unwrap())];
-    let caches: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let caches: Vec<_> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
     let cache = |i: usize| caches[i].path().to_str().unwrap();
     let profile = |action: &str, i: usize| {
         lazylayer(&["profile", action, "--cache-dir", cache(i), &image], &env)
@@ -374,6 +374,37 @@ fn a_recorded_profile_published_next_to_the_image_prefetches_a_new_machines_star
         after.join("\n")
     );
     drop(mounted);
+
+    // `convert --prioritize-profile` rebuilds the image with the published profile's files
+    // first: python-app's upper layers lack their parent directories' entries, which
+    // ctr-remote's `optimize` refuses. A mount of the result that uses no profile prefetches
+    // them (its landmark) and the app then asks for little.
+    let prioritized = format!("{}/test/app:prioritized", registry.host());
+    let source = format!("{}/test/app", registry.host());
+    let converted = lazylayer(
+        &["convert", "-q", "--prioritize-profile", &image, &source, &prioritized],
+        &[],
+    );
+    assert!(converted.status.success(), "{}", converted.stderr);
+    let landmarked = support::mount::Mounted::with_args(
+        &prioritized,
+        caches[4].path(),
+        &["--no-background-fetch", "--profile-window", "0"],
+    );
+    landmarked.wait_until_prefetched(Duration::from_secs(60));
+    let mark = registry.log().lines().count();
+    landmarked.run_app();
+    let after = requests_since(&registry, mark, "/blobs/");
+    assert!(after.len() <= 3, "{}", after.join("\n"));
+    drop(landmarked);
+    let garbage = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(garbage.path(), "not a profile").unwrap();
+    let garbage = garbage.path().to_str().unwrap();
+    lazylayer(
+        &["convert", "--prioritize-profile", garbage, &source, &prioritized],
+        &[],
+    )
+    .assert_error(&["--prioritize-profile", garbage, "does not parse"]);
 
     // `profile pull` keeps it as the learned profile of another machine (cache 2).
     let pulled = profile("pull", 2);

@@ -155,9 +155,13 @@ tar+gzip (tar+zstd) image that every client pulls and runs; lazylayer, stargz-sn
 other lazy readers fetch it chunk by chunk.\n\n\
 Converting the same input twice gives byte-identical layers, config and manifest.\n\n\
 --prioritize FILE lists paths (one per line) that the image needs at start-up: they are put \
-first in their layer, followed by the prefetch landmark, and a mount fetches them at once.",
+first in their layer, followed by the prefetch landmark, and a mount fetches them at once. \
+--prioritize-profile takes them from a start-up profile instead (`lazylayer profile record`, then \
+`profile push`): the profile published next to image REF, or a profile FILE. Layers that lack \
+their parent directories' entries (ordinary in images built by Docker) convert as they are.",
         after_help = "Examples:\n  \
 lazylayer convert oci:../shared/images:python-app oci:/tmp/out:python-app-esgz\n  \
+lazylayer convert --prioritize-profile 127.0.0.1:5000/test/app 127.0.0.1:5000/test/app 127.0.0.1:5000/test/app:esgz\n  \
 lazylayer convert 127.0.0.1:5000/test/app:latest 127.0.0.1:5000/test/app:esgz\n  \
 lazylayer convert --prioritize startup.txt python:3.12 registry.example.com/python:3.12-esgz"
     )]
@@ -248,6 +252,11 @@ pub struct ConvertArgs {
     /// prefetch landmark.
     #[arg(long, value_name = "FILE")]
     pub prioritize: Option<PathBuf>,
+
+    /// Put the files of a start-up profile first, as --prioritize does: a profile file (JSON,
+    /// as `profile push` publishes it) or an image reference whose published profile to use.
+    #[arg(long, value_name = "REF|FILE", conflicts_with = "prioritize")]
+    pub prioritize_profile: Option<String>,
 
     /// Print nothing but errors.
     #[arg(long, short = 'q')]

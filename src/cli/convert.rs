@@ -95,6 +95,7 @@ pub(super) async fn convert(args: ConvertArgs) -> Result<(), CliError> {
     });
     if let Some(path) = &args.prioritize {
         let bad = |reason: String| CliError::Prioritize {
+            flag: "prioritize",
             path: path.display().to_string(),
             reason,
         };
@@ -102,6 +103,9 @@ pub(super) async fn convert(args: ConvertArgs) -> Result<(), CliError> {
         options.prioritize = crate::convert::parse_prioritize(&text).map_err(bad)?;
     }
     let config = args.remote.registry_config()?;
+    if let Some(from) = &args.prioritize_profile {
+        options.prioritize = prioritize_profile(from, &args.remote).await?;
+    }
     if let ImageRef::Registry(target) = &destination {
         crate::convert::output::check_push_access(target, &config).await?;
     }
@@ -123,6 +127,41 @@ pub(super) async fn convert(args: ConvertArgs) -> Result<(), CliError> {
         println!("{} {}", destination, image.manifest_digest);
     }
     Ok(())
+}
+
+/// The paths of `--prioritize-profile`: a profile file, else the profile published next to
+/// the image `from` names.
+async fn prioritize_profile(
+    from: &str,
+    remote: &super::args::RemoteArgs,
+) -> Result<Vec<Vec<u8>>, CliError> {
+    let bad = |reason: String| CliError::Prioritize {
+        flag: "prioritize-profile",
+        path: from.to_string(),
+        reason,
+    };
+    let profile = if std::path::Path::new(from).is_file() {
+        let bytes = std::fs::read(from).map_err(|e| bad(e.to_string()))?;
+        let digest = crate::model::digest::Digest::of(&bytes);
+        crate::fs::profile::Profile::parse(&bytes, &digest).map_err(|e| bad(e.to_string()))?
+    } else {
+        let reference = ImageRef::parse(from)?;
+        let config = remote.registry_config()?;
+        let opened =
+            crate::source::open::open_image(&reference, None, &config, &remote.platform()?, None)
+                .await?;
+        let image = &opened.image;
+        let Some(artifact) = &image.profile else {
+            return Err(bad(format!(
+                "not a file, and image {from} ({}) has no published start-up profile",
+                image.manifest_digest
+            )));
+        };
+        crate::fs::profile::fetch_published(&*opened.source, &image.manifest_digest, artifact)
+            .await
+            .map_err(|e| bad(e.to_string()))?
+    };
+    crate::convert::parse_prioritize(&profile.files.join("\n")).map_err(bad)
 }
 
 pub(super) async fn index(args: IndexArgs) -> Result<(), CliError> {

@@ -75,8 +75,12 @@ pub enum CliError {
     Pull(#[from] crate::containerd::pull::PullError),
     #[error(transparent)]
     Convert(#[from] crate::convert::ConvertError),
-    #[error("--prioritize {path}: {reason}")]
-    Prioritize { path: String, reason: String },
+    #[error("--{flag} {path}: {reason}")]
+    Prioritize {
+        flag: &'static str,
+        path: String,
+        reason: String,
+    },
     #[error("--address {address}: {source}")]
     Serve {
         address: String,

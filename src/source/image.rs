@@ -170,10 +170,12 @@ pub async fn resolve(
             && LayerCompression::from_media_type(&d.media_type).ok() == Some(LayerCompression::Gzip)
     };
     let wants_indexes = manifest.layers.iter().any(unindexed_gzip);
-    let (config_bytes, published) = tokio::join!(
-        source.blob(&manifest.config, MAX_CONFIG_BYTES),
-        find_published(source, &fetched.digest, wants_indexes)
+    let lookup = tokio::time::timeout(
+        REFERRERS_WAIT,
+        find_published(source, &fetched.digest, wants_indexes),
     );
+    let (config_bytes, published) =
+        tokio::join!(source.blob(&manifest.config, MAX_CONFIG_BYTES), lookup);
     let config_bytes = config_bytes?;
     let config = ImageConfig::parse(&config_bytes)
         .map_err(|e| malformed("config", &manifest.config.digest, e))?;
@@ -218,12 +220,24 @@ pub async fn resolve(
             })
         })
         .collect::<Result<Vec<Layer>, ImageError>>()?;
-    let published = published.unwrap_or_else(|e| {
-        // The layers still read correctly, streamed whole, and a start without its profile
-        // is only slower.
-        tracing::warn!(%image, "looking for seek indexes and a start-up profile: {e}");
-        Published::default()
-    });
+    // The layers still read correctly without their seek indexes (streamed whole), and a start
+    // without its profile is only slower.
+    let published = match published {
+        Ok(Ok(published)) => published,
+        Ok(Err(e)) => {
+            tracing::warn!(%image, "looking for seek indexes and a start-up profile: {e}");
+            Published::default()
+        }
+        Err(_) => {
+            tracing::warn!(
+                %image,
+                "looking for seek indexes and a start-up profile: no answer within {} s; going \
+                 on without them",
+                REFERRERS_WAIT.as_secs()
+            );
+            Published::default()
+        }
+    };
     for layer in layers.iter_mut().filter(|l| unindexed_gzip(&l.descriptor)) {
         if let Some(index) = published.gzip_indexes.get(&layer.descriptor.digest) {
             layer.lazy_index = Some(LazyIndex::GzipIndex {
@@ -246,6 +260,12 @@ pub async fn resolve(
         profile: published.profile,
     })
 }
+
+/// How long the referrers lookup may hold up a resolution: a registry answers it in a round
+/// trip or two (404 included); one that has not in 10 s is left behind, and the image is read
+/// without seek indexes or profile rather than not at all. Longer than the disk cache's
+/// `UNREACHABLE_AFTER`, so that referrers remembered there are used first.
+const REFERRERS_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What was published next to an image manifest for lazylayer.
 #[derive(Default)]

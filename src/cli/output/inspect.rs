@@ -25,6 +25,9 @@ pub struct InspectReport {
     pub config_digest: Digest,
     pub compressed_size: u64,
     pub layers: Vec<LayerReport>,
+    /// The start-up profile published next to the image (`lazylayer profile push`): its
+    /// artifact's digest, or `null`.
+    pub published_profile: Option<Digest>,
 }
 
 #[derive(Debug, Serialize)]
@@ -68,6 +71,7 @@ impl InspectReport {
                     annotations: l.descriptor.annotations.clone(),
                 })
                 .collect(),
+            published_profile: image.profile.as_ref().map(|p| p.digest.clone()),
         }
     }
 
@@ -92,6 +96,9 @@ impl InspectReport {
         );
         let _ = writeln!(out, "platform   {}", self.platform);
         let _ = writeln!(out, "config     {}", self.config_digest);
+        if let Some(profile) = &self.published_profile {
+            let _ = writeln!(out, "profile    {profile} (published start-up profile)");
+        }
         let _ = writeln!(
             out,
             "layers     {}, {} compressed\n",
