@@ -382,7 +382,14 @@ fn a_recorded_profile_published_next_to_the_image_prefetches_a_new_machines_star
     let prioritized = format!("{}/test/app:prioritized", registry.host());
     let source = format!("{}/test/app", registry.host());
     let converted = lazylayer(
-        &["convert", "-q", "--prioritize-profile", &image, &source, &prioritized],
+        &[
+            "convert",
+            "-q",
+            "--prioritize-profile",
+            &image,
+            &source,
+            &prioritized,
+        ],
         &[],
     );
     assert!(converted.status.success(), "{}", converted.stderr);
@@ -401,7 +408,13 @@ fn a_recorded_profile_published_next_to_the_image_prefetches_a_new_machines_star
     std::fs::write(garbage.path(), "not a profile").unwrap();
     let garbage = garbage.path().to_str().unwrap();
     lazylayer(
-        &["convert", "--prioritize-profile", garbage, &source, &prioritized],
+        &[
+            "convert",
+            "--prioritize-profile",
+            garbage,
+            &source,
+            &prioritized,
+        ],
         &[],
     )
     .assert_error(&["--prioritize-profile", garbage, "does not parse"]);

@@ -384,6 +384,34 @@ mod tests {
     }
 
     #[test]
+    fn a_hostile_profile_fetches_no_more_than_the_image_holds() {
+        let tree = tree();
+        let json = serde_json::json!({
+            "image": "elsewhere/app",
+            "files": ["lib/small.py", "lib/small.py", "../../etc/shadow", "lib", "lib/big.so",
+                      "lib/big.so", "no/such/file"],
+            "ranges": {"lib/big.so": [[350, 10_000_000_000u64]]}
+        });
+        let bytes = serde_json::to_vec(&json).unwrap();
+        let profile = Profile::parse(&bytes, &Digest::of(&bytes)).unwrap();
+        let work = profile.work(&tree);
+        // Each file once, in order; paths that are not files of the image skipped; ranges
+        // beyond the file select only its chunks.
+        let chunks: Vec<u64> = work
+            .iter()
+            .flat_map(|(_, c)| c.iter().map(|c| c.file_offset))
+            .collect();
+        assert_eq!(work.len(), 2);
+        assert_eq!(chunks, vec![0, 300]);
+
+        let huge = vec![b' '; MAX_PROFILE_BYTES as usize + 1];
+        let refused = Profile::parse(&huge, &Digest::of(&huge)).unwrap_err();
+        assert!(refused.to_string().contains("limit"), "{refused}");
+        let refused = Profile::parse(b"{\"files\": 3}", &Digest::of(b"x")).unwrap_err();
+        assert!(refused.to_string().contains("does not parse"), "{refused}");
+    }
+
+    #[test]
     fn ranges_read_are_kept_sorted_and_merged() {
         let recorder = Recorder::new(Duration::from_secs(60));
         for (offset, len) in [(100, 10), (0, 10), (50, 10), (10, 5), (55, 50), (200, 0)] {
