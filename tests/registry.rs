@@ -381,6 +381,68 @@ fn htpasswd_auth_uses_user_flag_env_and_docker_config() {
         &digest,
     );
 
+    // Credential helpers, as Docker runs them: `credHelpers` for this registry wins over
+    // `credsStore`, which wins over `auths`. The helper gets the registry on stdin.
+    let helpers = tempfile::tempdir().unwrap();
+    for (name, body) in [
+        (
+            "good",
+            r#"read s; [ "$s" = "$LL_HOST" ] || exit 9; echo '{"Username":"alice","Secret":"s3cret"}'"#,
+        ),
+        ("locked", "echo 'the keyring is locked'; exit 1"),
+        ("hangs", "sleep 60"),
+    ] {
+        use std::os::unix::fs::PermissionsExt;
+        let path = helpers.path().join(format!("docker-credential-{name}"));
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let path = format!(
+        "{}:{}",
+        helpers.path().display(),
+        std::env::var("PATH").unwrap()
+    );
+    let with_helpers = |config: serde_json::Value| {
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        lazylayer(
+            &["inspect", "--json", &image],
+            &[
+                ("DOCKER_CONFIG", cfg_dir),
+                ("PATH", &path),
+                ("LL_HOST", &reg.host()),
+            ],
+        )
+    };
+    let wrong = base64::engine::general_purpose::STANDARD.encode("alice:wrong");
+    check_report(
+        &with_helpers(
+            json!({"credsStore": "locked", "credHelpers": {reg.host(): "good"},
+                             "auths": {reg.host(): {"auth": wrong}}}),
+        )
+        .json(),
+        &digest,
+    );
+    check_report(
+        &with_helpers(json!({"credsStore": "good", "auths": {reg.host(): {"auth": wrong}}})).json(),
+        &digest,
+    );
+    with_helpers(json!({"credsStore": "locked"})).assert_error(&[
+        "docker-credential-locked",
+        "config.json",
+        "keyring is locked",
+    ]);
+    with_helpers(json!({"credsStore": "missing"}))
+        .assert_error(&["docker-credential-missing", "not found on PATH"]);
+    let started = std::time::Instant::now();
+    with_helpers(json!({"credHelpers": {reg.host(): "hangs"}}))
+        .assert_error(&["docker-credential-hangs", "no answer within 10 s"]);
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    std::fs::write(
+        dir.path().join("config.json"),
+        json!({"auths": {reg.host(): {"auth": auth}}}).to_string(),
+    )
+    .unwrap();
+
     // A `--docker-config` that names no file is an error, not an anonymous request.
     lazylayer(
         &[

@@ -13,10 +13,15 @@
 //! on a cached token drops it and fetches a new one once (the server may have revoked it, or the
 //! clocks may disagree). Both paths are invisible to callers of the registry client.
 //!
-//! Credentials come from `--user` or from Docker's `config.json` (`auths.HOST.auth`, base64 of
-//! `user:password`). Credential helpers (`credsStore`, `credHelpers`) are not run: they would
-//! make the daemon execute arbitrary binaries; the note is logged so the user knows why their
-//! `docker login` is not seen. Credentials never appear in logs or `Debug` output.
+//! Credentials come from `--user` or from Docker's `config.json`, with Docker's rules: a
+//! credential helper named for the registry in `credHelpers` wins, then the `credsStore` helper,
+//! then the `auths` entry (`auth`, base64 of `user:password`). A helper is run as Docker runs it
+//! (`docker-credential-NAME get`, the registry on stdin, JSON on stdout), with a time limit
+//! ([`HELPER_TIMEOUT`]); one that is missing, fails, hangs or prints something else is an
+//! error naming it and the config file, and "credentials not found" means anonymous, as in
+//! Docker. The config file is the user's own (the daemon runs as root and reads root's), so the
+//! helpers it names are trusted as Docker trusts them. Credentials never appear in logs, errors
+//! or `Debug` output: a helper's output is quoted in an error only when it is not JSON.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -167,19 +172,29 @@ pub fn docker_config_credentials(
             reason: e.to_string(),
         })?;
     let wanted = normalize_auth_key(registry);
+    let helper = file
+        .cred_helpers
+        .iter()
+        .find(|(k, _)| normalize_auth_key(k) == wanted)
+        .map(|(_, v)| v)
+        .or(file.creds_store.as_ref())
+        .filter(|h| !h.is_empty());
+    if let Some(helper) = helper {
+        return helper_credentials(helper, registry, None, HELPER_TIMEOUT).map_err(|reason| {
+            RegistryError::CredentialHelper {
+                helper: helper.clone(),
+                config: path.to_path_buf(),
+                registry: registry.to_string(),
+                reason,
+            }
+        });
+    }
     let entry = file
         .auths
         .iter()
         .find(|(k, _)| normalize_auth_key(k) == wanted)
         .map(|(_, v)| v);
     let Some(entry) = entry else {
-        if file.creds_store.is_some() || file.cred_helpers.contains_key(registry) {
-            tracing::info!(
-                config = %path.display(),
-                registry,
-                "docker config names a credential helper; lazylayer does not run helpers, use --user or an `auths` entry"
-            );
-        }
         return Ok(None);
     };
     let bad = |reason: &str| RegistryError::Config {
@@ -202,6 +217,141 @@ pub fn docker_config_credentials(
         })),
         _ => Ok(None),
     }
+}
+
+/// How long a credential helper may take: keychains and cloud helpers (ECR, GCR) answer in
+/// well under a second, or a few seconds when they refresh a token; a helper that has not
+/// answered in 10 s is stuck (waiting for a desktop prompt nobody sees, a dead network).
+pub const HELPER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a credential helper prints for `get`.
+#[derive(Deserialize)]
+struct HelperAnswer {
+    #[serde(rename = "Username")]
+    username: String,
+    #[serde(rename = "Secret")]
+    secret: String,
+}
+
+/// Runs `docker-credential-HELPER get` (from `PATH`, or from `dir`) for `registry`, as Docker
+/// does: the server on stdin (`https://index.docker.io/v1/` for Docker Hub, as `docker login`
+/// stores it), JSON on stdout; killed after `timeout`. `None`: the helper has no credentials
+/// for it.
+fn helper_credentials(
+    helper: &str,
+    registry: &str,
+    dir: Option<&Path>,
+    timeout: Duration,
+) -> Result<Option<Credentials>, String> {
+    use std::io::{Read, Write};
+    if helper.contains('/') {
+        return Err("a helper name cannot contain `/`".into());
+    }
+    let program = format!("docker-credential-{helper}");
+    let program = match dir {
+        Some(dir) => dir.join(program),
+        None => program.into(),
+    };
+    let server = match normalize_auth_key(registry).as_str() {
+        "docker.io" => "https://index.docker.io/v1/".to_string(),
+        _ => registry.to_string(),
+    };
+    use std::os::unix::process::CommandExt;
+    let mut child = std::process::Command::new(&program)
+        .arg("get")
+        // Its own process group, so that a helper that hangs is killed with its children.
+        .process_group(0)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => "not found on PATH (install it, or remove it from \
+                                             the config)"
+                .to_string(),
+            _ => format!("cannot start it: {e}"),
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A helper that exits without reading is judged by its exit status below.
+        let _ = stdin.write_all(server.as_bytes());
+    }
+    // Read in threads, so that a helper that fills a pipe cannot stall the wait.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            if let Some(pipe) = pipe {
+                let _ = pipe.take(1 << 20).read_to_end(&mut out);
+            }
+            out
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(None) => {
+                // SAFETY: kill(2) on the process group of a child we started and have not
+                // reaped (its pid is still ours).
+                unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+                let _ = child.wait();
+                return Err(format!("no answer within {} s", timeout.as_secs_f64()));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    let answer = serde_json::from_slice::<HelperAnswer>(&stdout);
+    if status.success() {
+        return match answer {
+            Ok(a) if a.username == "<token>" => Err(
+                "it gave an identity token, which lazylayer cannot use yet; log in with a \
+                 password or pass --user"
+                    .into(),
+            ),
+            Ok(a) => Ok(Some(Credentials {
+                username: a.username,
+                password: a.secret,
+            })),
+            Err(_) => Err("its answer is not the JSON credential helpers print".into()),
+        };
+    }
+    // Helpers report errors as text on stdout (the docker-credential-helpers library) or on
+    // stderr; a failure's output is never credentials, but JSON is not quoted all the same.
+    let said = [&stdout, &stderr]
+        .into_iter()
+        .map(|b| String::from_utf8_lossy(b).trim().to_string())
+        .find(|t| !t.is_empty() && serde_json::from_str::<serde_json::Value>(t).is_err())
+        .unwrap_or_default();
+    if said.to_ascii_lowercase().contains("credentials not found") {
+        return Ok(None);
+    }
+    let said: String = said
+        .lines()
+        .next()
+        .unwrap_or("")
+        .chars()
+        .take(200)
+        .collect();
+    Err(match said.is_empty() {
+        true => format!("it failed ({status})"),
+        false => format!("it failed ({status}): {said}"),
+    })
 }
 
 /// `https://index.docker.io/v1/`, `registry-1.docker.io` and `docker.io` all mean Docker Hub;
@@ -412,6 +562,63 @@ impl Authenticator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credential_helpers_are_run_as_docker_runs_them() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // Every helper is written before any runs (a script still open for writing cannot be
+        // executed).
+        let helpers = [
+            (
+                "ok",
+                r#"read s; echo "{\"ServerURL\":\"$s\",\"Username\":\"u-$s\",\"Secret\":\"pw\"}""#,
+            ),
+            (
+                "none",
+                "echo 'credentials not found in native keychain'; exit 1",
+            ),
+            ("broken", "echo 'dbus: the keyring is locked' >&2; exit 3"),
+            ("garbage", "echo 'hello'"),
+            (
+                "token",
+                r#"echo '{"Username":"<token>","Secret":"refresh"}'"#,
+            ),
+            ("slow", "sleep 5"),
+        ];
+        for (name, body) in helpers {
+            let path = dir.path().join(format!("docker-credential-{name}"));
+            std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let run = |helper: &str, registry: &str| {
+            helper_credentials(helper, registry, Some(dir.path()), Duration::from_secs(1))
+        };
+        let got = run("ok", "registry.example:5000").unwrap().unwrap();
+        assert_eq!(
+            (got.username.as_str(), got.password.as_str()),
+            ("u-registry.example:5000", "pw")
+        );
+        // Docker Hub is asked for under the name `docker login` stores it as.
+        let hub = run("ok", "docker.io").unwrap().unwrap();
+        assert_eq!(hub.username, "u-https://index.docker.io/v1/");
+        assert!(run("none", "r").unwrap().is_none());
+        let broken = run("broken", "r").unwrap_err();
+        assert!(broken.contains("keyring is locked"), "{broken}");
+        assert!(run("garbage", "r").unwrap_err().contains("not the JSON"));
+        assert!(run("token", "r").unwrap_err().contains("identity token"));
+        assert!(
+            run("slow", "r")
+                .unwrap_err()
+                .contains("no answer within 1 s")
+        );
+        assert!(
+            run("missing", "r")
+                .unwrap_err()
+                .contains("not found on PATH")
+        );
+        assert!(run("../x", "r").unwrap_err().contains("`/`"));
+    }
 
     fn params(c: &Challenge) -> Vec<(&str, &str)> {
         c.params

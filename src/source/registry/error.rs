@@ -47,6 +47,16 @@ pub enum RegistryError {
     },
     #[error("cannot read docker config {}: {reason}", path.display())]
     Config { path: PathBuf, reason: String },
+    #[error(
+        "credential helper docker-credential-{helper} (named in {}) for {registry}: {reason}",
+        config.display()
+    )]
+    CredentialHelper {
+        helper: String,
+        config: PathBuf,
+        registry: String,
+        reason: String,
+    },
     #[error("{what} not found: {url} (check the repository name, tag or digest)")]
     NotFound { what: &'static str, url: String },
     #[error("{url} answered HTTP {status}{}", if body.is_empty() { String::new() } else { format!(": {body}") })]
@@ -211,6 +221,7 @@ impl Transient for RegistryError {
             | RegistryError::UnsupportedAuth { .. }
             | RegistryError::BadChallenge { .. }
             | RegistryError::Config { .. }
+            | RegistryError::CredentialHelper { .. }
             | RegistryError::NotFound { .. }
             | RegistryError::TooLarge { .. }
             | RegistryError::RangeNotSatisfiable { .. }
