@@ -270,6 +270,11 @@ pub fn run_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/run/lazylayer"))
 }
 
+/// Whether process `pid` still exists.
+pub fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
 /// How long an unmount waits for the process that served the mount to store its chunks and
 /// profile and exit.
 pub const SERVER_EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
@@ -279,8 +284,7 @@ pub const SERVER_EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs
 /// right after must find the chunks and the start-up profile that server stores on its way out.
 pub fn wait_for_server(pid: u32, socket: &Path) -> bool {
     let deadline = std::time::Instant::now() + SERVER_EXIT_WAIT;
-    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
-    while socket.exists() && proc_dir.exists() {
+    while socket.exists() && alive(pid) {
         if std::time::Instant::now() > deadline {
             return false;
         }

@@ -124,7 +124,7 @@ fn live_users(users: &Path) -> usize {
     for entry in entries.flatten() {
         let pid = entry.file_name().to_string_lossy().parse::<u32>().ok();
         match pid {
-            Some(pid) if Path::new(&format!("/proc/{pid}")).exists() => live += 1,
+            Some(pid) if crate::mount::alive(pid) => live += 1,
             _ => {
                 let _ = std::fs::remove_file(entry.path());
             }

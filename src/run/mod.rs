@@ -62,7 +62,7 @@ pub fn clean_stale(runc: &Path) {
             .ok()
             .and_then(|p| p.trim().parse::<u32>().ok());
         let alive = match pid {
-            Some(pid) => Path::new(&format!("/proc/{pid}")).exists(),
+            Some(pid) => crate::mount::alive(pid),
             // Killed between creating its hidden directory and writing its pid (a run being made
             // right now has its pid written within microseconds).
             None => entry

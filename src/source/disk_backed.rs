@@ -156,12 +156,6 @@ fn unreachable(e: &SourceError) -> bool {
     matches!(e, SourceError::TimedOut { .. }) || matches!(e.verdict(), Verdict::Retry(_))
 }
 
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 #[async_trait]
 impl ImageSource for DiskBackedSource {
     fn name(&self) -> String {
@@ -194,7 +188,7 @@ impl ImageSource for DiskBackedSource {
                         let (digest, age) = record.as_ref().map_or_else(Default::default, |r| {
                             (
                                 r.digest.to_string(),
-                                now_secs().saturating_sub(r.resolved_at),
+                                super::now_secs().saturating_sub(r.resolved_at),
                             )
                         });
                         tracing::warn!(
@@ -208,7 +202,7 @@ impl ImageSource for DiskBackedSource {
                     self.store_manifest(&fetched);
                     let record = TagRecord {
                         digest: fetched.digest.clone(),
-                        resolved_at: now_secs(),
+                        resolved_at: super::now_secs(),
                     };
                     self.disk.put_meta(
                         &record_name,
@@ -253,7 +247,7 @@ impl ImageSource for DiskBackedSource {
             .and_then(|r| serde_json::from_slice(&r).ok());
         if let Some(fresh) = remembered
             .as_ref()
-            .filter(|r| now_secs().saturating_sub(r.seen) < REFERRERS_FRESH.as_secs())
+            .filter(|r| super::now_secs().saturating_sub(r.seen) < REFERRERS_FRESH.as_secs())
         {
             return Ok(fresh.referrers.clone());
         }
@@ -273,7 +267,7 @@ impl ImageSource for DiskBackedSource {
         if !fell_back {
             let record = ReferrersRecord {
                 referrers: found.clone(),
-                seen: now_secs(),
+                seen: super::now_secs(),
             };
             self.disk
                 .put_meta(&name, &serde_json::to_vec(&record).expect("serialises"));

@@ -34,6 +34,14 @@ use futures_util::{Stream, StreamExt};
 use crate::model::digest::Digest;
 use crate::model::oci::{Descriptor, FetchedManifest};
 use crate::model::reference::ManifestSelector;
+
+/// Seconds since the epoch: when a remembered answer (a tag, referrers, a registry's features)
+/// was seen, kept in the disk cache's records.
+pub(crate) fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
 use crate::source::retry::{Transient, Verdict};
 
 #[derive(Debug, thiserror::Error)]

@@ -75,12 +75,6 @@ struct Features {
 }
 const FEATURES_TTL_SECS: u64 = 24 * 3600;
 
-fn epoch_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// A repository within a registry; the object range reads go through.
 pub struct Repository {
     registry: std::sync::Arc<Registry>,
@@ -150,7 +144,7 @@ impl Registry {
         let known = disk
             .get_meta(&self.features_name())
             .and_then(|b| serde_json::from_slice::<Features>(&b).ok())
-            .filter(|f| epoch_secs().saturating_sub(f.seen) < FEATURES_TTL_SECS);
+            .filter(|f| crate::source::now_secs().saturating_sub(f.seen) < FEATURES_TTL_SECS);
         if let Some(known) = known {
             *self.referrers_api.lock().unwrap() = Some(known.referrers_api);
         }
@@ -163,7 +157,7 @@ impl Registry {
         if let (Some(disk), true) = (self.memory.get(), known != Some(has_api)) {
             let features = Features {
                 referrers_api: has_api,
-                seen: epoch_secs(),
+                seen: crate::source::now_secs(),
             };
             let json = serde_json::to_vec(&features).expect("serialises");
             disk.put_meta(&self.features_name(), &json);
