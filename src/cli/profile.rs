@@ -94,8 +94,8 @@ async fn push(args: ProfileArgs) -> Result<(), CliError> {
         )));
     }
     let config = args.remote.registry_config()?;
-    let registry = crate::source::registry::Registry::new(target, &config).map_err(failed)?;
-    let repository = registry.repository_for_push(&target.repository);
+    let repository =
+        crate::source::registry::Repository::for_push(target, &config).map_err(failed)?;
     let subject = Descriptor::new(
         image.manifest_media_type.clone(),
         image.manifest_digest.clone(),

@@ -95,9 +95,7 @@ fn push_repository(
     target: &RegistryRef,
     config: &FetchConfig,
 ) -> Result<crate::source::registry::Repository, ConvertError> {
-    let registry =
-        crate::source::registry::Registry::new(target, config).map_err(push_failed(target))?;
-    Ok(registry.repository_for_push(&target.repository))
+    crate::source::registry::Repository::for_push(target, config).map_err(push_failed(target))
 }
 
 /// Fails at once if `target` refuses these credentials a push, before a conversion that could

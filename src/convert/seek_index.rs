@@ -66,9 +66,8 @@ pub async fn index(
     let failed = |e: crate::source::registry::RegistryError| {
         ConvertError::Output(format!("publishing the index of {reference}: {e}"))
     };
-    let registry_handle =
-        crate::source::registry::Registry::new(target, registry).map_err(failed)?;
-    let repository = registry_handle.repository_for_push(&target.repository);
+    let repository =
+        crate::source::registry::Repository::for_push(target, registry).map_err(failed)?;
     // Reading every gzip layer takes minutes: a refused push is found out first.
     if image.layers.iter().any(|l| why_not(l).is_none()) {
         repository.check_push_access().await.map_err(failed)?;

@@ -14,18 +14,22 @@ use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
 use super::{Registry, RegistryError, Repository, header_str, shown, status_error};
 use crate::model::digest::Digest;
 
-impl Registry {
-    /// A repository handle whose requests carry a token good for pushing.
-    pub fn repository_for_push(self: &std::sync::Arc<Self>, name: &str) -> Repository {
-        Repository {
-            registry: self.clone(),
+impl Repository {
+    /// A handle on `target`'s repository whose requests carry a token good for pushing (what
+    /// `convert`, `index` and `profile push` write through).
+    pub fn for_push(
+        target: &crate::model::reference::RegistryRef,
+        config: &crate::source::config::FetchConfig,
+    ) -> Result<Repository, RegistryError> {
+        let registry = Registry::new(target, config)?;
+        let name = &target.repository;
+        Ok(Repository {
+            registry,
             name: name.to_string(),
             scope: format!("repository:{name}:pull,push"),
-        }
+        })
     }
-}
 
-impl Repository {
     /// Whether the registry has blob `digest` in this repository.
     pub async fn has_blob(&self, digest: &Digest) -> Result<bool, RegistryError> {
         let url = self.url("blobs", &digest.to_string());
