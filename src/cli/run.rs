@@ -32,13 +32,17 @@ pub(super) async fn record(args: ProfileRecordArgs) -> Result<(), CliError> {
     if !(args.timeout > 0.0 && args.timeout.is_finite()) {
         return Err(failed("--timeout must be a positive number of seconds"));
     }
+    let no_cache =
+        || failed("--cache-dir none: a recorded profile is kept in the disk cache; give it one");
+    // Checked before the container runs, not after: with no disk cache nothing is recorded.
+    if args.run.read.cache_dir.as_os_str() == "none" {
+        return Err(no_cache());
+    }
     let timeout = std::time::Duration::from_secs_f64(args.timeout);
     let cache_dir = args.run.read.cache_dir.clone();
     let ran = execute(args.run, Some(timeout)).await?;
     let Some(disk) = ran.disk else {
-        return Err(failed(
-            "--cache-dir none: a recorded profile is kept in the disk cache; give it one",
-        ));
+        return Err(no_cache());
     };
     let Some(profile) = crate::fs::profile::load(&disk, &ran.image) else {
         return Err(failed(format!(
