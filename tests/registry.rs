@@ -246,7 +246,11 @@ fn client(host: &str, repo: &str, config: &FetchConfig) -> Repository {
     let ImageRef::Registry(r) = ImageRef::parse(&format!("{host}/{repo}")).unwrap() else {
         panic!()
     };
-    Client::new(&r, config).unwrap().repository(&r.repository)
+    // The registry alone, without a hosts directory's mirrors.
+    let hosts = lazylayer::source::registry::hosts::registry_hosts(None, &r, false).unwrap();
+    Client::for_host(&r.registry, &hosts[0], config)
+        .unwrap()
+        .repository(&r.repository)
 }
 
 fn no_docker_config() -> FetchConfig {

@@ -653,6 +653,12 @@ pub struct RemoteArgs {
     #[arg(long, value_name = "FILE")]
     pub docker_config: Option<PathBuf>,
 
+    /// containerd's registry hosts directory: DIR/HOST[:PORT]/hosts.toml names a registry's
+    /// mirrors (tried in order, the registry last), CA and client certificates, skip_verify and
+    /// headers, as for containerd's own pulls [default: /etc/containerd/certs.d].
+    #[arg(long, value_name = "DIR")]
+    pub hosts_dir: Option<PathBuf>,
+
     /// Seconds to wait for a connection to the registry [default: 10].
     #[arg(long, value_name = "SECONDS")]
     pub connect_timeout: Option<f64>,

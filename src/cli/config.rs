@@ -12,6 +12,7 @@
 //! connect_timeout = 10   # seconds to connect
 //! initial_backoff = 0.2  # first wait between attempts, seconds
 //! max_backoff = 5        # longest wait between attempts, seconds
+//! # hosts_dir = "/etc/containerd/certs.d"  # containerd's hosts.toml per registry; must exist if set
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -39,6 +40,7 @@ pub struct FetchSection {
     pub connect_timeout: Option<f64>,
     pub initial_backoff: Option<f64>,
     pub max_backoff: Option<f64>,
+    pub hosts_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]

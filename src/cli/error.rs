@@ -24,6 +24,11 @@ pub enum CliError {
          or leave the flag out to use $DOCKER_CONFIG/config.json or ~/.docker/config.json"
     )]
     DockerConfig { path: String },
+    #[error(
+        "hosts directory {path} does not exist: name containerd's registry hosts directory \
+         (DIR/HOST[:PORT]/hosts.toml), or leave the option out for /etc/containerd/certs.d"
+    )]
+    HostsDir { path: String },
     #[error("--max-attempts: must be at least 1")]
     Attempts,
     #[error(transparent)]

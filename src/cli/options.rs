@@ -99,6 +99,15 @@ impl RemoteArgs {
             }
             config.docker_config = Some(path.clone());
         }
+        // As for the docker config: the default may be absent (no mirrors), a named one not.
+        if let Some(dir) = self.hosts_dir.as_ref().or(file.hosts_dir.as_ref()) {
+            if !dir.is_dir() {
+                return Err(CliError::HostsDir {
+                    path: dir.display().to_string(),
+                });
+            }
+            config.hosts_dir = Some(dir.clone());
+        }
         Ok(config)
     }
 
@@ -222,6 +231,31 @@ mod tests {
         assert_eq!(config.docker_config, Some(present));
     }
 
+    /// The hosts directory: a named one must exist (flag or file, the flag winning); the
+    /// default may be absent.
+    #[test]
+    fn a_hosts_dir_named_but_missing_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("certs.dd");
+        let err = cat_args(&["--hosts-dir", missing.to_str().unwrap()])
+            .fetch_config(&FetchSection::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("certs.dd"), "{err}");
+        let file = FetchSection {
+            hosts_dir: Some(missing.clone()),
+            ..FetchSection::default()
+        };
+        assert!(cat_args(&[]).fetch_config(&file).is_err());
+        let flagged = cat_args(&["--hosts-dir", dir.path().to_str().unwrap()])
+            .fetch_config(&file)
+            .unwrap();
+        assert_eq!(flagged.hosts_dir.as_deref(), Some(dir.path()));
+        let default = cat_args(&[])
+            .fetch_config(&FetchSection::default())
+            .unwrap();
+        assert_eq!(default.hosts_dir, FetchConfig::default().hosts_dir);
+    }
+
     /// The config file examples we publish say they show the defaults; they must stay true.
     #[test]
     fn published_config_examples_state_the_defaults() {
@@ -281,6 +315,10 @@ mod tests {
                     .map_or("none".to_string(), |n| n.to_string()),
             ),
             ("--read-timeout", d.retry.read_timeout.as_secs().to_string()),
+            (
+                "--hosts-dir",
+                d.hosts_dir.expect("a default").display().to_string(),
+            ),
         ] {
             let text = help
                 .split(&format!("{flag} <"))

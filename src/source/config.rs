@@ -20,6 +20,11 @@ pub struct FetchConfig {
     /// Docker `config.json` to read credentials from; `None` disables the lookup. Defaults to
     /// `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`, where `docker login` writes.
     pub docker_config: Option<PathBuf>,
+    /// containerd's registry hosts directory (`hosts.toml` per registry: mirrors, CAs, client
+    /// certificates; see `source::registry::hosts`); `None` or a missing directory: each registry
+    /// is reached directly. Defaults to `/etc/containerd/certs.d`, where containerd's CRI plugin is
+    /// usually pointed (`config_path`), so that lazy reads take the paths the node's pulls take.
+    pub hosts_dir: Option<PathBuf>,
     /// TCP + TLS connect timeout. 10 s: long enough for a slow TLS handshake across the world,
     /// short enough that a dead registry is reported before a user gives up.
     pub connect_timeout: Duration,
@@ -42,6 +47,7 @@ impl Default for FetchConfig {
             plain_http: false,
             credentials: None,
             docker_config: default_docker_config_path(),
+            hosts_dir: Some(PathBuf::from("/etc/containerd/certs.d")),
             connect_timeout: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(30),
             redirect_ttl: Duration::from_secs(300),

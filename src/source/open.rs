@@ -24,7 +24,7 @@ use crate::source::counting::CountingSource;
 use crate::source::disk_backed::DiskBackedSource;
 use crate::source::image::{self, ImageError, ResolvedImage};
 use crate::source::layout::LayoutSource;
-use crate::source::registry::Registry;
+use crate::source::registry::MirroredRepository;
 use crate::source::retry::retry;
 use crate::source::retrying::RetryingSource;
 use crate::source::s3::S3Source;
@@ -140,16 +140,15 @@ async fn connect(
     let checked = || futures_util::future::ready(Ok(())).boxed();
     match reference {
         ImageRef::Registry(r) => {
-            let registry = Registry::new(r, config)?;
+            let repo = Arc::new(MirroredRepository::open(r, config)?);
             if let Some(disk) = disk {
-                registry.remember_in(disk.clone());
+                repo.remember_in(disk.clone());
             }
-            let repo = Arc::new(registry.repository(&r.repository));
-            let (policy, name) = (config.retry.clone(), r.registry.clone());
+            let (policy, name, pinged) = (config.retry.clone(), r.registry.clone(), repo.clone());
             let check = async move {
                 let what = || format!("registry {name}");
                 retry(&policy, what, || async {
-                    Ok::<_, SourceError>(registry.ping().await?)
+                    Ok::<_, SourceError>(pinged.ping().await?)
                 })
                 .await
             }

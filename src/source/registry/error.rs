@@ -32,6 +32,32 @@ pub enum RegistryError {
     #[error("request to {url} failed: {reason}")]
     Transport { url: String, reason: String },
     #[error(
+        "TLS with registry {registry} at {url} failed: {reason} ({})",
+        if *client_side {
+            "the registry wants a client certificate it accepts: name it as `client` in the \
+             host's hosts.toml under --hosts-dir"
+        } else {
+            "if its certificate is signed by a private CA, name the CA file as `ca` in the \
+             host's hosts.toml under --hosts-dir (default /etc/containerd/certs.d)"
+        }
+    )]
+    Certificate {
+        registry: String,
+        url: String,
+        reason: String,
+        /// The registry refused our (missing) client certificate, rather than we its.
+        client_side: bool,
+    },
+    #[error("registry hosts configuration {}: {reason}", path.display())]
+    HostsConfig { path: PathBuf, reason: String },
+    #[error("cannot use {} for registry host {host} (configured in {}): {reason}", file.display(), configured_in.display())]
+    TlsFile {
+        host: String,
+        file: PathBuf,
+        configured_in: PathBuf,
+        reason: String,
+    },
+    #[error(
         "unauthorized at registry {registry}: {detail} (pass --user USER:PASSWORD or `docker login` to store credentials)"
     )]
     Unauthorized { registry: String, detail: String },
@@ -222,6 +248,9 @@ impl Transient for RegistryError {
             | RegistryError::BadChallenge { .. }
             | RegistryError::Config { .. }
             | RegistryError::CredentialHelper { .. }
+            | RegistryError::Certificate { .. }
+            | RegistryError::HostsConfig { .. }
+            | RegistryError::TlsFile { .. }
             | RegistryError::NotFound { .. }
             | RegistryError::TooLarge { .. }
             | RegistryError::RangeNotSatisfiable { .. }

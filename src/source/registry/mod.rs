@@ -23,8 +23,11 @@
 pub mod auth;
 mod body;
 mod error;
+pub mod hosts;
+mod mirrored;
 mod push;
 pub mod referrers;
+mod tls;
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -32,7 +35,6 @@ use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use reqwest::StatusCode;
@@ -40,20 +42,24 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_RANGE, CONTENT_TYPE, LOCATI
 use url::Url;
 
 use crate::model::digest::{Digest, DigestError};
-use crate::model::oci::{Descriptor, FetchedManifest};
-use crate::model::reference::{ManifestSelector, RegistryRef};
+use crate::model::oci::FetchedManifest;
+use crate::model::reference::ManifestSelector;
 use crate::source::config::FetchConfig;
-use crate::source::{ByteStream, ImageSource, SourceError};
 use auth::Authenticator;
 use body::{RangeBody, parse_content_range, read_capped};
 pub use error::RegistryError;
 use error::{blob_status_error, describe_reqwest, header_str, shown, status_error};
+use hosts::RegistryHost;
+pub use mirrored::MirroredRepository;
 
 /// One registry host: connection pool, auth state, remembered redirects.
 pub struct Registry {
-    /// Host as written in references (`docker.io`, `127.0.0.1:5000`), for messages and creds.
+    /// Host as written in references (`docker.io`, `127.0.0.1:5000`) or, for a mirror, as its
+    /// URL names it; for messages and credentials.
     name: String,
-    base: Url,
+    /// The API root (`https://HOST/v2/`), which request paths are joined to.
+    api: Url,
+    capabilities: hosts::Capabilities,
     http: reqwest::Client,
     auth: Authenticator,
     redirect_ttl: Duration,
@@ -63,6 +69,11 @@ pub struct Registry {
     referrers_api: Mutex<Option<bool>>,
     /// Where that is kept for the next process (see [`Registry::remember_in`]).
     memory: std::sync::OnceLock<std::sync::Arc<crate::cache::disk::DiskCache>>,
+    /// When a connection to it last failed, for [`MirroredRepository`] to try the next host
+    /// first for a while.
+    unreachable_since: Mutex<Option<Instant>>,
+    /// The hosts.toml that configured this host, for messages.
+    configured_in: Option<std::path::PathBuf>,
 }
 
 /// What a registry's features are remembered as in the disk cache, and for how long: a registry
@@ -86,55 +97,79 @@ pub struct Repository {
 pub type RangeStream = Pin<Box<dyn Stream<Item = Result<Bytes, RegistryError>> + Send>>;
 
 impl Registry {
-    /// A client for the registry of `reference`. Reads credentials (from `config` or Docker's
-    /// config file) but makes no request yet.
-    pub fn new(
-        reference: &RegistryRef,
+    /// A client for one host serving a registry: the registry itself or a mirror (see
+    /// [`hosts`]). Reads credentials (from `config` or Docker's config file, for `name`) and
+    /// the host's CA and client certificate files, but makes no request yet.
+    pub fn for_host(
+        name: &str,
+        host: &RegistryHost,
         config: &FetchConfig,
     ) -> Result<std::sync::Arc<Registry>, RegistryError> {
-        let scheme = if config.plain_http || reference.is_loopback() {
-            "http"
-        } else {
-            "https"
-        };
-        let base_str = format!("{scheme}://{}/", reference.api_host());
-        let base = Url::parse(&base_str).map_err(|e| RegistryError::Connect {
-            registry: reference.registry.clone(),
-            url: base_str.clone(),
-            reason: e.to_string(),
-        })?;
         let credentials = match &config.credentials {
             Some(c) => Some(c.clone()),
             None => match &config.docker_config {
-                Some(path) => auth::docker_config_credentials(path, &reference.registry)?,
+                Some(path) => auth::docker_config_credentials(path, name)?,
                 None => None,
             },
         };
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .read_timeout(config.stall_timeout)
             .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("lazylayer/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| RegistryError::Connect {
-                registry: reference.registry.clone(),
-                url: base_str.clone(),
-                reason: describe_reqwest(&e),
-            })?;
+            .user_agent(concat!("lazylayer/", env!("CARGO_PKG_VERSION")));
+        builder = tls::configure(builder, name, host)?;
+        if !host.headers.is_empty() {
+            let mut headers = reqwest::header::HeaderMap::new();
+            for (k, v) in &host.headers {
+                // hosts.rs checked both when it read them.
+                if let (Ok(k), Ok(v)) = (
+                    reqwest::header::HeaderName::from_bytes(k.as_bytes()),
+                    reqwest::header::HeaderValue::from_str(v),
+                ) {
+                    headers.append(k, v);
+                }
+            }
+            builder = builder.default_headers(headers);
+        }
+        let http = builder.build().map_err(|e| RegistryError::Connect {
+            registry: name.to_string(),
+            url: host.api.to_string(),
+            reason: describe_reqwest(&e),
+        })?;
         Ok(std::sync::Arc::new(Registry {
-            name: reference.registry.clone(),
-            base,
-            auth: Authenticator::new(reference.registry.clone(), credentials, http.clone()),
+            name: name.to_string(),
+            api: host.api.clone(),
+            capabilities: host.capabilities,
+            auth: Authenticator::new(name.to_string(), credentials, http.clone()),
             http,
             redirect_ttl: config.redirect_ttl,
             redirects: Mutex::new(HashMap::new()),
             referrers_api: Mutex::new(None),
             memory: std::sync::OnceLock::new(),
+            unreachable_since: Mutex::new(None),
+            configured_in: host.configured_in.clone(),
         }))
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    fn configured_in(&self) -> Option<std::path::PathBuf> {
+        self.configured_in.clone()
+    }
+
+    /// Whether a connection to this host failed within [`mirrored::UNREACHABLE_FOR`].
+    fn recently_unreachable(&self) -> bool {
+        self.unreachable_since
+            .lock()
+            .unwrap()
+            .is_some_and(|at| at.elapsed() < mirrored::UNREACHABLE_FOR)
+    }
+
+    /// Notes that the host answered.
+    fn reachable(&self) {
+        *self.unreachable_since.lock().unwrap() = None;
     }
 
     /// Keeps what this client learns of the registry (whether it has the referrers API) in
@@ -165,7 +200,7 @@ impl Registry {
     }
 
     fn features_name(&self) -> String {
-        let digest = crate::model::digest::Digest::of(self.base.as_str().as_bytes());
+        let digest = crate::model::digest::Digest::of(self.api.as_str().as_bytes());
         format!("registry-{}.json", &digest.hex()[..16])
     }
 
@@ -180,7 +215,7 @@ impl Registry {
     /// `GET /v2/`: checks that the host speaks the registry API and learns its auth challenge,
     /// so the first real request goes out with credentials instead of collecting a 401.
     pub async fn ping(&self) -> Result<(), RegistryError> {
-        let url = self.base.join("v2/").expect("static path");
+        let url = self.api.clone();
         let resp = self
             .http
             .get(url.clone())
@@ -203,7 +238,16 @@ impl Registry {
     }
 
     fn transport_error(&self, url: &Url, e: &reqwest::Error) -> RegistryError {
+        if let Some(client_side) = tls::certificate_failure(e) {
+            return RegistryError::Certificate {
+                registry: self.name.clone(),
+                url: shown(url),
+                reason: describe_reqwest(e),
+                client_side,
+            };
+        }
         if e.is_connect() || (e.is_timeout() && !e.is_body()) {
+            *self.unreachable_since.lock().unwrap() = Some(Instant::now());
             RegistryError::Connect {
                 registry: self.name.clone(),
                 url: shown(url),
@@ -295,8 +339,8 @@ impl Repository {
 
     fn url(&self, kind: &str, reference: &str) -> Url {
         self.registry
-            .base
-            .join(&format!("v2/{}/{kind}/{reference}", self.name))
+            .api
+            .join(&format!("{}/{kind}/{reference}", self.name))
             .expect("repository names and references are URL-safe after validation")
     }
 
@@ -524,7 +568,7 @@ impl Repository {
                 url: shown(&url),
                 reason: format!("bad redirect Location `{location}`: {e}"),
             })?;
-            let same_origin = next.origin() == reg.base.origin();
+            let same_origin = next.origin() == reg.api.origin();
             resp = if same_origin {
                 let n = next.clone();
                 reg.send(|| with_range(reg.http.get(n.clone())), &next, &self.scope)
@@ -546,37 +590,5 @@ impl Repository {
         Err(RegistryError::TooManyRedirects {
             url: shown(&self.url("blobs", &digest.to_string())),
         })
-    }
-}
-
-#[async_trait]
-impl ImageSource for Repository {
-    fn name(&self) -> String {
-        self.display_name()
-    }
-
-    async fn manifest(&self, selector: &ManifestSelector) -> Result<FetchedManifest, SourceError> {
-        Ok(Repository::manifest(self, selector).await?)
-    }
-
-    async fn blob(&self, descriptor: &Descriptor, limit: u64) -> Result<Bytes, SourceError> {
-        Ok(Repository::blob(self, &descriptor.digest, descriptor.size, limit).await?)
-    }
-
-    async fn blob_range(
-        &self,
-        digest: &Digest,
-        range: Range<u64>,
-    ) -> Result<ByteStream, SourceError> {
-        let stream = Repository::blob_range(self, digest, range).await?;
-        Ok(Box::pin(stream.map(|r| r.map_err(SourceError::from))))
-    }
-
-    async fn referrers(
-        &self,
-        subject: &Digest,
-        artifact_types: &[&str],
-    ) -> Result<Vec<Descriptor>, SourceError> {
-        Ok(Repository::referrers(self, subject, artifact_types).await?)
     }
 }

@@ -16,12 +16,21 @@ use crate::model::digest::Digest;
 
 impl Repository {
     /// A handle on `target`'s repository whose requests carry a token good for pushing (what
-    /// `convert`, `index` and `profile push` write through).
+    /// `convert`, `index` and `profile push` write through), on the first of its hosts that may
+    /// be pushed to (containerd's rule; the registry itself unless hosts.toml says otherwise).
     pub fn for_push(
         target: &crate::model::reference::RegistryRef,
         config: &crate::source::config::FetchConfig,
     ) -> Result<Repository, RegistryError> {
-        let registry = Registry::new(target, config)?;
+        let hosts =
+            super::hosts::registry_hosts(config.hosts_dir.as_deref(), target, config.plain_http)?;
+        let host = hosts.iter().find(|h| h.capabilities.push).ok_or_else(|| {
+            RegistryError::HostsConfig {
+                path: hosts[0].configured_in.clone().unwrap_or_default(),
+                reason: format!("no host of {} has the push capability", target.registry),
+            }
+        })?;
+        let registry = Registry::for_host(&host.name(&target.registry), host, config)?;
         let name = &target.repository;
         Ok(Repository {
             registry,
