@@ -880,3 +880,109 @@ fn a_layer_that_is_not_its_diff_id_is_refused() {
         .count();
     assert_eq!(downloads, 2, "good once, bad once (not retried)");
 }
+
+/// Writes `DIR/HOST/hosts.toml` (containerd's hosts directory layout) and returns DIR's path.
+fn hosts_toml(root: &std::path::Path, host: &str, text: &str) -> String {
+    let dir = root.join(host);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("hosts.toml"), text).unwrap();
+    root.to_str().unwrap().to_string()
+}
+
+/// A registry behind TLS with a private CA (openssl) and then also wanting client certificates:
+/// refused, without retries, with a message saying what to configure; read once hosts.toml names
+/// the CA (a path relative to its directory), or says skip_verify, and the client certificate.
+/// Broken files are errors naming them, and leave other registries working.
+#[test]
+fn a_tls_registry_is_read_with_the_ca_and_client_certificate_its_hosts_toml_names() {
+    let tls = support::TestCa::new();
+    let plain = Registry::start(RegistryAuth::None);
+    plain.push_shared("debian-bookworm", "test/tls");
+    let server = Registry::start_tls_sharing(&plain, &tls, false);
+    let hosts = tempfile::tempdir().unwrap();
+    let host = server.host();
+    let host_dir = hosts.path().join(&host);
+    let image = format!("{host}/test/tls:latest");
+    let expected = std::fs::read(
+        support::conformance::umoci_unpack("debian-bookworm", hosts.path()).join("etc/os-release"),
+    )
+    .unwrap();
+    let cat = |dir: &str| lazylayer(&["cat", "--hosts-dir", dir, &image, "/etc/os-release"], &[]);
+
+    let dir = hosts_toml(
+        hosts.path(),
+        &host,
+        &format!("server = \"https://{host}\"\n"),
+    );
+    let started = Instant::now();
+    cat(&dir).assert_error(&[&host, "certificate", "`ca`", "hosts.toml"]);
+    // Not a timing assertion on speed: a certificate failure is not retried until
+    // --read-timeout (60 s), as a refused connection would be.
+    assert!(started.elapsed() < Duration::from_secs(30));
+
+    std::fs::copy(&tls.ca, host_dir.join("ca.crt")).unwrap();
+    hosts_toml(
+        hosts.path(),
+        &host,
+        &format!("server = \"https://{host}\"\nca = \"ca.crt\"\n"),
+    );
+    let run = cat(&dir);
+    assert!(run.status.success(), "{}", run.stderr);
+    assert_eq!(run.stdout.as_bytes(), expected);
+
+    hosts_toml(
+        hosts.path(),
+        &host,
+        &format!("server = \"https://{host}\"\nskip_verify = true\n"),
+    );
+    let run = cat(&dir);
+    assert!(run.status.success(), "{}", run.stderr);
+
+    // Broken configuration: named, and the plain registry in the same directory still reads.
+    hosts_toml(
+        hosts.path(),
+        &host,
+        &format!("server = \"https://{host}\"\nca = \"absent.crt\"\n"),
+    );
+    cat(&dir).assert_error(&["absent.crt", "hosts.toml"]);
+    hosts_toml(hosts.path(), &host, "server = [\"unclosed\"\n");
+    cat(&dir).assert_error(&[&host_dir.join("hosts.toml").display().to_string()]);
+    let other = format!("{}/test/tls:latest", plain.host());
+    let run = lazylayer(
+        &["cat", "--hosts-dir", &dir, &other, "/etc/os-release"],
+        &[],
+    );
+    assert!(run.status.success(), "{}", run.stderr);
+
+    // A registry that wants a client certificate.
+    let strict = Registry::start_tls_sharing(&plain, &tls, true);
+    let host = strict.host();
+    let host_dir = hosts.path().join(&host);
+    let image = format!("{host}/test/tls:latest");
+    let cat = |dir: &str| lazylayer(&["cat", "--hosts-dir", dir, &image, "/etc/os-release"], &[]);
+    std::fs::create_dir_all(&host_dir).unwrap();
+    std::fs::copy(&tls.ca, host_dir.join("ca.crt")).unwrap();
+    std::fs::copy(&tls.client_cert, host_dir.join("client.cert")).unwrap();
+    std::fs::copy(&tls.client_key, host_dir.join("client.key")).unwrap();
+    let base = format!("server = \"https://{host}\"\nca = \"ca.crt\"\n");
+    hosts_toml(hosts.path(), &host, &base);
+    cat(&dir).assert_error(&[&host, "client certificate", "`client`"]);
+    hosts_toml(
+        hosts.path(),
+        &host,
+        &format!("{base}client = [[\"client.cert\", \"client.key\"]]\n"),
+    );
+    let run = cat(&dir);
+    assert!(run.status.success(), "{}", run.stderr);
+    assert_eq!(run.stdout.as_bytes(), expected);
+    // A key that is not the certificate's: both files named.
+    hosts_toml(
+        hosts.path(),
+        &host,
+        &format!(
+            "{base}client = [[\"client.cert\", \"{}\"]]\n",
+            tls.server_key.display()
+        ),
+    );
+    cat(&dir).assert_error(&[&host, "client.cert", &tls.server_key.display().to_string()]);
+}

@@ -124,6 +124,99 @@ pub enum RegistryAuth {
     },
 }
 
+/// A CA made with openssl for a test, and what it signed: a server certificate for 127.0.0.1
+/// and a client certificate.
+pub struct TestCa {
+    pub dir: tempfile::TempDir,
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        require_tool("openssl");
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(d)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let key = ["-newkey", "rsa:2048", "-nodes"];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &key,
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.crt",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=lazylayer-test-ca",
+                ],
+            ]
+            .concat(),
+        );
+        std::fs::write(d.join("server.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+        // Extensions make the certificate X.509 v3, which rustls (webpki) requires.
+        std::fs::write(d.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+        for (name, subject) in [("server", "/CN=127.0.0.1"), ("client", "/CN=client")] {
+            let (k, csr, crt) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.crt"),
+            );
+            openssl(
+                &[
+                    &["req"][..],
+                    &key,
+                    &["-keyout", &k, "-out", &csr, "-subj", subject],
+                ]
+                .concat(),
+            );
+            let mut sign = vec![
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-days",
+                "2",
+            ];
+            let ext = format!("{name}.ext");
+            sign.extend(["-extfile", &ext]);
+            openssl(&sign);
+        }
+        TestCa {
+            ca: d.join("ca.crt"),
+            server_cert: d.join("server.crt"),
+            server_key: d.join("server.key"),
+            client_cert: d.join("client.crt"),
+            client_key: d.join("client.key"),
+            dir,
+        }
+    }
+}
+
 /// A running Debian `docker-registry` (distribution 2.8) with filesystem storage.
 pub struct Registry {
     child: Child,
@@ -147,6 +240,45 @@ impl Registry {
         Registry::start_on(other.storage.clone(), auth, tempfile::tempdir().unwrap())
     }
 
+    /// As [`Registry::start_sharing`], serving HTTPS with `tls` (and asking clients for a
+    /// certificate signed by `tls.client_ca` when there is one).
+    pub fn start_tls_sharing(other: &Registry, tls: &TestCa, client_ca: bool) -> Registry {
+        let storage_yaml = format!(
+            "storage: {{filesystem: {{rootdirectory: {}}}}}\n",
+            other.storage.display()
+        );
+        let clientcas = if client_ca {
+            format!(", clientcas: [{}]", tls.ca.display())
+        } else {
+            String::new()
+        };
+        let http = format!(
+            ", tls: {{certificate: {}, key: {}{clientcas}}}",
+            tls.server_cert.display(),
+            tls.server_key.display()
+        );
+        Registry::start_with(
+            other.storage.clone(),
+            storage_yaml,
+            RegistryAuth::None,
+            tempfile::tempdir().unwrap(),
+            (&http, ""),
+        )
+    }
+
+    /// A pull-through cache of `origin` (distribution's proxy mode), with storage of its own: a
+    /// node's registry mirror.
+    pub fn start_mirror_of(origin: &Registry) -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = dir.path().join("data");
+        let storage_yaml = format!(
+            "storage: {{filesystem: {{rootdirectory: {}}}}}\n",
+            storage.display()
+        );
+        let proxy = format!("proxy: {{remoteurl: \"http://{}\"}}\n", origin.host());
+        Registry::start_with(storage, storage_yaml, RegistryAuth::None, dir, ("", &proxy))
+    }
+
     /// Starts a registry whose storage is S3 (`bucket` at `endpoint`) with blob GETs answered
     /// by redirects to pre-signed S3 URLs, as registries in front of object stores run.
     /// `storage` is where the bucket's objects live on disk, for `blob_data_path`.
@@ -161,7 +293,13 @@ impl Registry {
             "storage:\n  s3: {{accesskey: {}, secretkey: {}, region: us-east-1, regionendpoint: \"{endpoint}\", bucket: {bucket}, secure: false, v4auth: true, rootdirectory: /}}\n  redirect: {{disable: false}}\n",
             keys.0, keys.1
         );
-        Registry::start_with(storage, storage_yaml, auth, tempfile::tempdir().unwrap())
+        Registry::start_with(
+            storage,
+            storage_yaml,
+            auth,
+            tempfile::tempdir().unwrap(),
+            ("", ""),
+        )
     }
 
     fn start_on(storage: PathBuf, auth: RegistryAuth, dir: tempfile::TempDir) -> Registry {
@@ -169,14 +307,16 @@ impl Registry {
             "storage: {{filesystem: {{rootdirectory: {}}}, delete: {{enabled: true}}}}\n",
             storage.display()
         );
-        Registry::start_with(storage, storage_yaml, auth, dir)
+        Registry::start_with(storage, storage_yaml, auth, dir, ("", ""))
     }
 
+    /// `extra`: more of the `http` map (`, tls: {...}`), and more top-level config.
     fn start_with(
         storage: PathBuf,
         storage_yaml: String,
         auth: RegistryAuth,
         dir: tempfile::TempDir,
+        extra: (&str, &str),
     ) -> Registry {
         require_tool("docker-registry");
         std::fs::create_dir_all(&storage).unwrap();
@@ -208,7 +348,8 @@ impl Registry {
             ),
         };
         let config = format!(
-            "version: 0.1\nlog: {{level: info}}\n{storage_yaml}http: {{addr: 127.0.0.1:{port}}}\n{auth_yaml}"
+            "version: 0.1\nlog: {{level: info}}\n{storage_yaml}http: {{addr: 127.0.0.1:{port}{}}}\n{auth_yaml}{}",
+            extra.0, extra.1
         );
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config).unwrap();

@@ -34,11 +34,9 @@ pub enum RegistryError {
     #[error(
         "TLS with registry {registry} at {url} failed: {reason} ({})",
         if *client_side {
-            "the registry wants a client certificate it accepts: name it as `client` in the \
-             host's hosts.toml under --hosts-dir"
+            format!("the registry wants a client certificate it accepts: name it as `client` in {hosts_toml}")
         } else {
-            "if its certificate is signed by a private CA, name the CA file as `ca` in the \
-             host's hosts.toml under --hosts-dir (default /etc/containerd/certs.d)"
+            format!("if its certificate is signed by a private CA, name the CA file as `ca` in {hosts_toml}")
         }
     )]
     Certificate {
@@ -47,6 +45,8 @@ pub enum RegistryError {
         reason: String,
         /// The registry refused our (missing) client certificate, rather than we its.
         client_side: bool,
+        /// The hosts.toml that configures this host, or where one would.
+        hosts_toml: String,
     },
     #[error("registry hosts configuration {}: {reason}", path.display())]
     HostsConfig { path: PathBuf, reason: String },

@@ -131,10 +131,22 @@ impl Registry {
             }
             builder = builder.default_headers(headers);
         }
-        let http = builder.build().map_err(|e| RegistryError::Connect {
-            registry: name.to_string(),
-            url: host.api.to_string(),
-            reason: describe_reqwest(&e),
+        // What can fail here is the TLS setup: the client certificate is only checked now.
+        let http = builder.build().map_err(|e| match host.client.first() {
+            Some((cert, key)) => RegistryError::TlsFile {
+                host: name.to_string(),
+                file: cert.clone(),
+                configured_in: host.configured_in.clone().unwrap_or_default(),
+                reason: match key {
+                    Some(key) => format!("with key {}: {}", key.display(), describe_reqwest(&e)),
+                    None => describe_reqwest(&e),
+                },
+            },
+            None => RegistryError::Connect {
+                registry: name.to_string(),
+                url: host.api.to_string(),
+                reason: describe_reqwest(&e),
+            },
         })?;
         Ok(std::sync::Arc::new(Registry {
             name: name.to_string(),
@@ -244,6 +256,10 @@ impl Registry {
                 url: shown(url),
                 reason: describe_reqwest(e),
                 client_side,
+                hosts_toml: match &self.configured_in {
+                    Some(file) => file.display().to_string(),
+                    None => format!("DIR/{}/hosts.toml (DIR: --hosts-dir)", self.name),
+                },
             };
         }
         if e.is_connect() || (e.is_timeout() && !e.is_body()) {

@@ -69,28 +69,46 @@ pub(super) fn configure(
 /// other failure.
 pub(super) fn certificate_failure(e: &reqwest::Error) -> Option<bool> {
     use rustls::AlertDescription as Alert;
+    // Alerts the registry sends when it does not accept our certificate, or wants one.
+    const CLIENT_SIDE: [Alert; 7] = [
+        Alert::BadCertificate,
+        Alert::UnknownCA,
+        Alert::CertificateRequired,
+        Alert::CertificateUnknown,
+        Alert::UnsupportedCertificate,
+        Alert::CertificateExpired,
+        Alert::CertificateRevoked,
+    ];
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
-        // io::Error hides what it wraps from `source()`; its `get_ref` shows it.
-        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
-            err.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        });
-        match tls {
+        // io::Error hides what it wraps from `source()` (and the TLS stack wraps io errors in
+        // io errors); `get_ref` shows it.
+        let mut inner: &(dyn std::error::Error + 'static) = err;
+        while let Some(wrapped) = inner
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            inner = wrapped;
+        }
+        match inner.downcast_ref::<rustls::Error>() {
             Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented) => {
                 return Some(false);
             }
-            Some(rustls::Error::AlertReceived(
-                Alert::BadCertificate
-                | Alert::UnknownCA
-                | Alert::CertificateRequired
-                | Alert::CertificateUnknown
-                | Alert::UnsupportedCertificate
-                | Alert::CertificateExpired
-                | Alert::CertificateRevoked,
-            )) => return Some(true),
-            _ => {}
+            Some(rustls::Error::AlertReceived(alert)) if CLIENT_SIDE.contains(alert) => {
+                return Some(true);
+            }
+            Some(_) => {}
+            // An alert that arrives after the handshake (TLS 1.3 checks the client's
+            // certificate then) reaches us as text only, in rustls's own words.
+            None => {
+                let text = inner.to_string();
+                if CLIENT_SIDE
+                    .iter()
+                    .any(|a| text == rustls::Error::AlertReceived(*a).to_string())
+                {
+                    return Some(true);
+                }
+            }
         }
         cur = err.source();
     }
