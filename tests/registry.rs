@@ -986,3 +986,82 @@ fn a_tls_registry_is_read_with_the_ca_and_client_certificate_its_hosts_toml_name
     );
     cat(&dir).assert_error(&[&host, "client.cert", &tls.server_key.display().to_string()]);
 }
+
+/// A node's mirror named in hosts.toml (docker-registry as a pull-through cache of the origin)
+/// serves a mount's lazy reads; when the mirror stops mid-mount, the reads go on from the
+/// registry itself, with the right bytes and no failed read.
+#[test]
+fn lazy_reads_go_through_the_hosts_toml_mirror_and_survive_its_loss() {
+    let origin = Registry::start(RegistryAuth::None);
+    let image = format!("{}/test/app:lazy", origin.host());
+    let shared = format!("oci:{}:debian-bookworm", shared_images().display());
+    let run = lazylayer(&["convert", &shared, &image], &[]);
+    assert!(run.status.success(), "{}", run.stderr);
+    let mut mirror = Registry::start_mirror_of(&origin);
+    let hosts = tempfile::tempdir().unwrap();
+    let dir = hosts_toml(
+        hosts.path(),
+        &origin.host(),
+        &format!(
+            "server = \"http://{}\"\n\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            origin.host(),
+            mirror.host()
+        ),
+    );
+    let rootfs = support::conformance::umoci_unpack("debian-bookworm", hosts.path());
+    let mut files: Vec<String> = [
+        "usr/bin",
+        "usr/lib/x86_64-linux-gnu",
+        "etc",
+        "usr/share/doc",
+    ]
+    .iter()
+    .flat_map(|d| std::fs::read_dir(rootfs.join(d)).unwrap())
+    .map(|e| e.unwrap().path())
+    .filter(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file() && m.len() > 0))
+    .map(|p| p.strip_prefix(&rootfs).unwrap().display().to_string())
+    .collect();
+    files.sort();
+    // Our requests for content, in a registry log after `from` bytes.
+    let ours = |log: String, from: usize| {
+        log[from..]
+            .lines()
+            .filter(|l| {
+                l.contains("lazylayer/") && (l.contains("/blobs/") || l.contains("/manifests/"))
+            })
+            .count()
+    };
+    let origin_from = origin.log().len();
+    let cache = tempfile::tempdir().unwrap();
+    let mount = support::mount::Mounted::with_args(
+        &image,
+        cache.path(),
+        &["--hosts-dir", &dir, "--no-background-fetch"],
+    );
+    let check = |range: std::ops::Range<usize>| {
+        for f in &files[range] {
+            let got = std::fs::read(mount.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+            assert!(got == std::fs::read(rootfs.join(f)).unwrap(), "{f}");
+        }
+    };
+    let half = files.len() / 2;
+    check(0..half.min(40));
+    assert!(ours(mirror.log(), 0) > 0, "no lazy read reached the mirror");
+    assert_eq!(
+        ours(origin.log(), origin_from),
+        0,
+        "the registry was asked for content while its mirror was up"
+    );
+    let origin_from = origin.log().len();
+
+    mirror.kill();
+    check(half..files.len());
+    assert!(
+        ours(origin.log(), origin_from) > 0,
+        "no read reached the registry itself"
+    );
+    let log = mount.daemon_log();
+    assert!(log.contains("registry host unreachable"), "{log}");
+    let stats = mount.stats();
+    assert_eq!(stats["failed_reads"], 0, "{stats}");
+}

@@ -1,10 +1,10 @@
 //! A client for the OCI distribution API (registry v2), built for lazy reading.
 //!
 //! Design:
-//! - One [`Registry`] per host holds the HTTP connection pool, the auth state and remembered
-//!   blob redirects; a [`Repository`] is a cheap handle on one repository of it. Everything is
-//!   `Send + Sync` so that FUSE workers, the prefetcher and the snapshotter share one client and
-//!   one pool of connections per host.
+//! - One [`Registry`] per host (the registry itself, or one of its mirrors) holds the HTTP
+//!   connection pool, the auth state and remembered blob redirects; a [`Repository`] is a cheap
+//!   handle on one repository of it. Everything is `Send + Sync` so that FUSE workers, the
+//!   prefetcher and the snapshotter share one client and one pool of connections per host.
 //! - Manifests and configs are small and fetched whole, size-capped and checked against their
 //!   digest before they are returned. Layer blobs are read by byte range and handed out as a
 //!   stream, so a reader gets its first byte when it arrives, not when the range completes.
@@ -14,8 +14,11 @@
 //!   for [`FetchConfig::redirect_ttl`] so later ranges of the same blob skip the registry
 //!   round trip. A failing remembered URL (expired signature) is dropped and the registry asked
 //!   again.
-//! - Plain HTTP is used only when asked (`--plain-http`) or for loopback registries, as
-//!   containerd does; everything else is HTTPS with the system's CA roots.
+//! - Which hosts serve a registry, and with which CAs, client certificates and headers, comes
+//!   from containerd's hosts.toml ([`hosts`]); a [`Registry`] is one such host and a
+//!   [`MirroredRepository`] reads through all of them in order. Without configuration, plain
+//!   HTTP is used only when asked (`--plain-http`) or for loopback registries, as containerd
+//!   does; everything else is HTTPS with the system's CA roots.
 //! - Timeouts: a connect timeout, and a stall timeout that fires when no bytes arrive for that
 //!   long (reqwest's read timeout), rather than a whole-request deadline that would cut off a
 //!   large but progressing transfer. Retries with backoff are layered on top by the fetcher.
@@ -33,6 +36,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -74,6 +78,8 @@ pub struct Registry {
     unreachable_since: Mutex<Option<Instant>>,
     /// The hosts.toml that configured this host, for messages.
     configured_in: Option<std::path::PathBuf>,
+    /// Whether it answered a range read with the whole blob (warned about once).
+    ignored_range: AtomicBool,
 }
 
 /// What a registry's features are remembered as in the disk cache, and for how long: a registry
@@ -160,6 +166,7 @@ impl Registry {
             memory: std::sync::OnceLock::new(),
             unreachable_since: Mutex::new(None),
             configured_in: host.configured_in.clone(),
+            ignored_range: AtomicBool::new(false),
         }))
     }
 
@@ -506,7 +513,13 @@ impl Repository {
                 }
             }
             StatusCode::OK => {
-                tracing::warn!(url = %shown(&url), "server ignored the Range header; skipping to the requested offset");
+                // A pull-through mirror does this for every blob it does not hold yet: said
+                // once per host, not per read.
+                if !self.registry.ignored_range.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(host = %self.registry.name, url = %shown(&url), "registry host ignored a Range header and sent the whole blob; reads skip to their offset, at the cost of the skipped transfer (a pull-through mirror does this until it holds the blob)");
+                } else {
+                    tracing::debug!(url = %shown(&url), "server ignored the Range header; skipping to the requested offset");
+                }
                 range.start
             }
             StatusCode::RANGE_NOT_SATISFIABLE => {
