@@ -276,3 +276,215 @@ fn containerd_snapshotter_conformance_suite_passes() {
     // The suite's 20 sub-tests that run (Rename is skipped upstream) plus the test itself.
     assert!(passed >= 21, "only {passed} passed:\n{out}");
 }
+
+/// Kubernetes' path, for real: containerd's CRI plugin configured by deploy/containerd/config.toml
+/// (every image, the pause image included, through the snapshotter) and driven by a CRI client
+/// as the kubelet drives it: PullImage of an eStargz image (ctr-remote's) and of a gzip image
+/// with its seek index (`lazylayer index`), RunPodSandbox on the host network (no CNI),
+/// CreateContainer and StartContainer; the app's output is checked, its layers are served lazily,
+/// and RemoveImage unmounts them.
+#[tokio::test(flavor = "multi_thread")]
+async fn kubernetes_pulls_and_runs_lazy_images_through_the_cri_plugin() {
+    use k8s_cri::v1 as cri;
+    let (registry, estargz) = tokio::task::spawn_blocking(python_app_as_estargz)
+        .await
+        .unwrap();
+    registry.push_shared("python-app", "test/gz");
+    let gzip = format!("{}/test/gz:latest", registry.host());
+    let indexed = support::lazylayer(&["index", &gzip], &[]);
+    assert!(indexed.status.success(), "{}", indexed.stderr);
+    let pause = pause_image(&registry);
+
+    let snapshotter = Snapshotter::start();
+    let hosts = tempfile::tempdir().unwrap();
+    let containerd = Containerd::with_cri(&snapshotter, hosts.path(), &pause);
+    let channel = containerd_client::connect(&containerd.socket)
+        .await
+        .unwrap();
+    let mut images = cri::image_service_client::ImageServiceClient::new(channel.clone());
+    let mut runtime = cri::runtime_service_client::RuntimeServiceClient::new(channel);
+    let version = runtime
+        .version(cri::VersionRequest::default())
+        .await
+        .unwrap_or_else(|e| panic!("CRI not served: {e}{}", containerd.log_tail()));
+    assert_eq!(version.into_inner().runtime_name, "containerd");
+
+    let logs = tempfile::tempdir().unwrap();
+    let sandbox_config = cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: "lazy".into(),
+            uid: "lazy-uid".into(),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        // A pod on the host network keeps the host's name (runc cannot set one without a UTS
+        // namespace of its own), as the kubelet leaves it empty for such pods.
+        log_directory: logs.path().to_str().unwrap().into(),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    network: cri::NamespaceMode::Node as i32,
+                    pid: cri::NamespaceMode::Container as i32,
+                    ipc: cri::NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let sandbox = runtime
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(sandbox_config.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}{}", containerd.log_tail()))
+        .into_inner()
+        .pod_sandbox_id;
+
+    for (name, image) in [("estargz", &estargz), ("gzip-indexed", &gzip)] {
+        let spec = cri::ImageSpec {
+            image: image.clone(),
+            ..Default::default()
+        };
+        let pulled = images
+            .pull_image(cri::PullImageRequest {
+                image: Some(spec.clone()),
+                auth: None,
+                sandbox_config: Some(sandbox_config.clone()),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("PullImage {image}: {e}\n{}", snapshotter.log()))
+            .into_inner()
+            .image_ref;
+        let log_path = format!("{name}.log");
+        let container = runtime
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: sandbox.clone(),
+                config: Some(cri::ContainerConfig {
+                    metadata: Some(cri::ContainerMetadata {
+                        name: name.into(),
+                        attempt: 0,
+                    }),
+                    image: Some(spec.clone()),
+                    command: vec!["python3".into(), "/app/main.py".into()],
+                    log_path: log_path.clone(),
+                    linux: Some(cri::LinuxContainerConfig::default()),
+                    ..Default::default()
+                }),
+                sandbox_config: Some(sandbox_config.clone()),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("CreateContainer {image}: {e}{}", containerd.log_tail()))
+            .into_inner()
+            .container_id;
+        runtime
+            .start_container(cri::StartContainerRequest {
+                container_id: container.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("StartContainer {image}: {e}{}", containerd.log_tail()));
+        let started = std::time::Instant::now();
+        let status = loop {
+            let status = runtime
+                .container_status(cri::ContainerStatusRequest {
+                    container_id: container.clone(),
+                    verbose: false,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+                .unwrap();
+            if status.state == cri::ContainerState::ContainerExited as i32 {
+                break status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "{image}: the container did not exit"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let output = std::fs::read_to_string(logs.path().join(&log_path)).unwrap_or_default();
+        assert_eq!(status.exit_code, 0, "{image}: {output}");
+        // CRI's log format: TIME STREAM TAG LINE.
+        assert!(
+            output.lines().any(|l| l.contains(" stdout F app ok")),
+            "{image} printed: {output}"
+        );
+        let (fetched, total) = fetched_and_total(&snapshotter);
+        assert!(
+            fetched > 0 && fetched < total,
+            "{image}: fetched {fetched} of {total} bytes"
+        );
+
+        runtime
+            .remove_container(cri::RemoveContainerRequest {
+                container_id: container,
+            })
+            .await
+            .unwrap();
+        images
+            .remove_image(cri::RemoveImageRequest {
+                image: Some(cri::ImageSpec {
+                    image: pulled,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap();
+        wait_until(
+            Duration::from_secs(30),
+            || snapshotter.fuse_mounts().is_empty(),
+            || {
+                format!(
+                    "{image}: still mounted after RemoveImage\n{}",
+                    snapshotter.log()
+                )
+            },
+        );
+    }
+    runtime
+        .stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: sandbox.clone(),
+        })
+        .await
+        .unwrap();
+    runtime
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: sandbox,
+        })
+        .await
+        .unwrap();
+}
+
+/// A pause image of the machine's own `sleep` and the libraries it needs, with `sleep infinity`
+/// as its command, pushed as `test/pause:latest`: a pod sandbox's process must stay up, and the
+/// sandbox must share no layer with the images under test (containerd would stack their upper
+/// layers on its already unpacked one).
+fn pause_image(registry: &Registry) -> String {
+    let layer = std::process::Command::new("tar")
+        .args(["-czhf", "-", "-C", "/"])
+        .args([
+            "usr/bin/sleep",
+            "lib/x86_64-linux-gnu/libc.so.6",
+            "lib64/ld-linux-x86-64.so.2",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        layer.status.success(),
+        "{}",
+        String::from_utf8_lossy(&layer.stderr)
+    );
+    registry.push_image_with(
+        "test/pause",
+        "latest",
+        &[layer.stdout],
+        None,
+        serde_json::json!({"Cmd": ["/usr/bin/sleep", "infinity"]}),
+    );
+    format!("{}/test/pause:latest", registry.host())
+}

@@ -2,7 +2,7 @@
 //! with `ctr-remote` (Debian's stargz-snapshotter) as the reference eStargz and zstd:chunked
 //! writer.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
 
@@ -49,18 +49,7 @@ impl Containerd {
     }
 
     fn start_with(snapshotter: Option<&std::path::Path>) -> Containerd {
-        require_tool("containerd");
-        require_tool("ctr-remote");
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("containerd.sock");
-        let mut config = format!(
-            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
-             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-             [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n",
-            root = dir.path().join("root").display(),
-            state = dir.path().join("state").display(),
-            sock = socket.display(),
-        );
+        let mut config = "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n".to_string();
         if let Some(address) = snapshotter {
             config += &format!(
                 "[proxy_plugins]\n  [proxy_plugins.lazylayer]\n    type = \"snapshot\"\n    \
@@ -68,6 +57,52 @@ impl Containerd {
                 address.display()
             );
         }
+        Containerd::start_config(tempfile::tempdir().unwrap(), &config)
+    }
+
+    /// Starts containerd with its CRI plugin, configured by the fragment users are told to
+    /// merge (deploy/containerd/config.toml) with the test's paths put in: every image through
+    /// `snapshotter`, registry hosts from `hosts_dir`, and `sandbox_image` as the pause image.
+    /// The CRI API is served on [`Containerd::socket`]. OOM score adjustments are kept at or
+    /// above containerd's own: the test machines refuse the pause container's -998.
+    pub fn with_cri(
+        snapshotter: &Snapshotter,
+        hosts_dir: &Path,
+        sandbox_image: &str,
+    ) -> Containerd {
+        let fragment = include_str!("../../deploy/containerd/config.toml")
+            .replace("version = 2\n", "")
+            .replace(
+                "/run/lazylayer/snapshotter.sock",
+                snapshotter.socket.to_str().unwrap(),
+            )
+            .replace(
+                "/var/lib/lazylayer/snapshotter",
+                snapshotter.root().to_str().unwrap(),
+            )
+            .replace("/etc/containerd/certs.d", hosts_dir.to_str().unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let config = format!(
+            "{fragment}\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"{sandbox_image}\"\n  \
+             root_dir = \"{}\"\n  restrict_oom_score_adj = true\n",
+            dir.path().join("cri").display()
+        );
+        Containerd::start_config(dir, &config)
+    }
+
+    /// Starts containerd with `config` (top-level keys first, then tables) between the lines
+    /// that give it its own root, state and socket under `dir`.
+    fn start_config(dir: tempfile::TempDir, config: &str) -> Containerd {
+        require_tool("containerd");
+        require_tool("ctr-remote");
+        let socket = dir.path().join("containerd.sock");
+        let config = format!(
+            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n{config}\n\
+             [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n",
+            root = dir.path().join("root").display(),
+            state = dir.path().join("state").display(),
+            sock = socket.display(),
+        );
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config).unwrap();
         let log = std::fs::File::create(dir.path().join("containerd.log")).unwrap();
