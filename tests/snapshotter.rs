@@ -277,118 +277,129 @@ fn containerd_snapshotter_conformance_suite_passes() {
     assert!(passed >= 21, "only {passed} passed:\n{out}");
 }
 
-/// Kubernetes' path, for real: containerd's CRI plugin configured by deploy/containerd/config.toml
-/// (every image, the pause image included, through the snapshotter) and driven by a CRI client
-/// as the kubelet drives it: PullImage of an eStargz image (ctr-remote's) and of a gzip image
-/// with its seek index (`lazylayer index`), RunPodSandbox on the host network (no CNI),
-/// CreateContainer and StartContainer; the app's output is checked, its layers are served lazily,
-/// and RemoveImage unmounts them.
-#[tokio::test(flavor = "multi_thread")]
-async fn kubernetes_pulls_and_runs_lazy_images_through_the_cri_plugin() {
-    use k8s_cri::v1 as cri;
-    let (registry, estargz) = tokio::task::spawn_blocking(python_app_as_estargz)
-        .await
-        .unwrap();
-    registry.push_shared("python-app", "test/gz");
-    let gzip = format!("{}/test/gz:latest", registry.host());
-    let indexed = support::lazylayer(&["index", &gzip], &[]);
-    assert!(indexed.status.success(), "{}", indexed.stderr);
-    let pause = pause_image(&registry);
+/// What the kubelet does through CRI, for the tests: one pod on the host network, containers in
+/// it, images pulled (through `images`, containerd's image service or a `cri-proxy`).
+struct Kubelet {
+    images: k8s_cri::v1::image_service_client::ImageServiceClient<tonic::transport::Channel>,
+    runtime: k8s_cri::v1::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>,
+    sandbox_config: k8s_cri::v1::PodSandboxConfig,
+    sandbox: String,
+    logs: tempfile::TempDir,
+}
 
-    let snapshotter = Snapshotter::start();
-    let hosts = tempfile::tempdir().unwrap();
-    let containerd = Containerd::with_cri(&snapshotter, hosts.path(), &pause);
-    let channel = containerd_client::connect(&containerd.socket)
-        .await
-        .unwrap();
-    let mut images = cri::image_service_client::ImageServiceClient::new(channel.clone());
-    let mut runtime = cri::runtime_service_client::RuntimeServiceClient::new(channel);
-    let version = runtime
-        .version(cri::VersionRequest::default())
-        .await
-        .unwrap_or_else(|e| panic!("CRI not served: {e}{}", containerd.log_tail()));
-    assert_eq!(version.into_inner().runtime_name, "containerd");
-
-    let logs = tempfile::tempdir().unwrap();
-    let sandbox_config = cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: "lazy".into(),
-            uid: "lazy-uid".into(),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        // A pod on the host network keeps the host's name (runc cannot set one without a UTS
-        // namespace of its own), as the kubelet leaves it empty for such pods.
-        log_directory: logs.path().to_str().unwrap().into(),
-        linux: Some(cri::LinuxPodSandboxConfig {
-            security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    network: cri::NamespaceMode::Node as i32,
-                    pid: cri::NamespaceMode::Container as i32,
-                    ipc: cri::NamespaceMode::Pod as i32,
+impl Kubelet {
+    /// Starts the pod (its sandbox image is containerd's `sandbox_image`).
+    async fn start(containerd: &Containerd, image_service: &std::path::Path) -> Kubelet {
+        use k8s_cri::v1 as cri;
+        let channel = containerd_client::connect(&containerd.socket)
+            .await
+            .unwrap();
+        let images = containerd_client::connect(image_service).await.unwrap();
+        let mut runtime = cri::runtime_service_client::RuntimeServiceClient::new(channel);
+        let version = runtime
+            .version(cri::VersionRequest::default())
+            .await
+            .unwrap_or_else(|e| panic!("CRI not served: {e}{}", containerd.log_tail()));
+        assert_eq!(version.into_inner().runtime_name, "containerd");
+        let logs = tempfile::tempdir().unwrap();
+        let sandbox_config = cri::PodSandboxConfig {
+            metadata: Some(cri::PodSandboxMetadata {
+                name: "lazy".into(),
+                uid: "lazy-uid".into(),
+                namespace: "default".into(),
+                attempt: 0,
+            }),
+            // A pod on the host network keeps the host's name (runc cannot set one without a
+            // UTS namespace of its own), as the kubelet leaves it empty for such pods.
+            log_directory: logs.path().to_str().unwrap().into(),
+            linux: Some(cri::LinuxPodSandboxConfig {
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    namespace_options: Some(cri::NamespaceOption {
+                        network: cri::NamespaceMode::Node as i32,
+                        pid: cri::NamespaceMode::Container as i32,
+                        ipc: cri::NamespaceMode::Pod as i32,
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 }),
                 ..Default::default()
             }),
             ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let sandbox = runtime
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(sandbox_config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}{}", containerd.log_tail()))
-        .into_inner()
-        .pod_sandbox_id;
-
-    for (name, image) in [("estargz", &estargz), ("gzip-indexed", &gzip)] {
-        let spec = cri::ImageSpec {
-            image: image.clone(),
-            ..Default::default()
         };
-        let pulled = images
-            .pull_image(cri::PullImageRequest {
-                image: Some(spec.clone()),
-                auth: None,
-                sandbox_config: Some(sandbox_config.clone()),
+        let sandbox = runtime
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(sandbox_config.clone()),
+                runtime_handler: String::new(),
             })
             .await
-            .unwrap_or_else(|e| panic!("PullImage {image}: {e}\n{}", snapshotter.log()))
+            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}{}", containerd.log_tail()))
             .into_inner()
-            .image_ref;
+            .pod_sandbox_id;
+        Kubelet {
+            images: cri::image_service_client::ImageServiceClient::new(images),
+            runtime,
+            sandbox_config,
+            sandbox,
+            logs,
+        }
+    }
+
+    /// PullImage, with the credentials a pull secret would give; returns the image's id.
+    async fn pull(&mut self, image: &str, auth: Option<k8s_cri::v1::AuthConfig>) -> String {
+        self.images
+            .pull_image(k8s_cri::v1::PullImageRequest {
+                image: Some(k8s_cri::v1::ImageSpec {
+                    image: image.into(),
+                    ..Default::default()
+                }),
+                auth,
+                sandbox_config: Some(self.sandbox_config.clone()),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("PullImage {image}: {e}"))
+            .into_inner()
+            .image_ref
+    }
+
+    /// Creates and starts container `name` of `image` running `command`, waits for it to exit
+    /// and removes it; returns its exit code and its log (CRI's format: TIME STREAM TAG LINE).
+    async fn run(&mut self, name: &str, image: &str, command: &[&str]) -> (i32, String) {
+        use k8s_cri::v1 as cri;
         let log_path = format!("{name}.log");
-        let container = runtime
+        let container = self
+            .runtime
             .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: sandbox.clone(),
+                pod_sandbox_id: self.sandbox.clone(),
                 config: Some(cri::ContainerConfig {
                     metadata: Some(cri::ContainerMetadata {
                         name: name.into(),
                         attempt: 0,
                     }),
-                    image: Some(spec.clone()),
-                    command: vec!["python3".into(), "/app/main.py".into()],
+                    image: Some(cri::ImageSpec {
+                        image: image.into(),
+                        ..Default::default()
+                    }),
+                    command: command.iter().map(|c| c.to_string()).collect(),
                     log_path: log_path.clone(),
                     linux: Some(cri::LinuxContainerConfig::default()),
                     ..Default::default()
                 }),
-                sandbox_config: Some(sandbox_config.clone()),
+                sandbox_config: Some(self.sandbox_config.clone()),
             })
             .await
-            .unwrap_or_else(|e| panic!("CreateContainer {image}: {e}{}", containerd.log_tail()))
+            .unwrap_or_else(|e| panic!("CreateContainer {image}: {e}"))
             .into_inner()
             .container_id;
-        runtime
+        self.runtime
             .start_container(cri::StartContainerRequest {
                 container_id: container.clone(),
             })
             .await
-            .unwrap_or_else(|e| panic!("StartContainer {image}: {e}{}", containerd.log_tail()));
+            .unwrap_or_else(|e| panic!("StartContainer {image}: {e}"));
         let started = std::time::Instant::now();
         let status = loop {
-            let status = runtime
+            let status = self
+                .runtime
                 .container_status(cri::ContainerStatusRequest {
                     container_id: container.clone(),
                     verbose: false,
@@ -407,34 +418,84 @@ async fn kubernetes_pulls_and_runs_lazy_images_through_the_cri_plugin() {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        let output = std::fs::read_to_string(logs.path().join(&log_path)).unwrap_or_default();
-        assert_eq!(status.exit_code, 0, "{image}: {output}");
-        // CRI's log format: TIME STREAM TAG LINE.
-        assert!(
-            output.lines().any(|l| l.contains(" stdout F app ok")),
-            "{image} printed: {output}"
+        let output = std::fs::read_to_string(self.logs.path().join(&log_path)).unwrap_or_default();
+        self.runtime
+            .remove_container(cri::RemoveContainerRequest {
+                container_id: container,
+            })
+            .await
+            .unwrap();
+        (status.exit_code, output)
+    }
+
+    async fn remove_image(&mut self, image_ref: String) {
+        self.images
+            .remove_image(k8s_cri::v1::RemoveImageRequest {
+                image: Some(k8s_cri::v1::ImageSpec {
+                    image: image_ref,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn stop(mut self) {
+        let id = self.sandbox.clone();
+        self.runtime
+            .stop_pod_sandbox(k8s_cri::v1::StopPodSandboxRequest {
+                pod_sandbox_id: id.clone(),
+            })
+            .await
+            .unwrap();
+        self.runtime
+            .remove_pod_sandbox(k8s_cri::v1::RemovePodSandboxRequest { pod_sandbox_id: id })
+            .await
+            .unwrap();
+    }
+}
+
+fn assert_app_ran(image: &str, (code, output): (i32, String)) {
+    assert_eq!(code, 0, "{image}: {output}");
+    assert!(
+        output.lines().any(|l| l.contains(" stdout F app ok")),
+        "{image} printed: {output}"
+    );
+}
+
+/// Kubernetes' path, for real: containerd's CRI plugin configured by deploy/containerd/config.toml
+/// (every image, the pause image included, through the snapshotter) and driven by a CRI client
+/// as the kubelet drives it: PullImage of an eStargz image (ctr-remote's) and of a gzip image
+/// with its seek index (`lazylayer index`), RunPodSandbox on the host network (no CNI),
+/// CreateContainer and StartContainer; the app's output is checked, its layers are served lazily,
+/// and RemoveImage unmounts them.
+#[tokio::test(flavor = "multi_thread")]
+async fn kubernetes_pulls_and_runs_lazy_images_through_the_cri_plugin() {
+    let (registry, estargz) = tokio::task::spawn_blocking(python_app_as_estargz)
+        .await
+        .unwrap();
+    registry.push_shared("python-app", "test/gz");
+    let gzip = format!("{}/test/gz:latest", registry.host());
+    let indexed = support::lazylayer(&["index", &gzip], &[]);
+    assert!(indexed.status.success(), "{}", indexed.stderr);
+    let pause = pause_image(&registry);
+
+    let snapshotter = Snapshotter::start();
+    let hosts = tempfile::tempdir().unwrap();
+    let containerd = Containerd::with_cri(&snapshotter, hosts.path(), &pause);
+    let mut kubelet = Kubelet::start(&containerd, &containerd.socket).await;
+    for (name, image) in [("estargz", &estargz), ("gzip-indexed", &gzip)] {
+        let pulled = kubelet.pull(image, None).await;
+        assert_app_ran(
+            image,
+            kubelet.run(name, image, &["python3", "/app/main.py"]).await,
         );
         let (fetched, total) = fetched_and_total(&snapshotter);
         assert!(
             fetched > 0 && fetched < total,
             "{image}: fetched {fetched} of {total} bytes"
         );
-
-        runtime
-            .remove_container(cri::RemoveContainerRequest {
-                container_id: container,
-            })
-            .await
-            .unwrap();
-        images
-            .remove_image(cri::RemoveImageRequest {
-                image: Some(cri::ImageSpec {
-                    image: pulled,
-                    ..Default::default()
-                }),
-            })
-            .await
-            .unwrap();
+        kubelet.remove_image(pulled).await;
         wait_until(
             Duration::from_secs(30),
             || snapshotter.fuse_mounts().is_empty(),
@@ -446,18 +507,119 @@ async fn kubernetes_pulls_and_runs_lazy_images_through_the_cri_plugin() {
             },
         );
     }
-    runtime
-        .stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: sandbox.clone(),
-        })
+    kubelet.stop().await;
+}
+
+/// A private image under Kubernetes: the registry wants bearer tokens, and the only credentials
+/// are the ones the kubelet's PullImage carries (a pull secret). Through `lazylayer cri-proxy`
+/// the snapshotter reads the image lazily with them, renews its token after it expires, and
+/// after a crash of its own (SIGKILL) mounts and reads it again for the next container; the
+/// password appears in no log of ours.
+#[tokio::test(flavor = "multi_thread")]
+async fn private_images_are_read_lazily_with_the_kubelets_credentials_through_cri_proxy() {
+    let (anon, estargz) = tokio::task::spawn_blocking(python_app_as_estargz)
         .await
         .unwrap();
-    runtime
-        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: sandbox,
-        })
-        .await
-        .unwrap();
+    let password = "pull-secret-Zq8v";
+    let tokens = support::token::TokenServer::start(support::token::TokenPolicy {
+        user: "kubelet".into(),
+        password: password.into(),
+        valid_for: 4,
+        expires_in: 3,
+    });
+    let private = Registry::start_sharing(
+        &anon,
+        RegistryAuth::Token {
+            realm: tokens.realm(),
+            service: tokens.service.clone(),
+            issuer: tokens.issuer.clone(),
+            cert: tokens.cert.clone(),
+        },
+    );
+    let image = estargz.replace(&anon.host(), &private.host());
+    let pause = pause_image(&anon);
+
+    let proxy_dir = tempfile::tempdir().unwrap();
+    let proxy_socket = proxy_dir.path().join("cri.sock");
+    let mut snapshotter = Snapshotter::start_with(&["--cri-proxy", proxy_socket.to_str().unwrap()]);
+    let hosts = tempfile::tempdir().unwrap();
+    let containerd = Containerd::with_cri(&snapshotter, hosts.path(), &pause);
+    let proxy = support::containerd::CriProxy::start(&containerd, proxy_socket);
+    let mut kubelet = Kubelet::start(&containerd, &proxy.socket).await;
+    let auth = k8s_cri::v1::AuthConfig {
+        username: "kubelet".into(),
+        password: password.into(),
+        ..Default::default()
+    };
+    kubelet.pull(&image, Some(auth)).await;
+    assert_app_ran(
+        &image,
+        kubelet
+            .run("app", &image, &["python3", "/app/main.py"])
+            .await,
+    );
+    let (fetched, total) = fetched_and_total(&snapshotter);
+    assert!(
+        fetched > 0 && fetched < total,
+        "fetched {fetched} of {total}"
+    );
+
+    // Cold files, read after the token expired, and again after a snapshotter crash.
+    let mount = snapshotter.fuse_mounts().remove(0);
+    // Files the app does not read (time zones, documentation): not fetched yet.
+    let files: Vec<std::path::PathBuf> = walk(&mount.join("usr/share"))
+        .into_iter()
+        .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0))
+        .collect();
+    assert!(files.len() > 100, "{} files", files.len());
+    let issued = tokens.requests();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for f in &files[..files.len() / 2] {
+        std::fs::read(f).unwrap_or_else(|e| panic!("{}: {e}\n{}", f.display(), snapshotter.log()));
+    }
+    assert!(tokens.requests() > issued, "the token was never renewed");
+    // A crash: the next container mounts the image again, with the proxy's credentials.
+    snapshotter.kill();
+    snapshotter.restart();
+    assert_app_ran(
+        &image,
+        kubelet
+            .run("again", &image, &["python3", "/app/main.py"])
+            .await,
+    );
+    assert_eq!(snapshotter.fuse_mounts(), std::slice::from_ref(&mount));
+    for f in &files[files.len() / 2..] {
+        std::fs::read(f).unwrap_or_else(|e| panic!("{}: {e}\n{}", f.display(), snapshotter.log()));
+    }
+    for (what, log) in [
+        ("snapshotter", snapshotter.log()),
+        ("cri-proxy", proxy.log()),
+    ] {
+        assert!(
+            !log.contains(password),
+            "the password is in the {what}'s log"
+        );
+    }
+    kubelet.stop().await;
+}
+
+/// Every regular file below `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let entry = entry.unwrap();
+            let kind = entry.file_type().unwrap();
+            if kind.is_dir() {
+                pending.push(entry.path());
+            } else if kind.is_file() {
+                files.push(entry.path());
+            }
+        }
+    }
+    files.sort();
+    files
 }
 
 /// A pause image of the machine's own `sleep` and the libraries it needs, with `sleep infinity`

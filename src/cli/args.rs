@@ -144,6 +144,24 @@ address = \"/run/lazylayer/snapshotter.sock\"\n\n\
 Then: lazylayer pull REF && ctr run --snapshotter lazylayer --rm REF NAME CMD"
     )]
     Snapshotter(SnapshotterArgs),
+    /// Serve the kubelet's CRI image service in front of containerd's, keeping each pull's
+    /// registry credentials (in memory) for the snapshotter's lazy reads.
+    #[command(
+        long_about = "Serve Kubernetes' CRI ImageService on a Unix socket, forwarding every call \
+to containerd's CRI plugin (--backend). containerd does not pass the credentials of a pull to \
+snapshotters; this proxy keeps the AuthConfig of each PullImage in memory, per repository, and \
+gives it to `lazylayer snapshotter --cri-proxy SOCKET` when it resolves that image, so that \
+private images are read lazily with the credentials the kubelet got from the pod's pull \
+secrets. Nothing is written to disk or logged; a restart of the snapshotter finds them here \
+again, a restart of the proxy forgets them until the next pull of the image.\n\n\
+Runs in the foreground until SIGTERM or Ctrl-C.",
+        after_help = "Examples:\n  \
+lazylayer cri-proxy --address /run/lazylayer/cri.sock --backend /run/containerd/containerd.sock\n  \
+lazylayer snapshotter --cri-proxy /run/lazylayer/cri.sock ...\n\n\
+kubelet flags: --container-runtime-endpoint unix:///run/containerd/containerd.sock \
+--image-service-endpoint unix:///run/lazylayer/cri.sock"
+    )]
+    CriProxy(CriProxyArgs),
 
     /// Rewrite an image as eStargz or zstd:chunked so that it can be mounted lazily.
     #[command(
@@ -229,11 +247,33 @@ pub struct SnapshotterArgs {
     )]
     pub root: PathBuf,
 
+    /// A `lazylayer cri-proxy` socket to ask for the registry credentials the kubelet gave for
+    /// an image (Kubernetes pull secrets), before the snapshotter's own (--user, Docker's
+    /// config.json).
+    #[arg(long, value_name = "SOCKET")]
+    pub cri_proxy: Option<PathBuf>,
+
     #[command(flatten)]
     pub read: ReadArgs,
 
     #[command(flatten)]
     pub remote: RemoteArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct CriProxyArgs {
+    /// Unix socket to serve the CRI image service (and the snapshotter's credential lookups) on;
+    /// created with mode 0600.
+    #[arg(long, value_name = "SOCKET", default_value = "/run/lazylayer/cri.sock")]
+    pub address: PathBuf,
+
+    /// containerd's socket, whose CRI image service every call is forwarded to.
+    #[arg(
+        long,
+        value_name = "SOCKET",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    pub backend: PathBuf,
 }
 
 #[derive(Args, Debug)]

@@ -1,6 +1,6 @@
 //! The containerd side: the `snapshotter` daemon and `pull` into containerd.
 
-use super::args::{PullArgs, SnapshotterArgs};
+use super::args::{CriProxyArgs, PullArgs, SnapshotterArgs};
 use super::error::CliError;
 
 pub(super) async fn snapshotter(args: SnapshotterArgs) -> Result<(), CliError> {
@@ -12,6 +12,7 @@ pub(super) async fn snapshotter(args: SnapshotterArgs) -> Result<(), CliError> {
         platform: args.remote.platform()?,
         image_fs: args.read.image_fs_options(disk, registry.retry.clone())?,
         registry,
+        cri_proxy: args.cri_proxy.clone(),
     };
     let snapshotter = std::sync::Arc::new(Snapshotter::open(config).await?);
     let recovery = tokio::spawn({
@@ -38,6 +39,24 @@ pub(super) async fn snapshotter(args: SnapshotterArgs) -> Result<(), CliError> {
         address: args.address.display().to_string(),
         source,
     })
+}
+
+pub(super) async fn cri_proxy(args: CriProxyArgs) -> Result<(), CliError> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| CliError::Daemon(e.to_string()))?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+    };
+    eprintln!(
+        "lazylayer: CRI image service proxy serving on {} in front of {}",
+        args.address.display(),
+        args.backend.display()
+    );
+    crate::containerd::cri_proxy::serve(&args.address, &args.backend, shutdown).await?;
+    Ok(())
 }
 
 pub(super) async fn pull(args: PullArgs) -> Result<(), CliError> {

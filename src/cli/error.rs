@@ -79,6 +79,8 @@ pub enum CliError {
     #[error(transparent)]
     Pull(#[from] crate::containerd::pull::PullError),
     #[error(transparent)]
+    CriProxy(#[from] crate::containerd::cri_proxy::CriProxyError),
+    #[error(transparent)]
     Convert(#[from] crate::convert::ConvertError),
     #[error("--{flag} {path}: {reason}")]
     Prioritize {

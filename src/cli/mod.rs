@@ -39,6 +39,7 @@ pub async fn run(cli: Cli) -> Result<std::process::ExitCode, CliError> {
         Command::Cache(args) => cache::cache(args),
         Command::Profile(command) => profile::profile(command).await,
         Command::Snapshotter(args) => containerd::snapshotter(args).await,
+        Command::CriProxy(args) => containerd::cri_proxy(args).await,
         Command::Pull(args) => containerd::pull(args).await,
         Command::Convert(args) => convert::convert(args).await,
         Command::Index(args) => convert::index(args).await,

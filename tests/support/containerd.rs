@@ -191,16 +191,24 @@ pub struct Snapshotter {
     child: Option<Child>,
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
+    /// More `snapshotter` flags, kept for restarts.
+    extra: Vec<String>,
 }
 
 impl Snapshotter {
     pub fn start() -> Snapshotter {
+        Snapshotter::start_with(&[])
+    }
+
+    /// As [`Snapshotter::start`], with more flags.
+    pub fn start_with(extra: &[&str]) -> Snapshotter {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("snapshotter.sock");
         let mut snapshotter = Snapshotter {
             child: None,
             dir,
             socket,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         snapshotter.restart();
         snapshotter
@@ -227,6 +235,7 @@ impl Snapshotter {
             .arg("--cache-dir")
             .arg(self.cache())
             .args(["--no-background-fetch", "--profile-window", "0"])
+            .args(&self.extra)
             .env("LAZYLAYER_CONFIG", "/dev/null")
             .env("LAZYLAYER_RUN_DIR", self.dir.path().join("run"))
             .env("DOCKER_CONFIG", self.dir.path().join("docker"))
@@ -297,5 +306,49 @@ impl Drop for Snapshotter {
             let path = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
             unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
         }
+    }
+}
+
+/// `lazylayer cri-proxy` in front of a containerd's CRI image service; killed on drop.
+pub struct CriProxy {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+}
+
+impl CriProxy {
+    /// Starts the proxy on `socket` (chosen ahead, for the snapshotter's `--cri-proxy`).
+    pub fn start(containerd: &Containerd, socket: PathBuf) -> CriProxy {
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(dir.path().join("cri-proxy.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_lazylayer"))
+            .arg("cri-proxy")
+            .arg("--address")
+            .arg(&socket)
+            .arg("--backend")
+            .arg(&containerd.socket)
+            .env("LAZYLAYER_LOG", "lazylayer=debug,info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start lazylayer cri-proxy");
+        let proxy = CriProxy { child, dir, socket };
+        wait_until(
+            Duration::from_secs(20),
+            || std::os::unix::net::UnixStream::connect(&proxy.socket).is_ok(),
+            || format!("cri-proxy did not start: {}", proxy.log()),
+        );
+        proxy
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("cri-proxy.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for CriProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

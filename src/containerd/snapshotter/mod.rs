@@ -119,6 +119,9 @@ pub struct SnapshotterConfig {
     pub platform: Platform,
     /// How each lazily mounted run of layers reads and caches.
     pub image_fs: ImageFsOptions,
+    /// A `lazylayer cri-proxy` to ask for an image's registry credentials (the kubelet's);
+    /// `None`: the snapshotter's own only.
+    pub cri_proxy: Option<PathBuf>,
 }
 
 pub struct Snapshotter {
@@ -545,6 +548,7 @@ mod tests {
         Snapshotter::open(SnapshotterConfig {
             root: root.to_path_buf(),
             registry: FetchConfig::default(),
+            cri_proxy: None,
             platform: Platform::host(),
             image_fs: ImageFsOptions::default(),
         })

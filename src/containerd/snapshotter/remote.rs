@@ -33,6 +33,7 @@ use crate::layer::tar_stream::Ignore;
 use crate::model::reference::ImageRef;
 use crate::mount::{Companions, MountOptions, detach};
 use crate::source::ImageSource;
+use crate::source::config::FetchConfig;
 use crate::source::image::{Layer, ResolvedImage};
 use crate::source::open::{OpenedImage, open_image};
 
@@ -220,6 +221,24 @@ impl Snapshotter {
         Ok(dir)
     }
 
+    /// How to reach `image`'s registry: with the credentials the kubelet gave for it when a
+    /// `cri-proxy` has them, else with the snapshotter's own.
+    async fn registry_config(&self, image: &str) -> FetchConfig {
+        let mut config = self.config.registry.clone();
+        if let Some(proxy) = &self.config.cri_proxy {
+            match crate::containerd::cri_proxy::credentials_for(proxy, image).await {
+                Ok(Some(credentials)) => config.credentials = Some(credentials),
+                Ok(None) => {
+                    tracing::debug!(image, "no pull of this image carried credentials")
+                }
+                Err(e) => {
+                    tracing::warn!("{e}; reading the image with the snapshotter's own credentials")
+                }
+            }
+        }
+        config
+    }
+
     /// Resolves the image a remote layer belongs to and starts checking its layers' indexes.
     /// Images pinned by manifest digest are resolved once and remembered: every layer of a pull
     /// asks for the same image, and each resolution costs two round trips (manifest, config).
@@ -237,10 +256,11 @@ impl Snapshotter {
         let failed = |reason: String| remote.failed(reason);
         let reference = ImageRef::parse(&remote.image).map_err(|e| failed(e.to_string()))?;
         let disk = self.config.image_fs.disk.clone();
+        let registry = self.registry_config(&remote.image).await;
         let opened = open_image(
             &reference,
             remote.manifest.as_ref(),
-            &self.config.registry,
+            &registry,
             &self.config.platform,
             disk.clone(),
         )
