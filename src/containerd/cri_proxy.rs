@@ -151,10 +151,14 @@ impl cri::image_service_server::ImageService for CriProxy {
             .as_ref()
             .map(|i| i.image.clone())
             .unwrap_or_default();
-        let kept = pull
-            .auth
-            .as_ref()
-            .and_then(|auth| credentials_of(auth, &image));
+        let kept = pull.auth.as_ref().and_then(|auth| {
+            let kept = credentials_of(auth, &image);
+            if kept.is_none() {
+                // Said without the AuthConfig's content; containerd's own pull decides the rest.
+                tracing::warn!(image, "the pull's credentials are not usable for lazy reads (an auth that is not base64 USER:PASSWORD, a token only, or another registry's server_address); the image is read with the snapshotter's own");
+            }
+            kept
+        });
         // Kept before the pull: the snapshotter asks while containerd unpacks.
         if let (Some(key), Some(credentials)) = (repository_key(&image), kept) {
             tracing::debug!(repository = %key, "keeping the credentials of a pull");
