@@ -65,7 +65,8 @@ impl MirroredRepository {
         }
         Ok(MirroredRepository {
             hosts,
-            display: reference.to_string(),
+            // Without tag or digest: sources are named by repository (profiles are kept by it).
+            display: format!("{}/{}", reference.registry, reference.repository),
         })
     }
 
@@ -204,5 +205,33 @@ impl ImageSource for MirroredRepository {
                 |r| r.referrers(subject, artifact_types),
             )
             .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::reference::ImageRef;
+
+    /// Profiles and caches know a source by its name: the same for every tag and digest of a
+    /// repository, or a run (by tag) and its mount server (pinned by digest) would disagree.
+    #[test]
+    fn a_repository_is_named_without_its_tag_or_digest() {
+        let config = FetchConfig {
+            hosts_dir: None,
+            docker_config: None,
+            ..FetchConfig::default()
+        };
+        let digest = "sha256:".to_string() + &"ab".repeat(32);
+        for reference in [
+            "registry.example:5000/team/app:1.0".to_string(),
+            format!("registry.example:5000/team/app@{digest}"),
+        ] {
+            let ImageRef::Registry(r) = ImageRef::parse(&reference).unwrap() else {
+                unreachable!("a registry reference")
+            };
+            let repo = MirroredRepository::open(&r, &config).unwrap();
+            assert_eq!(repo.name(), "registry.example:5000/team/app");
+        }
     }
 }
