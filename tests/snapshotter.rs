@@ -363,39 +363,55 @@ impl Kubelet {
 
     /// Creates and starts container `name` of `image` running `command`, waits for it to exit
     /// and removes it; returns its exit code and its log (CRI's format: TIME STREAM TAG LINE).
-    async fn run(&mut self, name: &str, image: &str, command: &[&str]) -> (i32, String) {
+    /// A failure's message ends with `context()` (the snapshotter's log).
+    async fn run(
+        &mut self,
+        name: &str,
+        image: &str,
+        command: &[&str],
+        context: &dyn Fn() -> String,
+    ) -> (i32, String) {
         use k8s_cri::v1 as cri;
         let log_path = format!("{name}.log");
-        let container = self
-            .runtime
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: self.sandbox.clone(),
-                config: Some(cri::ContainerConfig {
-                    metadata: Some(cri::ContainerMetadata {
-                        name: name.into(),
-                        attempt: 0,
-                    }),
-                    image: Some(cri::ImageSpec {
-                        image: image.into(),
-                        ..Default::default()
-                    }),
-                    command: command.iter().map(|c| c.to_string()).collect(),
-                    log_path: log_path.clone(),
-                    linux: Some(cri::LinuxContainerConfig::default()),
+        let request = cri::CreateContainerRequest {
+            pod_sandbox_id: self.sandbox.clone(),
+            config: Some(cri::ContainerConfig {
+                metadata: Some(cri::ContainerMetadata {
+                    name: name.into(),
+                    attempt: 0,
+                }),
+                image: Some(cri::ImageSpec {
+                    image: image.into(),
                     ..Default::default()
                 }),
-                sandbox_config: Some(self.sandbox_config.clone()),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("CreateContainer {image}: {e}"))
-            .into_inner()
-            .container_id;
+                command: command.iter().map(|c| c.to_string()).collect(),
+                log_path: log_path.clone(),
+                linux: Some(cri::LinuxContainerConfig::default()),
+                ..Default::default()
+            }),
+            sandbox_config: Some(self.sandbox_config.clone()),
+        };
+        // As the kubelet, try again while containerd says it cannot reach the snapshotter: after
+        // a snapshotter restart its connection may still be the dead one for a moment.
+        let started = std::time::Instant::now();
+        let container = loop {
+            match self.runtime.create_container(request.clone()).await {
+                Ok(created) => break created.into_inner().container_id,
+                Err(e)
+                    if e.code() == tonic::Code::Unavailable
+                        && started.elapsed() < Duration::from_secs(20) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => panic!("CreateContainer {image}: {e}\n{}", context()),
+            }
+        };
         self.runtime
             .start_container(cri::StartContainerRequest {
                 container_id: container.clone(),
             })
             .await
-            .unwrap_or_else(|e| panic!("StartContainer {image}: {e}"));
+            .unwrap_or_else(|e| panic!("StartContainer {image}: {e}\n{}", context()));
         let started = std::time::Instant::now();
         let status = loop {
             let status = self
@@ -488,7 +504,11 @@ async fn kubernetes_pulls_and_runs_lazy_images_through_the_cri_plugin() {
         let pulled = kubelet.pull(image, None).await;
         assert_app_ran(
             image,
-            kubelet.run(name, image, &["python3", "/app/main.py"]).await,
+            kubelet
+                .run(name, image, &["python3", "/app/main.py"], &|| {
+                    snapshotter.log()
+                })
+                .await,
         );
         let (fetched, total) = fetched_and_total(&snapshotter);
         assert!(
@@ -555,7 +575,9 @@ async fn private_images_are_read_lazily_with_the_kubelets_credentials_through_cr
     assert_app_ran(
         &image,
         kubelet
-            .run("app", &image, &["python3", "/app/main.py"])
+            .run("app", &image, &["python3", "/app/main.py"], &|| {
+                snapshotter.log()
+            })
             .await,
     );
     let (fetched, total) = fetched_and_total(&snapshotter);
@@ -584,7 +606,9 @@ async fn private_images_are_read_lazily_with_the_kubelets_credentials_through_cr
     assert_app_ran(
         &image,
         kubelet
-            .run("again", &image, &["python3", "/app/main.py"])
+            .run("again", &image, &["python3", "/app/main.py"], &|| {
+                snapshotter.log()
+            })
             .await,
     );
     assert_eq!(snapshotter.fuse_mounts(), std::slice::from_ref(&mount));
