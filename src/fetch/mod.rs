@@ -369,7 +369,7 @@ mod tests {
     impl Layer {
         fn reader(&self, scheduler: Arc<RequestScheduler>, amplify: u64) -> ContentReader {
             let retry = RetryPolicy {
-                max_attempts: Some(3),
+                max_attempts: Some(6),
                 read_timeout: Duration::from_secs(5),
                 initial_backoff: Duration::from_millis(1),
                 max_backoff: Duration::from_millis(2),
@@ -541,10 +541,29 @@ mod tests {
         let err = reader.chunk(0, &layer.chunks[1], Priority::Reader).await;
         let err = err.expect_err("three corrupt transfers");
         assert!(matches!(*err, ContentError::ChunkDigest { .. }), "{err}");
-        assert_eq!(layer.ranges().len(), 3, "max_attempts fetches");
+        assert_eq!(
+            layer.ranges().len(),
+            3,
+            "DAMAGED_ATTEMPTS fetches of the same damage"
+        );
         // Nothing bad was kept: the next read fetches and verifies again.
         let got = reader.chunk(0, &layer.chunks[1], Priority::Reader).await;
         assert_eq!(&got.unwrap()[..], &layer.data[1000..]);
+
+        // Damaged differently each time, as on a link that flips bits: not the source's fault,
+        // so more than three damaged transfers are outlasted.
+        let layer = layer_of(2, Codec::Identity);
+        let reader = layer.reader(RequestScheduler::new(4), 0);
+        for at in 0..4 {
+            layer.memory.fault(Fault::CorruptAt(at));
+        }
+        let got = reader.chunk(0, &layer.chunks[1], Priority::Reader).await;
+        assert_eq!(&got.unwrap()[..], &layer.data[1000..]);
+        assert_eq!(
+            layer.ranges().len(),
+            5,
+            "four damaged transfers, then a good one"
+        );
     }
 
     #[tokio::test]

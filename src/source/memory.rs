@@ -28,6 +28,8 @@ use crate::source::{ByteStream, ImageSource, SourceError};
 pub enum Fault {
     /// Returns the right length with the first byte flipped.
     Corrupt,
+    /// Returns the right length with the byte at this index (within the range) flipped.
+    CorruptAt(usize),
     /// Sends this many bytes, then fails as a dropped connection does.
     EndEarly { after: usize },
     /// Fails before sending anything, with this verdict.
@@ -140,10 +142,14 @@ impl ImageSource for MemorySource {
         let fault = self.faults.lock().unwrap().pop_front();
         let pieces: Vec<Result<Bytes, SourceError>> = match fault {
             None => vec![Ok(data)],
-            Some(Fault::Corrupt) => {
+            Some(Fault::Corrupt) | Some(Fault::CorruptAt(_)) => {
+                let at = match fault {
+                    Some(Fault::CorruptAt(at)) => at,
+                    _ => 0,
+                };
                 let mut bad = data.to_vec();
-                if let Some(first) = bad.first_mut() {
-                    *first ^= 0xff;
+                if let Some(byte) = bad.get_mut(at) {
+                    *byte ^= 0xff;
                 }
                 vec![Ok(Bytes::from(bad))]
             }

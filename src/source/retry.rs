@@ -58,7 +58,8 @@ pub struct RetryPolicy {
 /// Attempts at bytes that keep arriving damaged ([`Verdict::Damaged`]) before a read fails
 /// (fewer if [`RetryPolicy::max_attempts`] says so). 3: a proxy that flips bits now and then is
 /// outlasted, while a blob broken in the registry's storage is not downloaded more than three
-/// times.
+/// times. Chunk fetches count only damage that repeats (see `fetch::fetcher`): bits flipped on
+/// the way differ from one transfer to the next.
 pub const DAMAGED_ATTEMPTS: u32 = 3;
 
 /// How often, at most, the process logs that reads keep failing: an outage seen by sixty
