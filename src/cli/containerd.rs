@@ -19,14 +19,7 @@ pub(super) async fn snapshotter(args: SnapshotterArgs) -> Result<(), CliError> {
         let snapshotter = snapshotter.clone();
         async move { snapshotter.recover().await }
     });
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| CliError::Daemon(e.to_string()))?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = terminate.recv() => {}
-        }
-    };
+    let shutdown = stop_requested()?;
     eprintln!(
         "lazylayer: snapshotter serving on {} (root {})",
         args.address.display(),
@@ -41,15 +34,20 @@ pub(super) async fn snapshotter(args: SnapshotterArgs) -> Result<(), CliError> {
     })
 }
 
-pub(super) async fn cri_proxy(args: CriProxyArgs) -> Result<(), CliError> {
+/// Resolves on SIGTERM or Ctrl-C: how the foreground daemons are told to stop.
+fn stop_requested() -> Result<impl std::future::Future<Output = ()>, CliError> {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| CliError::Daemon(e.to_string()))?;
-    let shutdown = async move {
+    Ok(async move {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = terminate.recv() => {}
         }
-    };
+    })
+}
+
+pub(super) async fn cri_proxy(args: CriProxyArgs) -> Result<(), CliError> {
+    let shutdown = stop_requested()?;
     eprintln!(
         "lazylayer: CRI image service proxy serving on {} in front of {}",
         args.address.display(),

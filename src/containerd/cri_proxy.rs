@@ -223,14 +223,8 @@ pub async fn serve(
         address: address.to_path_buf(),
         source,
     };
-    if let Some(dir) = address.parent() {
-        std::fs::create_dir_all(dir).map_err(serve_error)?;
-    }
-    // A socket file left by a previous process is in the way; nobody listens on it any more.
-    let _ = std::fs::remove_file(address);
-    let listener = tokio::net::UnixListener::bind(address).map_err(serve_error)?;
-    std::fs::set_permissions(address, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .map_err(serve_error)?;
+    // Owner-only, as a mount's control socket: the same binding serves both.
+    let listener = crate::mount::control::bind(address).map_err(serve_error)?;
     let incoming = tonic::codegen::tokio_stream::wrappers::UnixListenerStream::new(listener);
     tonic::transport::Server::builder()
         .add_service(cri::image_service_server::ImageServiceServer::new(

@@ -153,19 +153,15 @@ impl Fetcher {
     }
 
     /// Runs a fetch again while its bytes fail verification (damaged in transit; what the
-    /// source stores is checked again on the next try), within the retry policy. Transport
+    /// source stores is checked again on the next try), within the retry policy; only damage
+    /// that repeats counts as the blob's own ([`retry::retry_repeated_damage`]). Transport
     /// failures were already retried by the source. A fetch that still fails is logged once
     /// here, however many readers wait on it, and each of them gets EIO.
-    ///
-    /// Only damage that repeats counts against [`retry::DAMAGED_ATTEMPTS`]: a blob broken where
-    /// it is stored gives the same wrong bytes each time, while bytes damaged on the way are
-    /// damaged differently each time (a span of many chunks, fetched through a link that flips
-    /// bits now and then, could otherwise meet three unrelated flips and fail).
     async fn refetching<T, F, Fut>(
         &self,
         info: &LayerInfo,
         file_offset: u64,
-        mut attempt: F,
+        attempt: F,
     ) -> Result<T, ContentError>
     where
         F: FnMut() -> Fut,
@@ -173,31 +169,7 @@ impl Fetcher {
     {
         let layer = &info.descriptor.digest;
         let what = || format!("chunk at file offset {file_offset} of layer {layer}");
-        let mut backoff = retry::Backoff::new(&self.retry);
-        let mut last_damage: Option<String> = None;
-        let result = loop {
-            let err = match attempt().await {
-                Ok(v) => break Ok(v),
-                Err(e) => e,
-            };
-            let mut verdict = retry::Transient::verdict(&err);
-            if verdict == retry::Verdict::Damaged {
-                // The message names the chunk and what was wrong with it (its actual digest).
-                let damage = err.to_string();
-                if last_damage.as_ref().is_some_and(|last| *last != damage) {
-                    verdict = retry::Verdict::Retry(None);
-                }
-                last_damage = Some(damage);
-            }
-            match backoff.failed(verdict) {
-                Some(wait) => {
-                    tracing::debug!(what = %what(), error = %err, attempt = backoff.failures(), ?wait, "fetching again");
-                    backoff.report(what, &err);
-                    tokio::time::sleep(wait).await;
-                }
-                None => break Err(err),
-            }
-        };
+        let result = retry::retry_repeated_damage(&self.retry, what, attempt).await;
         if let Err(e) = &result {
             tracing::warn!(source = %self.source.name(), %layer, file_offset, error = %e, "read failed; the next read of this data tries again");
         }

@@ -94,8 +94,9 @@ impl StatsReport {
     }
 }
 
-/// Creates the stats socket. Bound before the mount is reported ready, so that `lazylayer stats`
-/// right after `mount --daemon` returns finds it.
+/// Creates an owner-only (0600) Unix socket at `socket`, replacing one a dead process left: the
+/// stats socket (bound before the mount is reported ready, so that `lazylayer stats` right after
+/// `mount --daemon` returns finds it), and `cri-proxy`'s.
 pub fn bind(socket: &Path) -> std::io::Result<UnixListener> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir)?;

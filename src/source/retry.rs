@@ -58,8 +58,8 @@ pub struct RetryPolicy {
 /// Attempts at bytes that keep arriving damaged ([`Verdict::Damaged`]) before a read fails
 /// (fewer if [`RetryPolicy::max_attempts`] says so). 3: a proxy that flips bits now and then is
 /// outlasted, while a blob broken in the registry's storage is not downloaded more than three
-/// times. Chunk fetches count only damage that repeats (see `fetch::fetcher`): bits flipped on
-/// the way differ from one transfer to the next.
+/// times. Chunk fetches count only damage that repeats ([`retry_repeated_damage`]): bits flipped
+/// on the way differ from one transfer to the next.
 pub const DAMAGED_ATTEMPTS: u32 = 3;
 
 /// How often, at most, the process logs that reads keep failing: an outage seen by sixty
@@ -239,7 +239,40 @@ impl<'a> Backoff<'a> {
 pub async fn retry<T, E, F, Fut>(
     policy: &RetryPolicy,
     what: impl Fn() -> String,
+    attempt: F,
+) -> Result<T, E>
+where
+    E: Transient + std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    run(policy, what, attempt, false).await
+}
+
+/// As [`retry`], but only damage that repeats counts against [`DAMAGED_ATTEMPTS`]: data broken
+/// where it is stored comes back with the same damage (the same error) each time, while bytes
+/// damaged on the way are damaged differently each time, and a transfer of many chunks through
+/// a link that flips bits now and then could otherwise meet three unrelated flips and fail.
+/// Different damage is retried as a transport failure is, within the policy's attempts and
+/// deadline.
+pub async fn retry_repeated_damage<T, E, F, Fut>(
+    policy: &RetryPolicy,
+    what: impl Fn() -> String,
+    attempt: F,
+) -> Result<T, E>
+where
+    E: Transient + std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    run(policy, what, attempt, true).await
+}
+
+async fn run<T, E, F, Fut>(
+    policy: &RetryPolicy,
+    what: impl Fn() -> String,
     mut attempt: F,
+    only_repeated_damage: bool,
 ) -> Result<T, E>
 where
     E: Transient + std::fmt::Display,
@@ -247,12 +280,22 @@ where
     Fut: std::future::Future<Output = Result<T, E>>,
 {
     let mut backoff = Backoff::new(policy);
+    let mut last_damage: Option<String> = None;
     loop {
         let err = match attempt().await {
             Ok(v) => return Ok(v),
             Err(e) => e,
         };
-        match backoff.failed(err.verdict()) {
+        let mut verdict = err.verdict();
+        if only_repeated_damage && verdict == Verdict::Damaged {
+            // The message names what was damaged and how (a chunk's actual digest).
+            let damage = err.to_string();
+            if last_damage.as_ref().is_some_and(|last| *last != damage) {
+                verdict = Verdict::Retry(None);
+            }
+            last_damage = Some(damage);
+        }
+        match backoff.failed(verdict) {
             Some(wait) => {
                 tracing::debug!(what = %what(), error = %err, attempt = backoff.failures(), ?wait, "retrying");
                 backoff.report(&what, &err);

@@ -63,7 +63,7 @@ pub struct RegistryHost {
     /// Accept any certificate. Absent means no.
     pub skip_verify: bool,
     /// Headers sent with every request to this host.
-    pub headers: Vec<(String, String)>,
+    pub headers: reqwest::header::HeaderMap,
     /// Whether this is the registry itself (`server`) rather than a mirror.
     pub is_server: bool,
     /// The file that configured it, for messages; `None` for the built-in default.
@@ -140,7 +140,7 @@ struct HostEntry {
     client: Vec<(PathBuf, Option<PathBuf>)>,
     skip_verify: bool,
     override_path: bool,
-    headers: Vec<(String, String)>,
+    headers: reqwest::header::HeaderMap,
 }
 
 impl HostEntry {
@@ -347,12 +347,12 @@ fn parse_entry(keys: &toml::Table) -> Result<HostEntry, String> {
     if let Some(v) = keys.get("header") {
         let header = v.as_table().ok_or("`header` must be a table")?;
         for (name, values) in header {
-            reqwest::header::HeaderName::from_bytes(name.as_bytes())
+            let key = reqwest::header::HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| format!("`{name}` is not a valid header name"))?;
             for value in strings(values, &format!("header.{name}"))? {
-                reqwest::header::HeaderValue::from_str(&value)
+                let value = reqwest::header::HeaderValue::from_str(&value)
                     .map_err(|_| format!("header `{name}` has a value that is not valid"))?;
-                entry.headers.push((name.clone(), value));
+                entry.headers.append(key.clone(), value);
             }
         }
     }
@@ -445,13 +445,15 @@ ca = "/etc/ca.pem"
         );
         let zeta = &hosts[0];
         assert!(zeta.capabilities.pull && zeta.capabilities.resolve && !zeta.capabilities.push);
+        // Header names as HTTP sends them, lower case; repeated values kept in order.
+        let headers: Vec<(&str, &str)> = zeta
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.to_str().unwrap()))
+            .collect();
         assert_eq!(
-            zeta.headers,
-            [
-                ("X-Tenant".to_string(), "a".to_string()),
-                ("X-Multi".to_string(), "1".to_string()),
-                ("X-Multi".to_string(), "2".to_string())
-            ]
+            headers,
+            [("x-tenant", "a"), ("x-multi", "1"), ("x-multi", "2")]
         );
         let alpha = &hosts[1];
         assert_eq!(

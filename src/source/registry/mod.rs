@@ -123,37 +123,10 @@ impl Registry {
             .read_timeout(config.stall_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("lazylayer/", env!("CARGO_PKG_VERSION")));
-        builder = tls::configure(builder, name, host)?;
         if !host.headers.is_empty() {
-            let mut headers = reqwest::header::HeaderMap::new();
-            for (k, v) in &host.headers {
-                // hosts.rs checked both when it read them.
-                if let (Ok(k), Ok(v)) = (
-                    reqwest::header::HeaderName::from_bytes(k.as_bytes()),
-                    reqwest::header::HeaderValue::from_str(v),
-                ) {
-                    headers.append(k, v);
-                }
-            }
-            builder = builder.default_headers(headers);
+            builder = builder.default_headers(host.headers.clone());
         }
-        // What can fail here is the TLS setup: the client certificate is only checked now.
-        let http = builder.build().map_err(|e| match host.client.first() {
-            Some((cert, key)) => RegistryError::TlsFile {
-                host: name.to_string(),
-                file: cert.clone(),
-                configured_in: host.configured_in.clone().unwrap_or_default(),
-                reason: match key {
-                    Some(key) => format!("with key {}: {}", key.display(), describe_reqwest(&e)),
-                    None => describe_reqwest(&e),
-                },
-            },
-            None => RegistryError::Connect {
-                registry: name.to_string(),
-                url: host.api.to_string(),
-                reason: describe_reqwest(&e),
-            },
-        })?;
+        let http = tls::client(builder, name, host)?;
         Ok(std::sync::Arc::new(Registry {
             name: name.to_string(),
             api: host.api.clone(),

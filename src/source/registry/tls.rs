@@ -13,13 +13,15 @@ use std::path::Path;
 use super::RegistryError;
 use super::hosts::RegistryHost;
 
-/// `builder` with `host`'s TLS settings. Every file named is read now, so that a missing or
-/// broken one is reported before any request, naming the file and where it was configured.
-pub(super) fn configure(
+/// The client `builder` makes with `host`'s TLS settings. Every file named is read now, so that
+/// a missing or broken one is reported before any request, naming the file and where it was
+/// configured (a client key that is not its certificate's is only found when the client is
+/// built).
+pub(super) fn client(
     mut builder: reqwest::ClientBuilder,
     name: &str,
     host: &RegistryHost,
-) -> Result<reqwest::ClientBuilder, RegistryError> {
+) -> Result<reqwest::Client, RegistryError> {
     let bad = |file: &Path, reason: String| RegistryError::TlsFile {
         host: name.to_string(),
         file: file.to_path_buf(),
@@ -61,7 +63,18 @@ pub(super) fn configure(
         tracing::debug!(host = name, "certificate verification is off (skip_verify)");
         builder = builder.danger_accept_invalid_certs(true);
     }
-    Ok(builder)
+    builder.build().map_err(|e| {
+        let reason = super::error::describe_reqwest(&e);
+        match host.client.first() {
+            Some((cert, Some(key))) => bad(cert, format!("with key {}: {reason}", key.display())),
+            Some((cert, None)) => bad(cert, reason),
+            None => RegistryError::Connect {
+                registry: name.to_string(),
+                url: host.api.to_string(),
+                reason,
+            },
+        }
+    })
 }
 
 /// Whether `e` is a certificate failure: `Some(false)` when the registry's certificate was not
