@@ -34,6 +34,17 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
+    if matches!(cli.command, cli::args::Command::FuseHolder) {
+        // No runtime: the holder is one thread in a poll loop, the process that must not fail.
+        let socket = lazylayer::mount::takeover::holder::socket_path(&lazylayer::mount::run_dir());
+        return match lazylayer::mount::takeover::holder::serve(&socket) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lazylayer: error: fuse holder on {}: {e}", socket.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

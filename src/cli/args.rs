@@ -162,6 +162,9 @@ kubelet flags: --container-runtime-endpoint unix:///run/containerd/containerd.so
 --image-service-endpoint unix:///run/lazylayer/cri.sock"
     )]
     CriProxy(CriProxyArgs),
+    /// Internal: holds FUSE connections for daemons that keep theirs (started by them).
+    #[command(hide = true)]
+    FuseHolder,
 
     /// Rewrite an image as eStargz or zstd:chunked so that it can be mounted lazily.
     #[command(
@@ -517,9 +520,18 @@ pub struct MountArgs {
     /// Existing directory to mount on.
     pub dir: PathBuf,
 
-    /// Return once the mount serves, and keep serving in the background.
+    /// Return once the mount serves, and keep serving in the background. Implies
+    /// --keep-connection.
     #[arg(long)]
     pub daemon: bool,
+
+    /// Keep the mount's FUSE connection in a holder process (or systemd's file descriptor
+    /// store, under a unit with FileDescriptorStoreMax=) so that a restarted or upgraded
+    /// lazylayer mounting the same image on the same directory takes it over: readers wait
+    /// during the restart instead of failing. SIGTERM then leaves the mount to the next
+    /// process; `lazylayer umount DIR` unmounts.
+    #[arg(long, env = "LAZYLAYER_KEEP_CONNECTION", hide_env = true)]
+    pub keep_connection: bool,
 
     /// Let other users access the mount (for containers running as non-root users).
     #[arg(long)]

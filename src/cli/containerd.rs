@@ -13,6 +13,7 @@ pub(super) async fn snapshotter(args: SnapshotterArgs) -> Result<(), CliError> {
         image_fs: args.read.image_fs_options(disk, registry.retry.clone())?,
         registry,
         cri_proxy: args.cri_proxy.clone(),
+        keep_connections: true,
     };
     let snapshotter = std::sync::Arc::new(Snapshotter::open(config).await?);
     let recovery = tokio::spawn({
@@ -28,10 +29,17 @@ pub(super) async fn snapshotter(args: SnapshotterArgs) -> Result<(), CliError> {
     let served = service::serve(snapshotter.clone(), &args.address, shutdown).await;
     recovery.abort();
     snapshotter.close().await;
-    served.map_err(|source| CliError::Serve {
+    let served = served.map_err(|source| CliError::Serve {
         address: args.address.display().to_string(),
         source,
-    })
+    });
+    if snapshotter.keeps_connections() && served.is_ok() {
+        // The mounts stay for the next snapshotter. Exit before anything is dropped: a read
+        // still in flight would otherwise be answered EIO as its task is dropped with the
+        // runtime; left unanswered, the next snapshotter gets it again from the kernel.
+        std::process::exit(0);
+    }
+    served
 }
 
 /// Resolves on SIGTERM or Ctrl-C: how the foreground daemons are told to stop.

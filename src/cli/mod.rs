@@ -40,6 +40,8 @@ pub async fn run(cli: Cli) -> Result<std::process::ExitCode, CliError> {
         Command::Profile(command) => profile::profile(command).await,
         Command::Snapshotter(args) => containerd::snapshotter(args).await,
         Command::CriProxy(args) => containerd::cri_proxy(args).await,
+        // Served by `main` before any runtime starts.
+        Command::FuseHolder => Ok(()),
         Command::Pull(args) => containerd::pull(args).await,
         Command::Convert(args) => convert::convert(args).await,
         Command::Index(args) => convert::index(args).await,

@@ -6,6 +6,7 @@ use super::error::CliError;
 use super::read::{resolve_image, write_stdout};
 use crate::cli::output::inspect::human_bytes;
 use crate::fs::ImageFs;
+use crate::mount::takeover::KeptConnections;
 use crate::source::retry::RetryPolicy;
 
 /// Environment variable that tells a daemon child to report readiness on stdout.
@@ -14,7 +15,11 @@ const READY_ENV: &str = "LAZYLAYER_REPORT_READY";
 pub(super) async fn mount(args: MountArgs) -> Result<(), CliError> {
     // Bad sizes are reported before a daemon is started.
     args.read.image_fs_options(None, RetryPolicy::default())?;
-    crate::mount::check_not_mounted(&args.dir)?;
+    let keeps = args.daemon || args.keep_connection;
+    // A mount whose connection an earlier daemon kept is taken over, not refused.
+    if !(keeps && KeptConnections::kept_for(&crate::mount::run_dir(), &args.dir)) {
+        crate::mount::check_not_mounted(&args.dir)?;
+    }
     if args.daemon {
         return daemonize(&args);
     }
@@ -42,12 +47,29 @@ pub(super) async fn mount(args: MountArgs) -> Result<(), CliError> {
         suid_dev: args.suid_dev,
         ..Default::default()
     };
-    let session = crate::mount::mount(
+    let kept = if keeps {
+        match KeptConnections::open(&crate::mount::run_dir()) {
+            Ok(kept) => Some(kept),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot keep the FUSE connection of {} for a restarted lazylayer ({e}): a \
+                     restart will break its readers",
+                    args.dir.display()
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let served = crate::mount::mount(
         fs.clone(),
         &args.dir,
         &mount_options,
         tokio::runtime::Handle::current(),
+        kept.as_ref(),
     )?;
+    let session = served.session;
     let companions = crate::mount::Companions::start(fs.clone(), &args.dir, true);
     let metrics = metrics_listener.map(|listener| {
         let fs = fs.clone();
@@ -75,6 +97,22 @@ pub(super) async fn mount(args: MountArgs) -> Result<(), CliError> {
         _ = tokio::signal::ctrl_c() => true,
         _ = terminate.recv() => true,
     };
+    if unmount_requested && kept.is_some() {
+        // The connection is kept: the mount stays, its readers wait, and the next lazylayer
+        // mounting this image here serves them. Exiting without dropping the session is what
+        // leaves the mount in place.
+        if let Some(metrics) = metrics {
+            metrics.abort();
+        }
+        companions.stop();
+        tracing::info!(
+            "{}: stopped serving; the mount stays for the next lazylayer to take over \
+             (`lazylayer umount {}` unmounts it)",
+            args.dir.display(),
+            args.dir.display()
+        );
+        std::process::exit(0);
+    }
     if unmount_requested {
         match crate::mount::unmount(&args.dir) {
             Ok(()) => {
@@ -157,13 +195,14 @@ fn daemonize(args: &MountArgs) -> Result<(), CliError> {
     let log_file = std::fs::File::create(&log)
         .map_err(|e| CliError::Daemon(format!("{}: {e}", log.display())))?;
     let args_os = std::env::args_os().skip(1).filter(|a| a != "--daemon");
-    let command = background_command(
+    let mut command = background_command(
         args_os.collect(),
         "--user",
         Some('u'),
         args.remote.user.as_deref(),
     )
     .map_err(CliError::Daemon)?;
+    command.env("LAZYLAYER_KEEP_CONNECTION", "true");
     let pid = start_server(command, log_file, &log).map_err(CliError::Daemon)?;
     eprintln!(
         "lazylayer: mounted at {} (daemon pid {pid}, log {})",

@@ -188,6 +188,7 @@ async fn serve_image(args: RunArgs, manifest: &str, at: PathBuf) -> Result<(), C
         reference: reference.to_string(),
         dir: at,
         daemon: false,
+        keep_connection: false,
         // The container's users are not the one who mounted, and its setuid binaries (su,
         // ping) and device nodes must work as in an unpacked image.
         allow_other: true,

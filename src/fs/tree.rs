@@ -507,4 +507,27 @@ impl MergedTree {
         visit(b"", dir);
         go(self, dir, &mut Vec::new(), &mut visit);
     }
+
+    /// A short digest of what the kernel may have cached from this tree: every path with its
+    /// inode number, type, size and owner. Two trees with the same fingerprint answer every
+    /// lookup the same, so a mount made from one can be served by the other (a daemon taking
+    /// over a mount after a restart checks this).
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest as _;
+        let mut hash = sha2::Sha256::new();
+        self.walk(ROOT, |path, ino| {
+            let Some(node) = self.node(ino) else { return };
+            hash.update(path);
+            hash.update([0, node.type_char() as u8]);
+            for n in [
+                ino,
+                node.size(),
+                node.meta.mode.into(),
+                node.meta.uid.into(),
+            ] {
+                hash.update(n.to_le_bytes());
+            }
+        });
+        hex::encode(&hash.finalize()[..8])
+    }
 }

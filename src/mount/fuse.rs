@@ -63,6 +63,15 @@ fn visible_xattr(name: &[u8]) -> bool {
 /// mean one request per MiB of a sequential read instead of eight at the default 128 KiB.
 pub const MAX_REQUEST_BYTES: u32 = 1 << 20;
 
+/// What we ask the kernel for when it offers it, all helping a read-only, immutable tree:
+/// readdirplus (attributes with names, saving a lookup per entry), cached symlinks, parallel
+/// lookups, requests larger than 128 KiB.
+pub const INIT_CAPABILITIES: InitFlags = InitFlags::FUSE_DO_READDIRPLUS
+    .union(InitFlags::FUSE_READDIRPLUS_AUTO)
+    .union(InitFlags::FUSE_CACHE_SYMLINKS)
+    .union(InitFlags::FUSE_PARALLEL_DIROPS)
+    .union(InitFlags::FUSE_MAX_PAGES);
+
 /// Background requests (readahead, async reads) the kernel may have in flight to us.
 const MAX_BACKGROUND: u16 = 64;
 
@@ -176,15 +185,7 @@ impl Filesystem for ImageFilesystem {
         if let Err(max) = config.set_max_background(MAX_BACKGROUND) {
             let _ = config.set_max_background(max);
         }
-        // Ask for what helps a read-only, immutable tree when the kernel offers it: readdirplus
-        // (attributes with names, saving a lookup per entry), cached symlinks, parallel lookups.
-        for flag in [
-            InitFlags::FUSE_DO_READDIRPLUS,
-            InitFlags::FUSE_READDIRPLUS_AUTO,
-            InitFlags::FUSE_CACHE_SYMLINKS,
-            InitFlags::FUSE_PARALLEL_DIROPS,
-            InitFlags::FUSE_MAX_PAGES,
-        ] {
+        for flag in INIT_CAPABILITIES.iter() {
             if config.add_capabilities(flag).is_err() {
                 debug!("kernel does not offer {flag:?}");
             }

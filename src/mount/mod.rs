@@ -1,7 +1,9 @@
 //! Mounting an opened image with FUSE, and talking to a running mount.
 //!
 //! A mount is one [`ImageFs`] served by [`fuse::ImageFilesystem`] on a few FUSE worker threads
-//! (cloned `/dev/fuse` descriptors), with reads completed on the tokio runtime. Next to it the
+//! (sharing one `/dev/fuse` descriptor), with reads completed on the tokio runtime. A daemon
+//! can keep that descriptor where its successor takes it over ([`takeover`]), so a restart or an
+//! upgrade does not break the mount's readers. Next to it the
 //! daemon listens on a small control socket ([`control`]) that `lazylayer stats` reads; the
 //! socket lives in a run directory and is named after the mount point, so a client needs only the
 //! directory the user typed.
@@ -14,6 +16,7 @@
 pub mod control;
 pub mod fuse;
 pub mod metrics;
+pub mod takeover;
 
 use std::ffi::CString;
 use std::io;
@@ -21,7 +24,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use std::os::fd::AsFd;
+
 use fuser::{BackgroundSession, Config, MountOption};
+use takeover::{ConnectionName, KeptConnections};
 
 use crate::fs::ImageFs;
 
@@ -120,20 +126,81 @@ fn unescape_mount_field(field: &str) -> String {
 /// How our mounts' source starts in the mount table (`lazylayer:IMAGE`).
 const FS_NAME_PREFIX: &str = "lazylayer:";
 
-/// Mounts `fs` at `dir` and returns once the kernel has the mount. Dropping the session
-/// unmounts.
+/// A mount being served.
+pub struct Served {
+    /// fuser's session; dropping it unmounts a mount made here, not one taken over.
+    pub session: BackgroundSession,
+    /// Whether an earlier daemon's connection was taken over instead of mounting anew.
+    pub resumed: bool,
+}
+
+/// Mounts `fs` at `dir` and returns once the kernel has the mount.
+///
+/// With `kept`, the mount's FUSE connection is kept there for a daemon that replaces this one,
+/// and a connection an earlier daemon kept for `dir` is taken over if it serves the same tree
+/// (see [`takeover`]); one that cannot be is unmounted (`umount -l`) and `dir` mounted anew.
 pub fn mount(
     fs: Arc<ImageFs>,
     dir: &Path,
     options: &MountOptions,
     runtime: tokio::runtime::Handle,
-) -> Result<BackgroundSession, MountError> {
+    kept: Option<&KeptConnections>,
+) -> Result<Served, MountError> {
+    let mount_error = |source| MountError::Mount {
+        dir: dir.display().to_string(),
+        source,
+    };
+    let name = kept.map(|_| ConnectionName::new(dir, &fs));
+    if let (Some(kept), Some(name)) = (kept, &name)
+        && kept.has(dir)
+    {
+        if let Some(fd) = kept.take(name, dir) {
+            let filesystem = fuse::ImageFilesystem::new(fs.clone(), runtime.clone());
+            match takeover::resume(filesystem, fd, fuser_config(&fs, options)) {
+                Ok(session) => {
+                    tracing::info!("{}: took over the running mount", dir.display());
+                    return Ok(Served {
+                        session,
+                        resumed: true,
+                    });
+                }
+                Err(e) => tracing::warn!(
+                    "{}: taking over the running mount failed ({e}); mounting again, so                      readers of the old mount fail",
+                    dir.display()
+                ),
+            }
+            kept.forget(dir);
+        }
+        let _ = detach(dir);
+    }
     check_not_mounted(dir)?;
     if !dir.is_dir() {
         return Err(MountError::NotADirectory {
             dir: dir.display().to_string(),
         });
     }
+    let filesystem = fuse::ImageFilesystem::new(fs.clone(), runtime);
+    let session =
+        fuser::Session::new(filesystem, dir, &fuser_config(&fs, options)).map_err(mount_error)?;
+    if let (Some(kept), Some(name)) = (kept, &name)
+        && let Err(e) = kept.keep(name, session.as_fd())
+    {
+        tracing::warn!(
+            "{}: cannot keep the FUSE connection for a restarted lazylayer ({e}); a restart \
+             will break this mount's readers",
+            dir.display()
+        );
+    }
+    let session = session.spawn().map_err(mount_error)?;
+    set_read_ahead(dir, options.read_ahead_kb);
+    Ok(Served {
+        session,
+        resumed: false,
+    })
+}
+
+/// fuser's settings for a mount of `fs`.
+fn fuser_config(fs: &ImageFs, options: &MountOptions) -> Config {
     let mut mount_options = vec![
         MountOption::RO,
         MountOption::FSName(format!("{FS_NAME_PREFIX}{}", fs.image.source)),
@@ -151,15 +218,10 @@ pub fn mount(
     let mut config = Config::default();
     config.mount_options = mount_options;
     config.n_threads = Some(options.threads.max(1));
-    config.clone_fd = options.threads > 1;
-    let filesystem = fuse::ImageFilesystem::new(fs, runtime);
-    let session =
-        fuser::spawn_mount(filesystem, dir, &config).map_err(|source| MountError::Mount {
-            dir: dir.display().to_string(),
-            source,
-        })?;
-    set_read_ahead(dir, options.read_ahead_kb);
-    Ok(session)
+    // Every worker reads the one descriptor: a cloned one would be private to this process, and
+    // the requests in its queue would fail when the process dies (see `takeover`).
+    config.clone_fd = false;
+    config
 }
 
 /// Raises the mount's readahead through its backing device's sysfs entry (best effort: without

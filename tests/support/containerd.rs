@@ -260,6 +260,20 @@ impl Snapshotter {
         }
     }
 
+    /// Stops the process with SIGTERM, as `systemctl stop` or an upgrade does, and waits for
+    /// it to exit.
+    pub fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+
+    /// The run directory: control sockets, and the fuse holder's socket and log.
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("snapshotter.log")).unwrap_or_default()
     }

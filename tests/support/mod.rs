@@ -842,3 +842,19 @@ pub fn layer_of(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
     std::io::Write::write_all(&mut gz, &tar.into_inner().unwrap()).unwrap();
     gz.finish().unwrap()
 }
+
+/// The pid of the `lazylayer fuse-holder` serving the run directory `run_dir`, if one runs.
+pub fn fuse_holder_pid(run_dir: &Path) -> Option<i32> {
+    let wanted = format!("LAZYLAYER_RUN_DIR={}", run_dir.display());
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let environ = std::fs::read(entry.path().join("environ")).ok()?;
+            let holder = cmdline.split(|&b| b == 0).any(|a| a == b"fuse-holder");
+            let ours = environ.split(|&b| b == 0).any(|v| v == wanted.as_bytes());
+            (holder && ours).then_some(pid)
+        })
+}

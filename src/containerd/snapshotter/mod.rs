@@ -29,10 +29,12 @@
 //! `Prepare`, a `View`) and shared by every container on top of the same snapshot. That side lives in
 //! `remote.rs`.
 //!
-//! Restarts: the metadata file survives, FUSE mounts do not. On start, mount points left by a
-//! previous process are detached and, while the service already answers, every active
-//! snapshot's lower mounts are made again; see kernel-notes/ for what happens to containers that
-//! were running.
+//! Restarts: the metadata file survives, and so do the FUSE connections: each mount's is kept
+//! (systemd's store or a holder process, `mount::takeover`) and the next process takes it over
+//! while the service already answers, so running containers only wait. Mount points whose
+//! connection was not kept (the holder died too) are detached and mounted again; containers
+//! running on them must be restarted. Kept connections no active snapshot needs any more are
+//! closed once recovery is done. See kernel-notes/ for the kernel's side.
 
 pub mod filter;
 mod remote;
@@ -48,6 +50,7 @@ use crate::fs::ImageFsOptions;
 use crate::model::digest::Digest;
 use crate::model::oci::Platform;
 use crate::mount::detach;
+use crate::mount::takeover::{self, KeptConnections};
 use crate::source::config::FetchConfig;
 use remote::{LazyMount, REMEMBERED_IMAGES, RemoteImage, remote_layer, unmount};
 use store::{Kind, Record, RemoteLayer, Store};
@@ -122,10 +125,16 @@ pub struct SnapshotterConfig {
     /// A `lazylayer cri-proxy` to ask for an image's registry credentials (the kubelet's);
     /// `None`: the snapshotter's own only.
     pub cri_proxy: Option<PathBuf>,
+    /// Keep each mount's FUSE connection (in systemd's store or a holder process) for the
+    /// snapshotter that replaces this one: a restart, crash or upgrade then does not break
+    /// running containers. On for the daemon; tests of the pure logic leave it off.
+    pub keep_connections: bool,
 }
 
 pub struct Snapshotter {
     config: SnapshotterConfig,
+    /// Where mounts' connections are kept, when they are.
+    kept: Option<KeptConnections>,
     store: std::sync::Mutex<Store>,
     /// By snapshot name: the remote snapshots whose directory is a live FUSE mount. Held while a
     /// mount is being made, so two containers starting together mount once.
@@ -154,11 +163,37 @@ impl Snapshotter {
         let snapshots = config.root.join("snapshots");
         std::fs::create_dir_all(&snapshots).map_err(io_error(snapshots.display()))?;
         let store = Store::open(&config.root).map_err(io_error("snapshot metadata"))?;
+        let kept = if config.keep_connections {
+            KeptConnections::open(&crate::mount::run_dir())
+                .map_err(|e| {
+                    tracing::warn!(
+                        "cannot keep FUSE connections for a restarted snapshotter ({e}): a \
+                         restart will break running containers"
+                    )
+                })
+                .ok()
+        } else {
+            None
+        };
+        let taken_over = kept.as_ref().map(|k| k.kept_mounts()).unwrap_or_default();
         for (_, record) in store.iter().filter(|(_, r)| r.remote.is_some()) {
+            let dir = snapshots.join(record.id.to_string()).join("fs");
+            if taken_over.contains(&takeover::key_of(&dir)) {
+                continue;
+            }
             // A killed daemon leaves its mounts behind, answering ENOTCONN.
-            let _ = detach(&snapshots.join(record.id.to_string()).join("fs"));
+            if crate::mount::check_not_mounted(&dir).is_err() {
+                tracing::warn!(
+                    "{}: the previous snapshotter's FUSE connection was not kept (its holder \
+                     is gone, or it kept none): mounting it again; containers that were \
+                     running on it must be restarted",
+                    dir.display()
+                );
+                let _ = detach(&dir);
+            }
         }
         Ok(Snapshotter {
+            kept,
             config,
             store: std::sync::Mutex::new(store),
             mounts: tokio::sync::Mutex::new(HashMap::new()),
@@ -182,6 +217,28 @@ impl Snapshotter {
             match self.mounts(&key).await {
                 Ok(_) => tracing::info!("recovered the mounts of snapshot {key}"),
                 Err(e) => tracing::warn!("snapshot {key}: cannot mount its layers again: {e}"),
+            }
+        }
+        // What the previous process kept and no active snapshot stands on: nobody needs it.
+        let Some(kept) = &self.kept else { return };
+        let mounted: Vec<String> = {
+            let mounts = self.mounts.lock().await;
+            mounts.values().map(|m| takeover::key_of(m.dir())).collect()
+        };
+        let unclaimed: Vec<String> = kept
+            .kept_mounts()
+            .into_iter()
+            .filter(|k| !mounted.contains(k))
+            .collect();
+        if unclaimed.is_empty() {
+            return;
+        }
+        kept.forget_keys(&unclaimed);
+        for (_, record) in self.store().iter().filter(|(_, r)| r.remote.is_some()) {
+            let dir = self.dir(record.id).join("fs");
+            if unclaimed.contains(&takeover::key_of(&dir)) {
+                tracing::debug!("{}: no snapshot uses it now: unmounted", dir.display());
+                let _ = detach(&dir);
             }
         }
     }
@@ -406,7 +463,7 @@ impl Snapshotter {
                 .map_err(io_error("snapshot metadata"))?
         };
         if let Some(mounted) = self.mounts.lock().await.remove(key) {
-            unmount(mounted).await;
+            unmount(mounted, self.kept.as_ref()).await;
         }
         let dir = self.dir(record.id);
         std::fs::remove_dir_all(&dir).map_err(io_error(dir.display()))
@@ -502,10 +559,19 @@ impl Snapshotter {
         Ok(())
     }
 
-    /// Unmounts every lazy mount (on shutdown).
+    /// Whether mounts' connections are kept for the next snapshotter.
+    pub fn keeps_connections(&self) -> bool {
+        self.kept.is_some()
+    }
+
+    /// On shutdown: unmounts every lazy mount, or, when their connections are kept, leaves them
+    /// to the next snapshotter (running containers wait for it instead of failing).
     pub async fn close(&self) {
         for (_, mounted) in self.mounts.lock().await.drain() {
-            unmount(mounted).await;
+            match &self.kept {
+                Some(_) => mounted.leave(),
+                None => unmount(mounted, None).await,
+            }
         }
     }
 }
@@ -551,6 +617,7 @@ mod tests {
             cri_proxy: None,
             platform: Platform::host(),
             image_fs: ImageFsOptions::default(),
+            keep_connections: false,
         })
         .await
         .unwrap()

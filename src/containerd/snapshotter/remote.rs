@@ -189,23 +189,32 @@ impl Snapshotter {
                 Arc::new(fs)
             }
         };
-        let _ = detach(&dir);
+        if !self.kept.as_ref().is_some_and(|k| k.has(&dir)) {
+            let _ = detach(&dir);
+        }
         let options = MountOptions {
             // Containers run as any user, and their setuid binaries and devices must work.
             allow_other: true,
             suid_dev: true,
             ..MountOptions::default()
         };
-        let session = crate::mount::mount(
+        let served = crate::mount::mount(
             fs.clone(),
             &dir,
             &options,
             tokio::runtime::Handle::current(),
+            self.kept.as_ref(),
         )
         .map_err(|e| failed(e.to_string()))?;
+        let session = served.session;
         let companions = Companions::start(fs, &dir, false);
         tracing::info!(
-            "mounted {} layer(s) of {} at {}",
+            "{} {} layer(s) of {} at {}",
+            if served.resumed {
+                "took over the mount of"
+            } else {
+                "mounted"
+            },
             depth,
             remote.image,
             dir.display()
@@ -341,8 +350,27 @@ pub(super) fn layer_position(image: &ResolvedImage, remote: &RemoteLayer) -> Res
         .ok_or_else(|| format!("manifest {} has no such layer", image.manifest_digest))
 }
 
-pub(super) async fn unmount(mounted: LazyMount) {
+impl LazyMount {
+    pub(super) fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    /// Stops serving but leaves the mount and its kept connection to the next snapshotter.
+    pub(super) fn leave(self) {
+        self.companions.stop();
+        // Dropping the session would unmount.
+        std::mem::forget(self.session);
+    }
+}
+
+pub(super) async fn unmount(
+    mounted: LazyMount,
+    kept: Option<&crate::mount::takeover::KeptConnections>,
+) {
     mounted.companions.stop();
+    if let Some(kept) = kept {
+        kept.forget(&mounted.dir);
+    }
     if let Err(e) = detach(&mounted.dir) {
         tracing::warn!("{}: {e}", mounted.dir.display());
     }
