@@ -138,8 +138,8 @@ fn lazily_pulled_estargz_image_runs_shares_its_mount_survives_a_restart_and_is_c
         ctr(&containerd, &["containers", "rm", id]);
     }
 
-    // A crash leaves a dead mount; the restarted snapshotter mounts again what an existing
-    // container stands on, by itself, and runs new containers.
+    // After a crash the restarted snapshotter serves again, by itself, the mount an existing
+    // container stands on (taking over its kept connection), and runs new containers.
     ctr(
         &containerd,
         &[

@@ -15,13 +15,35 @@ const READY_ENV: &str = "LAZYLAYER_REPORT_READY";
 pub(super) async fn mount(args: MountArgs) -> Result<(), CliError> {
     // Bad sizes are reported before a daemon is started.
     args.read.image_fs_options(None, RetryPolicy::default())?;
-    let keeps = args.daemon || args.keep_connection;
-    // A mount whose connection an earlier daemon kept is taken over, not refused.
-    if !(keeps && KeptConnections::kept_for(&crate::mount::run_dir(), &args.dir)) {
-        crate::mount::check_not_mounted(&args.dir)?;
-    }
+    // A mount whose connection an earlier daemon kept is taken over, not refused; one left dead
+    // by a daemon whose connection was not kept is cleared when this mount keeps its own.
     if args.daemon {
+        if !KeptConnections::kept_for(&crate::mount::run_dir(), &args.dir) {
+            crate::mount::detach_if_dead(&args.dir);
+            crate::mount::check_not_mounted(&args.dir)?;
+        }
         return daemonize(&args);
+    }
+    let kept = if args.keep_connection {
+        match KeptConnections::open(&crate::mount::run_dir()) {
+            Ok(kept) => Some(kept),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot keep the FUSE connection of {} for a restarted lazylayer ({e}): a \
+                     restart will break its readers",
+                    args.dir.display()
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
+    if !kept.as_ref().is_some_and(|k| k.has(&args.dir)) {
+        if kept.is_some() {
+            crate::mount::detach_if_dead(&args.dir);
+        }
+        crate::mount::check_not_mounted(&args.dir)?;
     }
     let disk = args.read.disk_cache()?;
     let metrics_listener = match args.metrics_addr {
@@ -46,21 +68,6 @@ pub(super) async fn mount(args: MountArgs) -> Result<(), CliError> {
         allow_other: args.allow_other,
         suid_dev: args.suid_dev,
         ..Default::default()
-    };
-    let kept = if keeps {
-        match KeptConnections::open(&crate::mount::run_dir()) {
-            Ok(kept) => Some(kept),
-            Err(e) => {
-                tracing::warn!(
-                    "cannot keep the FUSE connection of {} for a restarted lazylayer ({e}): a \
-                     restart will break its readers",
-                    args.dir.display()
-                );
-                None
-            }
-        }
-    } else {
-        None
     };
     let served = crate::mount::mount(
         fs.clone(),

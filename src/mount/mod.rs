@@ -294,6 +294,39 @@ impl Companions {
     }
 }
 
+/// Detaches a lazylayer mount at `dir` whose connection is dead (its daemon died and nothing
+/// kept the connection: every access fails with `ENOTCONN`), saying so; whether it did. A live
+/// mount that nobody serves at the moment would block the check: it gives up after a second and
+/// leaves it.
+pub fn detach_if_dead(dir: &Path) -> bool {
+    if check_not_mounted(dir).is_ok() {
+        return false;
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let probed = dir.to_path_buf();
+    std::thread::spawn(move || {
+        let _ = tx.send(
+            std::fs::metadata(&probed)
+                .err()
+                .and_then(|e| e.raw_os_error()),
+        );
+    });
+    let dead = matches!(
+        rx.recv_timeout(std::time::Duration::from_secs(1)),
+        Ok(Some(libc::ENOTCONN | libc::ECONNABORTED))
+    );
+    if dead {
+        tracing::warn!(
+            "{}: its lazylayer mount was dead (the daemon died and nothing kept its FUSE \
+             connection); detached it to mount again. Processes that had files open there must \
+             be restarted",
+            dir.display()
+        );
+        let _ = detach(dir);
+    }
+    dead
+}
+
 /// Detaches whatever is mounted at `dir` (`umount -l`): it disappears from the tree at once and
 /// is released when its last user goes. This also clears a mount whose daemon died.
 pub fn detach(dir: &Path) -> Result<(), MountError> {
