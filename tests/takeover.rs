@@ -16,6 +16,9 @@ use support::{fuse_holder_pid, lazylayer, wait_until};
 /// Restarts of each kind, as the issue asks.
 const RESTARTS: usize = 10;
 
+/// New daemons started while the old one still serves.
+const UPGRADES_WHILE_RUNNING: usize = 5;
+
 /// A directory the reader reads its instructions from and writes its log to.
 struct Check {
     dir: tempfile::TempDir,
@@ -187,15 +190,34 @@ fn a_daemon_mount_keeps_its_readers_through_crashes_and_upgrades() {
             check.wait_for_rounds(2, &format!("after {name} {i} and a new `mount --daemon`"));
         }
     }
+    // An upgrade started while the old daemon still serves: the new one takes over and stops
+    // the old one.
+    for i in 0..UPGRADES_WHILE_RUNNING {
+        let old = daemon_pid();
+        start();
+        wait_until(
+            Duration::from_secs(30),
+            || !Path::new(&format!("/proc/{old}")).exists() || zombie(old),
+            || format!("the running daemon {old} was not stopped by its successor"),
+        );
+        assert_ne!(daemon_pid(), old);
+        check.wait_for_rounds(
+            2,
+            &format!("after upgrade {i} started while the old one ran"),
+        );
+    }
     assert_eq!(device(), mounted, "the mount was replaced, not taken over");
     let log = check.stop();
     let _ = reader.reader.wait();
-    let slowest = assert_clean(&log, "mount --daemon, 10 SIGKILL + 10 SIGTERM restarts");
+    let slowest = assert_clean(
+        &log,
+        "mount --daemon, 10 SIGKILL + 10 SIGTERM restarts + 5 upgrades while running",
+    );
     let logs = daemon_log();
     // Each daemon's log starts anew; the holder's records every takeover.
     assert_eq!(
         count(&logs, "taken over by a new daemon"),
-        2 * RESTARTS,
+        2 * RESTARTS + UPGRADES_WHILE_RUNNING,
         "every restart takes the mount over:\n{logs}"
     );
     assert!(logs.contains("took over the running mount"), "{logs}");

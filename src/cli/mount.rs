@@ -69,6 +69,12 @@ pub(super) async fn mount(args: MountArgs) -> Result<(), CliError> {
         suid_dev: args.suid_dev,
         ..Default::default()
     };
+    // A daemon still serving the mount (a new version started while it runs) is told to stop
+    // once this one serves: nothing waits meanwhile.
+    let previous = match &kept {
+        Some(kept) if kept.has(&args.dir) => previous_daemon(&args.dir).await,
+        _ => None,
+    };
     let served = crate::mount::mount(
         fs.clone(),
         &args.dir,
@@ -76,6 +82,9 @@ pub(super) async fn mount(args: MountArgs) -> Result<(), CliError> {
         tokio::runtime::Handle::current(),
         kept.as_ref(),
     )?;
+    if let (Some(pid), Some(resumed)) = (previous, &served.resumed) {
+        hand_over(pid, &args.dir, resumed).await;
+    }
     let session = served.session;
     let companions = crate::mount::Companions::start(fs.clone(), &args.dir, true);
     let metrics = metrics_listener.map(|listener| {
@@ -159,6 +168,61 @@ pub(super) async fn mount(args: MountArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// The daemon serving the mount at `dir` now, if it is another `lazylayer mount` process.
+async fn previous_daemon(dir: &std::path::Path) -> Option<u32> {
+    let socket = crate::mount::control_socket(dir);
+    let asked = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        crate::mount::control::query(&socket),
+    );
+    match asked.await {
+        Ok(Ok(report)) if report.exits_on_unmount && report.pid != std::process::id() => {
+            Some(report.pid)
+        }
+        _ => None,
+    }
+}
+
+/// Stops the daemon `pid` that served the mount at `dir` until this one took it over, and has
+/// the kernel resend what it read and did not answer.
+async fn hand_over(pid: u32, dir: &std::path::Path, resumed: &crate::mount::takeover::Resumed) {
+    // SAFETY: kill(2) with a pid and a signal number; no memory is involved.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    // Its exit, not its socket's removal: until then it may still read requests.
+    let deadline = tokio::time::Instant::now() + crate::mount::SERVER_EXIT_WAIT;
+    while !exited(pid) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    if !exited(pid) {
+        tracing::warn!(
+            "{}: the daemon that served it before (pid {pid}) has not exited after {} s",
+            dir.display(),
+            crate::mount::SERVER_EXIT_WAIT.as_secs()
+        );
+    }
+    if let Err(e) = resumed.resend() {
+        tracing::warn!(
+            "{}: resending the requests of pid {pid}: {e}",
+            dir.display()
+        );
+    }
+    tracing::info!(
+        "{}: took over from the running daemon (pid {pid})",
+        dir.display()
+    );
+}
+
+/// Whether process `pid` has exited (gone, or a zombie nobody reaped yet).
+fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may hold any byte.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => true,
+    }
+}
+
 /// Unmounts, then waits for the daemon that served the mount to finish: it stores the chunks
 /// still queued for the disk cache and the start-up profile on its way out, and a mount started
 /// right after `umount` returns (a remount, another image sharing the cache) must find them.
@@ -199,7 +263,11 @@ fn daemonize(args: &MountArgs) -> Result<(), CliError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| CliError::Daemon(format!("{}: {e}", dir.display())))?;
     }
-    let log_file = std::fs::File::create(&log)
+    // Appended to: after a crash, the next daemon must not erase what the dead one said.
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
         .map_err(|e| CliError::Daemon(format!("{}: {e}", log.display())))?;
     let args_os = std::env::args_os().skip(1).filter(|a| a != "--daemon");
     let mut command = background_command(
@@ -228,6 +296,8 @@ pub(super) fn start_server(
     log: &std::path::Path,
 ) -> Result<u32, String> {
     use std::io::BufRead;
+    // What the log held before (an earlier daemon's lines) is not this one's reason.
+    let earlier = log_file.metadata().map(|m| m.len() as usize).unwrap_or(0);
     let mut child = command
         .env(READY_ENV, "1")
         .stdin(std::process::Stdio::null())
@@ -242,7 +312,8 @@ pub(super) fn start_server(
         return Ok(child.id());
     }
     let _ = child.wait();
-    let reason = std::fs::read_to_string(log).unwrap_or_default();
+    let reason = std::fs::read(log).unwrap_or_default();
+    let reason = String::from_utf8_lossy(reason.get(earlier..).unwrap_or_default());
     let reason = reason
         .lines()
         .rfind(|l| l.contains("error"))

@@ -382,6 +382,14 @@ impl ImageFs {
         }
     }
 
+    /// Records no start-up profile: the mount was taken over from an earlier daemon, and what
+    /// its containers read now is not their start.
+    pub fn stop_profile(&self) {
+        if let Some(recorder) = &self.recorder {
+            recorder.stop();
+        }
+    }
+
     /// How long reads are recorded for the profile, when they are.
     pub fn profile_window(&self) -> Option<std::time::Duration> {
         self.recorder.as_ref().map(Recorder::window)

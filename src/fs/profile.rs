@@ -259,10 +259,19 @@ impl Recorder {
         *self.order.lock().unwrap() = Default::default();
     }
 
+    /// Records nothing more and saves nothing: for a mount taken over from an earlier daemon,
+    /// whose reads are not a start.
+    pub fn stop(&self) {
+        self.saved.store(true, Ordering::Relaxed);
+        *self.order.lock().unwrap() = Default::default();
+    }
+
     /// Notes a read of `len` bytes at `offset` of `ino` (within the window only; the file's
     /// place in the order is that of its first read).
     pub fn record(&self, ino: Ino, offset: u64, len: u64) {
-        if self.started.lock().unwrap().elapsed() > self.window {
+        if self.saved.load(Ordering::Relaxed)
+            || self.started.lock().unwrap().elapsed() > self.window
+        {
             return;
         }
         self.order
@@ -324,6 +333,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(2));
         closed.record(1, 0, 10);
         assert!(closed.order.lock().unwrap().order.is_empty());
+        // A mount taken over from another daemon records nothing, and forgets what it had.
+        recorder.stop();
+        recorder.record(7, 0, 10);
+        assert!(recorder.order.lock().unwrap().order.is_empty());
     }
 
     /// One layer: `big` of four 100-byte chunks, `small` of one.

@@ -130,8 +130,8 @@ const FS_NAME_PREFIX: &str = "lazylayer:";
 pub struct Served {
     /// fuser's session; dropping it unmounts a mount made here, not one taken over.
     pub session: BackgroundSession,
-    /// Whether an earlier daemon's connection was taken over instead of mounting anew.
-    pub resumed: bool,
+    /// An earlier daemon's connection taken over, instead of a new mount.
+    pub resumed: Option<takeover::Resumed>,
 }
 
 /// Mounts `fs` at `dir` and returns once the kernel has the mount.
@@ -157,11 +157,12 @@ pub fn mount(
         if let Some(fd) = kept.take(name, dir) {
             let filesystem = fuse::ImageFilesystem::new(fs.clone(), runtime.clone());
             match takeover::resume(filesystem, fd, fuser_config(&fs, options)) {
-                Ok(session) => {
+                Ok((session, resumed)) => {
                     tracing::info!("{}: took over the running mount", dir.display());
+                    fs.stop_profile();
                     return Ok(Served {
                         session,
-                        resumed: true,
+                        resumed: Some(resumed),
                     });
                 }
                 Err(e) => tracing::warn!(
@@ -195,7 +196,7 @@ pub fn mount(
     set_read_ahead(dir, options.read_ahead_kb);
     Ok(Served {
         session,
-        resumed: false,
+        resumed: None,
     })
 }
 

@@ -210,7 +210,7 @@ impl Snapshotter {
         let companions = Companions::start(fs, &dir, false);
         tracing::info!(
             "{} {} layer(s) of {} at {}",
-            if served.resumed {
+            if served.resumed.is_some() {
                 "took over the mount of"
             } else {
                 "mounted"

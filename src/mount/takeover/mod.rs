@@ -249,12 +249,28 @@ fn synthetic_init() -> Vec<u8> {
     message
 }
 
+/// A connection taken over from an earlier daemon.
+pub struct Resumed {
+    /// The connection (a duplicate of the session's descriptor).
+    fd: OwnedFd,
+}
+
+impl Resumed {
+    /// Queues again every request still waiting for an answer. Taking over already did this
+    /// once; call it again when the earlier daemon was still serving and has exited since: what
+    /// it had read and not answered is lost otherwise. Requests this process is answering are
+    /// queued too and answered twice; the kernel ignores the second answer.
+    pub fn resend(&self) -> io::Result<()> {
+        resend(self.fd.as_fd())
+    }
+}
+
 /// A fuser session for `filesystem` on the already initialised connection `fd`.
 pub fn resume<FS: fuser::Filesystem + Send + 'static>(
     filesystem: FS,
     fd: OwnedFd,
     config: fuser::Config,
-) -> io::Result<fuser::BackgroundSession> {
+) -> io::Result<(fuser::BackgroundSession, Resumed)> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
     let (ours, theirs) = socketpair(
         AddressFamily::Unix,
@@ -272,10 +288,9 @@ pub fn resume<FS: fuser::Filesystem + Send + 'static>(
     if unsafe { libc::dup3(fd.as_raw_fd(), slot, libc::O_CLOEXEC) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    drop(fd);
     drop(theirs);
-    resend(session.as_fd())?;
-    session.spawn()
+    resend(fd.as_fd())?;
+    Ok((session.spawn()?, Resumed { fd }))
 }
 
 /// Asks the kernel to queue again the requests the previous daemon read but did not answer.
