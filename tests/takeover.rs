@@ -326,11 +326,20 @@ fn running_containers_keep_reading_through_snapshotter_crashes_upgrades_and_hold
     unsafe { libc::kill(holder, libc::SIGKILL) };
     wait_until(
         Duration::from_secs(30),
-        || fuse_holder_pid(&snapshotter.run_dir()).is_some_and(|p| p != holder),
-        || format!("no new fuse holder:\n{}", snapshotter.log()),
+        || snapshotter.log().contains("the new fuse holder keeps"),
+        || {
+            format!(
+                "the connections were not given to a new holder:\n{}",
+                snapshotter.log()
+            )
+        },
     );
     assert!(
-        snapshotter.log().contains("fuse holder") && snapshotter.log().contains("exited"),
+        fuse_holder_pid(&snapshotter.run_dir()).is_some_and(|p| p != holder),
+        "no new fuse holder"
+    );
+    assert!(
+        snapshotter.log().contains("the fuse holder") && snapshotter.log().contains("exited"),
         "the holder's death is not in the log:\n{}",
         snapshotter.log()
     );
@@ -361,6 +370,7 @@ fn running_containers_keep_reading_through_snapshotter_crashes_upgrades_and_hold
 
     // Holder and snapshotter die together: nothing kept the connection, so the mount falls back
     // to today's behaviour (mounted again, said in the log) and new containers run.
+    wait_until_containerd_reconnects(&containerd);
     containerd.ctr_ok(&[
         "containers",
         "create",
@@ -384,14 +394,7 @@ fn running_containers_keep_reading_through_snapshotter_crashes_upgrades_and_hold
             )
         },
     );
-    wait_until(
-        Duration::from_secs(30),
-        || {
-            let ls = ["snapshots", "--snapshotter", "lazylayer", "ls"];
-            containerd.ctr(&ls).status.success()
-        },
-        || "containerd did not reconnect to the restarted snapshotter".into(),
-    );
+    wait_until_containerd_reconnects(&containerd);
     let out = containerd.ctr_ok(&[
         "run",
         "--rm",
@@ -405,6 +408,18 @@ fn running_containers_keep_reading_through_snapshotter_crashes_upgrades_and_hold
     assert!(out.contains("app ok"), "app printed: {out}");
     containerd.ctr_ok(&["containers", "rm", "idle"]);
     drop(registry);
+}
+
+/// containerd redials a restarted snapshotter with backoff; its calls fail until it has.
+fn wait_until_containerd_reconnects(containerd: &Containerd) {
+    wait_until(
+        Duration::from_secs(30),
+        || {
+            let ls = ["snapshots", "--snapshotter", "lazylayer", "ls"];
+            containerd.ctr(&ls).status.success()
+        },
+        || "containerd did not reconnect to the restarted snapshotter".into(),
+    );
 }
 
 fn wait_for_exit(containerd: &Containerd, id: &str) {

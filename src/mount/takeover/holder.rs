@@ -468,7 +468,8 @@ fn watch(inner: std::sync::Weak<Inner>) {
         match spawn(&inner.path) {
             Ok(new) => {
                 *client = new;
-                for (name, fd) in inner.kept.lock().unwrap().iter() {
+                let kept = inner.kept.lock().unwrap();
+                for (name, fd) in kept.iter() {
                     if let Err(e) = client
                         .ask(&format!("KEEP {name}"), Some(fd.as_fd()))
                         .and_then(|(a, _)| expect_ok(&a))
@@ -476,6 +477,10 @@ fn watch(inner: std::sync::Weak<Inner>) {
                         warn!("giving connection {name} to the new fuse holder: {e}");
                     }
                 }
+                info!(
+                    "the new fuse holder keeps this process's {} connection(s)",
+                    kept.len()
+                );
             }
             Err(e) => {
                 warn!(
