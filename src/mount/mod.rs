@@ -389,9 +389,15 @@ pub fn wait_for_server(pid: u32, socket: &Path) -> bool {
     true
 }
 
-/// The control socket of the mount at `dir` (named after its absolute path).
+/// The control socket of the mount at `dir`.
 pub fn control_socket(dir: &Path) -> PathBuf {
+    run_dir().join(format!("mount-{}.sock", mount_id(dir)))
+}
+
+/// A short name for the mount point `dir`: its absolute path, hashed (for socket, log and kept
+/// connection names, which must be short and plain).
+pub fn mount_id(dir: &Path) -> String {
     let absolute = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
     let digest = crate::model::digest::Digest::of(absolute.as_os_str().as_bytes());
-    run_dir().join(format!("mount-{}.sock", &digest.hex()[..16]))
+    digest.hex()[..16].to_string()
 }

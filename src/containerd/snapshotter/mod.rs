@@ -50,7 +50,7 @@ use crate::fs::ImageFsOptions;
 use crate::model::digest::Digest;
 use crate::model::oci::Platform;
 use crate::mount::detach;
-use crate::mount::takeover::{self, KeptConnections};
+use crate::mount::takeover::KeptConnections;
 use crate::source::config::FetchConfig;
 use remote::{LazyMount, REMEMBERED_IMAGES, RemoteImage, remote_layer, unmount};
 use store::{Kind, Record, RemoteLayer, Store};
@@ -178,7 +178,7 @@ impl Snapshotter {
         let taken_over = kept.as_ref().map(|k| k.kept_mounts()).unwrap_or_default();
         for (_, record) in store.iter().filter(|(_, r)| r.remote.is_some()) {
             let dir = snapshots.join(record.id.to_string()).join("fs");
-            if taken_over.contains(&takeover::key_of(&dir)) {
+            if taken_over.contains(&crate::mount::mount_id(&dir)) {
                 continue;
             }
             // A killed daemon leaves its mounts behind, answering ENOTCONN.
@@ -223,7 +223,10 @@ impl Snapshotter {
         let Some(kept) = &self.kept else { return };
         let mounted: Vec<String> = {
             let mounts = self.mounts.lock().await;
-            mounts.values().map(|m| takeover::key_of(m.dir())).collect()
+            mounts
+                .values()
+                .map(|m| crate::mount::mount_id(m.dir()))
+                .collect()
         };
         let unclaimed: Vec<String> = kept
             .kept_mounts()
@@ -236,7 +239,7 @@ impl Snapshotter {
         kept.forget_keys(&unclaimed);
         for (_, record) in self.store().iter().filter(|(_, r)| r.remote.is_some()) {
             let dir = self.dir(record.id).join("fs");
-            if unclaimed.contains(&takeover::key_of(&dir)) {
+            if unclaimed.contains(&crate::mount::mount_id(&dir)) {
                 tracing::debug!("{}: no snapshot uses it now: unmounted", dir.display());
                 let _ = detach(&dir);
             }

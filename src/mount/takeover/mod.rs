@@ -11,7 +11,7 @@
 //! A new daemon finds the descriptor under the mount's name and resumes on it ([`resume`]):
 //! - fuser only serves a session that has seen `FUSE_INIT`, and the kernel sends that once per
 //!   connection. So the session is created on one end of a socket pair that carries a synthetic
-//!   `INIT`; after that handshake the real descriptor is `dup2`ed onto the session's descriptor
+//!   `INIT`; after that handshake the real descriptor is `dup3`ed onto the session's descriptor
 //!   number, and from then on fuser reads the real connection. What the kernel negotiated the
 //!   first time stays in force (it lives in the kernel).
 //! - `FUSE_NOTIFY_RESEND` (Linux 6.9+) makes the kernel queue again every request still waiting
@@ -21,6 +21,10 @@
 //!   files and page cache stay valid. The name a connection is kept under carries a fingerprint
 //!   of the tree; a daemon that builds a different tree (the tag moved, other layers) does not
 //!   take it, and the mount falls back to unmount and mount again.
+//! - A daemon started while the previous one still serves (an upgrade) takes the connection the
+//!   same way; for a moment both read it, which the kernel allows (each request goes to one
+//!   reader). The caller then stops the old daemon and asks for a second resend
+//!   ([`Resumed::resend`]) once it has exited.
 //! - All worker threads read the one descriptor (no `FUSE_DEV_IOC_CLONE`): a cloned descriptor
 //!   is private to the dying process, and the kernel fails the requests in its queue with
 //!   `ECONNABORTED` when it closes.
@@ -30,7 +34,6 @@ mod systemd;
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use tracing::{debug, warn};
@@ -61,7 +64,7 @@ const NAME_PREFIX: &str = "lazylayer-";
 impl ConnectionName {
     pub fn new(dir: &Path, fs: &ImageFs) -> ConnectionName {
         ConnectionName {
-            mount: mount_key(dir),
+            mount: crate::mount::mount_id(dir),
             tree: fs.tree.fingerprint(),
         }
     }
@@ -77,13 +80,6 @@ impl ConnectionName {
             tree: tree.to_string(),
         })
     }
-}
-
-/// A mount point's part of a name (its absolute path, hashed: names must be short and plain).
-fn mount_key(dir: &Path) -> String {
-    let absolute = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let digest = crate::model::digest::Digest::of(absolute.as_os_str().as_bytes());
-    digest.hex()[..16].to_string()
 }
 
 impl KeptConnections {
@@ -107,7 +103,7 @@ impl KeptConnections {
     /// Whether a connection is kept for a mount at `dir`, without starting a holder (for a
     /// command that is about to start the daemon that would take it).
     pub fn kept_for(run_dir: &Path, dir: &Path) -> bool {
-        let key = mount_key(dir);
+        let key = crate::mount::mount_id(dir);
         let names = if std::env::var_os("NOTIFY_SOCKET").is_some() {
             // Only the unit's own process can see systemd's store; it decides when it starts.
             return false;
@@ -145,14 +141,14 @@ impl KeptConnections {
         }
     }
 
-    /// The mount points (as keys) an earlier process kept connections for.
+    /// The mount points (as [`crate::mount::mount_id`]s) an earlier process kept connections for.
     pub fn kept_mounts(&self) -> Vec<String> {
         self.names().into_iter().map(|n| n.mount).collect()
     }
 
     /// Whether a connection is kept for the mount at `dir`.
     pub fn has(&self, dir: &Path) -> bool {
-        let key = mount_key(dir);
+        let key = crate::mount::mount_id(dir);
         self.names().iter().any(|n| n.mount == key)
     }
 
@@ -202,7 +198,7 @@ impl KeptConnections {
 
     /// Stops keeping the connection of the mount at `dir` (it is being unmounted).
     pub fn forget(&self, dir: &Path) {
-        let key = mount_key(dir);
+        let key = crate::mount::mount_id(dir);
         for name in self.names().into_iter().filter(|n| n.mount == key) {
             self.forget_name(&name);
         }
@@ -216,11 +212,6 @@ impl KeptConnections {
             self.forget_name(&name);
         }
     }
-}
-
-/// The key [`KeptConnections::kept_mounts`] lists a mount point under.
-pub fn key_of(dir: &Path) -> String {
-    mount_key(dir)
 }
 
 /// `FUSE_INIT`'s opcode.
