@@ -75,6 +75,27 @@ fn lazily_pulled_estargz_image_runs_shares_its_mount_survives_a_restart_and_is_c
     assert!(snapshotter.fuse_mounts().is_empty(), "mounted before use");
 
     run_app(&containerd, &estargz, "first");
+    // Containers running as another user than root read the mount too (the kernel checks the
+    // image's modes; the daemon refuses no one).
+    let out = ctr(
+        &containerd,
+        &[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "lazylayer",
+            "--user",
+            "65534:65534",
+            &estargz,
+            "nobody",
+            "python3",
+            "/app/main.py",
+        ],
+    );
+    assert!(
+        out.contains("app ok"),
+        "the app as uid 65534 printed: {out}"
+    );
     let (fetched, total) = fetched_and_total(&snapshotter);
     eprintln!("python-app start through the snapshotter fetched {fetched} of {total} bytes");
     assert!(

@@ -213,10 +213,13 @@ fn fuser_config(fs: &ImageFs, options: &MountOptions) -> Config {
     } else {
         mount_options.extend([MountOption::NoSuid, MountOption::NoDev]);
     }
-    if options.allow_other {
-        mount_options.push(MountOption::CUSTOM("allow_other".into()));
-    }
     let mut config = Config::default();
+    if options.allow_other {
+        // fuser mounts with `allow_other` for this ACL, and also stops refusing (EACCES) the
+        // requests of other users, which it does under its default, owner-only ACL whatever the
+        // mount options say.
+        config.acl = fuser::SessionACL::All;
+    }
     config.mount_options = mount_options;
     config.n_threads = Some(options.threads.max(1));
     // Every worker reads the one descriptor: a cloned one would be private to this process, and
