@@ -913,3 +913,35 @@ async fn reads_are_amplified_with_the_chunks_that_follow_in_the_blob() {
     plain.read(second, 0, 1 << 20).await.unwrap();
     assert_eq!(requests(&plain), after_first + 1, "without amplification");
 }
+
+/// Other users read a mount made with `--allow-other` (a container running as a non-root user
+/// on `lazylayer mount`), and not one made without it.
+#[test]
+fn other_users_read_a_mount_only_with_allow_other() {
+    support::require_tool("setpriv");
+    let image = format!("oci:{}:python-app", support::shared_images().display());
+    let cache = tempfile::tempdir().unwrap();
+    let private = Mounted::with_cache(&image, cache.path());
+    let shared = Mounted::with_args(&image, cache.path(), &["--allow-other"]);
+    let as_nobody = |mounted: &Mounted| {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
+            .arg(mounted.join("etc/os-release"))
+            .output()
+            .unwrap()
+    };
+    let read = as_nobody(&shared);
+    assert!(
+        read.status.success(),
+        "uid 65534 cannot read a mount made with --allow-other: {}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    assert_eq!(
+        read.stdout,
+        std::fs::read(shared.join("etc/os-release")).unwrap()
+    );
+    assert!(
+        !as_nobody(&private).status.success(),
+        "uid 65534 read a mount made without --allow-other"
+    );
+}
