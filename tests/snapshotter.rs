@@ -158,7 +158,7 @@ fn lazily_pulled_estargz_image_runs_shares_its_mount_survives_a_restart_and_is_c
         let _ = containerd.ctr(&["task", "kill", "-s", "SIGKILL", id]);
     }
     for id in ["c1", "c2"] {
-        wait_for_task_exit(&containerd, id);
+        containerd.wait_for_task_exit(id, Duration::from_secs(30));
         ctr(&containerd, &["containers", "rm", id]);
     }
 
@@ -192,7 +192,7 @@ fn lazily_pulled_estargz_image_runs_shares_its_mount_survives_a_restart_and_is_c
         std::fs::read(&idle_root).is_ok(),
         "recovered mount does not serve"
     );
-    wait_until_containerd_reconnects(&containerd);
+    containerd.wait_until_reconnected(Duration::from_secs(20));
     run_app(&containerd, &estargz, "after-restart");
     ctr(&containerd, &["containers", "rm", "idle"]);
 
@@ -209,34 +209,6 @@ fn lazily_pulled_estargz_image_runs_shares_its_mount_survives_a_restart_and_is_c
         .collect();
     assert!(left.is_empty(), "directories left: {left:?}");
     drop(registry);
-}
-
-/// containerd redials a proxy snapshotter with backoff (at most 3 s between attempts in 1.6);
-/// calls fail with "unavailable" until it has.
-fn wait_until_containerd_reconnects(containerd: &Containerd) {
-    wait_until(
-        Duration::from_secs(20),
-        || {
-            let ls = ["snapshots", "--snapshotter", "lazylayer", "ls"];
-            containerd.ctr(&ls).status.success()
-        },
-        || "containerd did not reconnect to the restarted snapshotter".into(),
-    );
-}
-
-fn wait_for_task_exit(containerd: &Containerd, id: &str) {
-    wait_until(
-        Duration::from_secs(30),
-        || {
-            let out = containerd.ctr(&["task", "ls"]);
-            let listing = String::from_utf8_lossy(&out.stdout);
-            !listing
-                .lines()
-                .any(|l| l.split_whitespace().next() == Some(id) && l.contains("RUNNING"))
-        },
-        || format!("task {id} did not stop"),
-    );
-    let _ = containerd.ctr(&["task", "rm", id]);
 }
 
 #[test]

@@ -294,28 +294,25 @@ fn running_containers_keep_reading_through_snapshotter_crashes_upgrades_and_hold
         "/check",
     ]);
     check.wait_for_rounds(3, "before any restart");
-    let took_over = "took over the mount of";
+    // Stops the snapshotter (`stop`), starts it again and waits until it took the mount over.
+    let restart = |snapshotter: &mut Snapshotter, stop: fn(&mut Snapshotter), what: &str| {
+        let took_over = "took over the mount of";
+        let before = count(&snapshotter.log(), took_over);
+        stop(snapshotter);
+        snapshotter.restart();
+        wait_until(
+            Duration::from_secs(60),
+            || count(&snapshotter.log(), took_over) > before,
+            || format!("not taken over after {what}:\n{}", snapshotter.log()),
+        );
+    };
 
-    for (kind, name) in [(0, "SIGKILL"), (1, "SIGTERM")] {
+    for (stop, name) in [
+        (Snapshotter::kill as fn(&mut Snapshotter), "SIGKILL"),
+        (Snapshotter::terminate, "SIGTERM"),
+    ] {
         for i in 0..RESTARTS {
-            let before = count(&snapshotter.log(), took_over);
-            if kind == 0 {
-                snapshotter.kill();
-            } else {
-                snapshotter.terminate();
-            }
-            snapshotter.restart();
-            wait_until(
-                Duration::from_secs(60),
-                || count(&snapshotter.log(), took_over) > before,
-                || {
-                    format!(
-                        "the snapshotter restarted after {name} {i} did not take the mount \
-                         over:\n{}",
-                        snapshotter.log()
-                    )
-                },
-            );
+            restart(&mut snapshotter, stop, &format!("snapshotter {name} {i}"));
             check.wait_for_rounds(2, &format!("after snapshotter {name} {i}"));
         }
     }
@@ -343,18 +340,10 @@ fn running_containers_keep_reading_through_snapshotter_crashes_upgrades_and_hold
         "the holder's death is not in the log:\n{}",
         snapshotter.log()
     );
-    let before = count(&snapshotter.log(), took_over);
-    snapshotter.kill();
-    snapshotter.restart();
-    wait_until(
-        Duration::from_secs(60),
-        || count(&snapshotter.log(), took_over) > before,
-        || {
-            format!(
-                "not taken over after the holder was replaced:\n{}",
-                snapshotter.log()
-            )
-        },
+    restart(
+        &mut snapshotter,
+        Snapshotter::kill,
+        "the holder was replaced and the snapshotter killed",
     );
     check.wait_for_rounds(
         2,
@@ -366,11 +355,12 @@ fn running_containers_keep_reading_through_snapshotter_crashes_upgrades_and_hold
         "container on the snapshotter, 10 SIGKILL + 10 SIGTERM restarts and a holder death",
     );
     eprintln!("longest blocked read across the restarts: {slowest:.3} s");
-    wait_for_exit(&containerd, "reader");
+    containerd.wait_for_task_exit("reader", Duration::from_secs(60));
+    let _ = containerd.ctr(&["containers", "rm", "reader"]);
 
     // Holder and snapshotter die together: nothing kept the connection, so the mount falls back
     // to today's behaviour (mounted again, said in the log) and new containers run.
-    wait_until_containerd_reconnects(&containerd);
+    containerd.wait_until_reconnected(Duration::from_secs(30));
     containerd.ctr_ok(&[
         "containers",
         "create",
@@ -394,7 +384,7 @@ fn running_containers_keep_reading_through_snapshotter_crashes_upgrades_and_hold
             )
         },
     );
-    wait_until_containerd_reconnects(&containerd);
+    containerd.wait_until_reconnected(Duration::from_secs(30));
     let out = containerd.ctr_ok(&[
         "run",
         "--rm",
@@ -408,32 +398,4 @@ fn running_containers_keep_reading_through_snapshotter_crashes_upgrades_and_hold
     assert!(out.contains("app ok"), "app printed: {out}");
     containerd.ctr_ok(&["containers", "rm", "idle"]);
     drop(registry);
-}
-
-/// containerd redials a restarted snapshotter with backoff; its calls fail until it has.
-fn wait_until_containerd_reconnects(containerd: &Containerd) {
-    wait_until(
-        Duration::from_secs(30),
-        || {
-            let ls = ["snapshots", "--snapshotter", "lazylayer", "ls"];
-            containerd.ctr(&ls).status.success()
-        },
-        || "containerd did not reconnect to the restarted snapshotter".into(),
-    );
-}
-
-fn wait_for_exit(containerd: &Containerd, id: &str) {
-    wait_until(
-        Duration::from_secs(60),
-        || {
-            let out = containerd.ctr(&["task", "ls"]);
-            let listing = String::from_utf8_lossy(&out.stdout);
-            !listing
-                .lines()
-                .any(|l| l.split_whitespace().next() == Some(id) && l.contains("RUNNING"))
-        },
-        || format!("task {id} did not stop"),
-    );
-    let _ = containerd.ctr(&["task", "rm", id]);
-    let _ = containerd.ctr(&["containers", "rm", id]);
 }

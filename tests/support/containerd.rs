@@ -157,6 +157,36 @@ impl Containerd {
         )
     }
 
+    /// Waits (at most `timeout`) until containerd answers snapshot calls through the `lazylayer`
+    /// proxy plugin again: it redials a restarted snapshotter with backoff (at most 3 s between
+    /// attempts in 1.6), and its calls fail with "unavailable" until it has.
+    pub fn wait_until_reconnected(&self, timeout: Duration) {
+        wait_until(
+            timeout,
+            || {
+                let ls = ["snapshots", "--snapshotter", "lazylayer", "ls"];
+                self.ctr(&ls).status.success()
+            },
+            || "containerd did not reconnect to the restarted snapshotter".into(),
+        );
+    }
+
+    /// Waits (at most `timeout`) until task `id` no longer runs, then deletes the task.
+    pub fn wait_for_task_exit(&self, id: &str, timeout: Duration) {
+        wait_until(
+            timeout,
+            || {
+                let out = self.ctr(&["task", "ls"]);
+                let listing = String::from_utf8_lossy(&out.stdout);
+                !listing
+                    .lines()
+                    .any(|l| l.split_whitespace().next() == Some(id) && l.contains("RUNNING"))
+            },
+            || format!("task {id} did not stop"),
+        );
+        let _ = self.ctr(&["task", "rm", id]);
+    }
+
     /// Pulls `REPO:latest` from `registry`, converts it with `ctr-remote image convert` to
     /// `format`, and pushes the result as `REPO:<suffix>`. Returns the pushed reference.
     pub fn convert(&self, registry: &Registry, repo: &str, format: LazyFormat) -> String {
