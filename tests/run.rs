@@ -271,17 +271,6 @@ fn bad_input_gets_clear_errors_and_a_killed_run_is_cleaned_up_by_the_next() {
     assert_nothing_left(run_dir);
 }
 
-/// Requests in the registry's access log after its first `from` lines that match `pattern`.
-fn requests_since(registry: &Registry, from: usize, pattern: &str) -> Vec<String> {
-    registry
-        .log()
-        .lines()
-        .skip(from)
-        .filter(|l| l.starts_with("127.0.0.1 - ") && l.contains(pattern))
-        .map(str::to_string)
-        .collect()
-}
-
 #[test]
 fn a_recorded_profile_published_next_to_the_image_prefetches_a_new_machines_start() {
     let registry = Registry::start(RegistryAuth::None);
@@ -308,15 +297,15 @@ fn a_recorded_profile_published_next_to_the_image_prefetches_a_new_machines_star
     // No profile published yet: once the registry is known (a first contact asks the referrers
     // API and the fallback tag at once), a mount's lookup is one request.
     let lookups = |from: usize| {
-        requests_since(&registry, from, "/referrers/").len()
-            + requests_since(&registry, from, "/manifests/sha256-").len()
+        registry.requests_since(from, "/referrers/").len()
+            + registry.requests_since(from, "/manifests/sha256-").len()
     };
     let true_run = |i: usize| {
         let ran = lazylayer(&["run", "--cache-dir", cache(i), &image, "true"], &env);
         assert!(ran.status.success(), "{}", ran.stderr);
     };
     true_run(3);
-    let before = registry.log().lines().count();
+    let before = registry.log_mark();
     true_run(3);
     assert!(lookups(before) <= 1, "{}", registry.log());
     profile("pull", 3).assert_error(&["no start-up profile is published"]);
@@ -354,20 +343,22 @@ fn a_recorded_profile_published_next_to_the_image_prefetches_a_new_machines_star
 
     // A new machine (cache 1): its mount fetches the published profile and prefetches its
     // files before anybody reads; reading them then asks the registry for nothing more.
-    let mark = registry.log().lines().count();
+    let mark = registry.log_mark();
     let mounted =
         support::mount::Mounted::with_args(&image, caches[1].path(), &["--no-background-fetch"]);
     mounted.wait_until_prefetched(Duration::from_secs(60));
     assert_eq!(
-        requests_since(&registry, mark, &format!("/manifests/{artifact}")).len(),
+        registry
+            .requests_since(mark, &format!("/manifests/{artifact}"))
+            .len(),
         1,
         "the profile artifact was not fetched:\n{}",
         registry.log()
     );
-    let prefetched = requests_since(&registry, mark, "/blobs/").len();
-    let mark = registry.log().lines().count();
+    let prefetched = registry.requests_since(mark, "/blobs/").len();
+    let mark = registry.log_mark();
     mounted.run_app();
-    let after = requests_since(&registry, mark, "/blobs/");
+    let after = registry.requests_since(mark, "/blobs/");
     assert!(
         after.len() <= 3,
         "{prefetched} blob requests before the app ran, and these while it ran:\n{}",
@@ -399,9 +390,9 @@ fn a_recorded_profile_published_next_to_the_image_prefetches_a_new_machines_star
         &["--no-background-fetch", "--profile-window", "0"],
     );
     landmarked.wait_until_prefetched(Duration::from_secs(60));
-    let mark = registry.log().lines().count();
+    let mark = registry.log_mark();
     landmarked.run_app();
-    let after = requests_since(&registry, mark, "/blobs/");
+    let after = registry.requests_since(mark, "/blobs/");
     assert!(after.len() <= 3, "{}", after.join("\n"));
     drop(landmarked);
     let garbage = tempfile::NamedTempFile::new().unwrap();

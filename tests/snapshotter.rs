@@ -70,9 +70,23 @@ fn lazily_pulled_estargz_image_runs_shares_its_mount_survives_a_restart_and_is_c
     let mut snapshotter = Snapshotter::start();
     let containerd = Containerd::with_snapshotter(&snapshotter.socket);
 
+    let mark = registry.log_mark();
     let out = pull(&containerd, &snapshotter, &estargz);
     assert_eq!(out.matches("lazy (fetched on demand)").count(), 3, "{out}");
     assert!(snapshotter.fuse_mounts().is_empty(), "mounted before use");
+    // The pull resolved the image (manifest by tag, config) and handed that to the snapshotter,
+    // which asked the registry for the layers' indexes only, not for manifest or config again.
+    let manifests = registry.requests_since(mark, "/manifests/");
+    let tag = format!("/manifests/{} ", estargz.rsplit(':').next().unwrap());
+    let by_tag: Vec<_> = manifests.iter().filter(|l| l.contains(&tag)).collect();
+    assert_eq!(by_tag.len(), 1, "{manifests:#?}");
+    let by_digest = registry.requests_since(mark, "/manifests/sha256:");
+    assert!(by_digest.is_empty(), "manifest asked again: {by_digest:#?}");
+    let blobs = registry.requests_since(mark, "/blobs/");
+    let whole = blobs
+        .iter()
+        .filter(|l| l.contains("\"GET ") && !l.contains(" 206 "));
+    assert_eq!(whole.count(), 1, "the config was asked again: {blobs:#?}");
 
     run_app(&containerd, &estargz, "first");
     // A container running as another user than root starts too (overlayfs reads its lower

@@ -7,7 +7,11 @@
 //! 1. resolve the image with our own registry client (same auth and flags as `inspect`);
 //! 2. take a lease, so nothing written is garbage-collected before the image record holds it;
 //! 3. for each layer, bottom up, prepare its snapshot (named by its chain ID) through
-//!    containerd with the `containerd.io/snapshot/cri.*` labels (image, layer, manifest). Our
+//!    containerd with the `containerd.io/snapshot/cri.*` labels (image, layer, manifest). The
+//!    first `Prepare` also carries what step 1 fetched (manifest, config, published profile and
+//!    seek indexes, in `containerd.io/snapshot/lazylayer.*` labels, when each fits containerd's
+//!    4 KiB label limit), so that our snapshotter starts on the layers' indexes at once instead
+//!    of resolving the image again (two round trips). Our
 //!    snapshotter answers "already exists" for layers it mounts lazily; for any other layer (or
 //!    another snapshotter) the blob is streamed into containerd's content store, applied by
 //!    containerd's differ, and committed, exactly as `ctr pull` would;
@@ -28,7 +32,9 @@ use futures_util::StreamExt;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
-use crate::containerd::snapshotter::{IMAGE_LABELS, LAYER_LABELS, MANIFEST_LABEL, TARGET_LABEL};
+use crate::containerd::snapshotter::{
+    IMAGE_LABELS, LAYER_LABELS, MANIFEST_LABEL, RESOLUTION_LABELS, TARGET_LABEL,
+};
 use crate::model::digest::Digest;
 use crate::model::oci::{Descriptor, Platform};
 use crate::model::reference::{ImageRef, ReferenceError};
@@ -263,10 +269,17 @@ async fn unpack_and_record(
         image.manifest.config.digest.to_string(),
     )]);
     let mut parent = String::new();
+    // Handed over with the first layer the snapshotter sees; it remembers the image after that.
+    let mut handed = resolution_labels(image);
     for (i, (layer, chain)) in image.layers.iter().zip(&chains).enumerate() {
         let chain = chain.to_string();
-        let outcome =
-            unpack_layer(client, name, source, image, layer, &chain, &parent, options).await?;
+        let unpack = Unpack {
+            layer,
+            chain: &chain,
+            parent: &parent,
+            handed: &mut handed,
+        };
+        let outcome = unpack_layer(client, name, source, image, unpack, options).await?;
         if outcome == LayerOutcome::Unpacked {
             manifest_labels.insert(
                 format!("containerd.io/gc.ref.content.l.{i}"),
@@ -335,17 +348,53 @@ async fn unpack_and_record(
     Ok(outcomes)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The labels that hand `image`'s resolution to the snapshotter, or none when one of them would
+/// be larger than containerd accepts (4096 bytes for a label's name and value): the
+/// snapshotter then asks the registry itself.
+fn resolution_labels(image: &ResolvedImage) -> HashMap<String, String> {
+    const MAX_LABEL: usize = 4096;
+    let resolution = image.resolution();
+    let (Ok(manifest), Ok(config), Ok(published)) = (
+        String::from_utf8(resolution.manifest.bytes.to_vec()),
+        String::from_utf8(resolution.config.to_vec()),
+        serde_json::to_string(&resolution.published),
+    ) else {
+        return HashMap::new();
+    };
+    let labels: HashMap<String, String> = RESOLUTION_LABELS
+        .iter()
+        .map(ToString::to_string)
+        .zip([manifest, config, published])
+        .collect();
+    if labels.iter().any(|(k, v)| k.len() + v.len() > MAX_LABEL) {
+        return HashMap::new();
+    }
+    labels
+}
+
+/// One layer to unpack, on `parent`, into the snapshot named `chain`; `handed` holds the
+/// resolution labels until a `Prepare` has carried them.
+struct Unpack<'a> {
+    layer: &'a image::Layer,
+    chain: &'a str,
+    parent: &'a str,
+    handed: &'a mut HashMap<String, String>,
+}
+
 async fn unpack_layer(
     client: &Client,
     name: &str,
     source: &dyn ImageSource,
     image: &ResolvedImage,
-    layer: &image::Layer,
-    chain: &str,
-    parent: &str,
+    unpack: Unpack<'_>,
     options: &PullOptions,
 ) -> Result<LayerOutcome, PullError> {
+    let Unpack {
+        layer,
+        chain,
+        parent,
+        handed,
+    } = unpack;
     let snapshots = client.snapshots();
     let stat = until_available(|| {
         let mut snapshots = snapshots.clone();
@@ -368,7 +417,7 @@ async fn unpack_layer(
         Err(status) => return Err(failed(format!("snapshot {chain}"))(status)),
     }
     let digest = &layer.descriptor.digest;
-    let labels = HashMap::from([
+    let mut labels = HashMap::from([
         (TARGET_LABEL.to_string(), chain.to_string()),
         (IMAGE_LABELS[0].to_string(), name.to_string()),
         (LAYER_LABELS[0].to_string(), digest.to_string()),
@@ -377,6 +426,7 @@ async fn unpack_layer(
             image.manifest_digest.to_string(),
         ),
     ]);
+    labels.extend(std::mem::take(handed));
     let nanos = crate::containerd::snapshotter::store::now_nanos();
     let key = format!("extract-{nanos}-{chain}");
     let prepared = until_available(|| {

@@ -11,8 +11,10 @@
 //! to it (with a 32 MB/s background fill on a 25 MB/s link, a python start fetched 4-5 times
 //! what it read and took 10% longer). So background requests also wait for quiet: none may
 //! start while any reader or prefetch request waits or runs, nor within [`QUIET`] after the last
-//! one ended. A start, whose misses come tens of milliseconds apart, thus runs without
-//! background traffic, while an idle mount fills at link rate; the background requests already
+//! one ended; a mount counts its opening as such an end ([`RequestScheduler::hold_background`]),
+//! since its first reads and prioritised prefetch follow at once. A start, whose misses come
+//! tens of milliseconds apart, thus runs without background traffic, while an idle mount fills
+//! at link rate; the background requests already
 //! running when a reader arrives are small (the filler's job, see `fs`), so the reader shares the
 //! link with them for a few tens of milliseconds at most. The alternatives were weaker: a
 //! bandwidth cap is either too low for an idle mount or too high for a busy one, and a link-rate
@@ -163,6 +165,15 @@ impl RequestScheduler {
         state.foreground_ended.map_or(Duration::ZERO, |ended| {
             QUIET.saturating_sub(ended.elapsed())
         })
+    }
+
+    /// Holds background requests back for [`QUIET`] from now, as if foreground work had just
+    /// ended. A mount calls this when it opens: its first reads and its prioritised prefetch
+    /// are moments away, and a background request sent before them would take the link from
+    /// them (two 1 MiB background requests went out before python-app's profile prefetch did).
+    pub fn hold_background(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.foreground_ended = Some(Instant::now());
     }
 
     /// Whether background requests are held back now.
@@ -428,6 +439,24 @@ mod tests {
         priority.raise(Priority::Reader);
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert!(finished(&background).await, "a raised request still waited");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn background_held_at_opening_waits_for_quiet() {
+        let scheduler = RequestScheduler::new(4);
+        scheduler.hold_background();
+        let opened = Instant::now();
+        let background = tokio::spawn({
+            let scheduler = scheduler.clone();
+            async move {
+                let _permit = scheduler.acquire(Priority::Background).await;
+                Instant::now()
+            }
+        });
+        tokio::time::sleep(QUIET / 2).await;
+        assert!(!finished(&background).await, "background ran at opening");
+        let started = background.await.unwrap();
+        assert!(started >= opened + QUIET, "{started:?} {opened:?}");
     }
 
     #[tokio::test]

@@ -27,6 +27,7 @@ use crate::layer::tar_stream::StreamObserver;
 use crate::layer::{self, LayerError, LayerFormat};
 use crate::layer::{ChunkRef, ChunkSource};
 use crate::model::digest::Digest;
+use crate::source::ImageSource;
 use crate::source::image::ResolvedImage;
 use crate::source::open::OpenedImage;
 use crate::source::retry::{self, RetryPolicy};
@@ -192,11 +193,7 @@ impl ImageFs {
         });
         // A learned profile (this machine's own) wins; else the published one is read while the
         // layers' indexes load.
-        let learned = options
-            .disk
-            .as_deref()
-            .filter(|_| options.profile_window.is_some())
-            .and_then(|disk| profile::load(disk, &image.source));
+        let learned = learned_profile(&image, options);
         let published = async {
             let artifact = image.profile.as_ref()?;
             if learned.is_some() || options.profile_window.is_none() {
@@ -240,13 +237,15 @@ impl ImageFs {
         // Every compressed chunk in blob order: the neighbours a read is amplified with, what
         // background filling fetches, and where the landmark's chunks are found.
         let all_chunks = chunks_in_blob_order(&tree, &layers);
+        let scheduler = RequestScheduler::new(options.request_slots);
+        scheduler.hold_background();
         let content = Arc::new(
             ContentReader::new(
                 source,
                 tiers,
                 infos,
                 stats.clone(),
-                RequestScheduler::new(options.request_slots),
+                scheduler,
                 options.retry.clone(),
             )
             .with_amplification(all_chunks.clone(), options.amplify_bytes),
@@ -382,6 +381,26 @@ impl ImageFs {
         }
     }
 
+    /// Fetches the published start-up profile that [`ImageFs::open`] would read for `image`
+    /// into the disk cache, where `open` then finds it. For a caller that loads the layers'
+    /// indexes before opening (the snapshotter checks them during a pull): the profile then
+    /// arrives beside the indexes, not a round trip or two after them. Failures are left for
+    /// `open` to report.
+    pub async fn fetch_profile_ahead(
+        raw: Arc<dyn ImageSource>,
+        image: &ResolvedImage,
+        options: &ImageFsOptions,
+    ) {
+        let (Some(artifact), Some(disk)) = (&image.profile, &options.disk) else {
+            return;
+        };
+        if options.profile_window.is_none() || learned_profile(image, options).is_some() {
+            return;
+        }
+        let (source, _) = crate::source::open::stack(raw, Some(disk.clone()));
+        let _ = profile::fetch_published(&*source, &image.manifest_digest, artifact).await;
+    }
+
     /// Records no start-up profile: the mount was taken over from an earlier daemon, and what
     /// its containers read now is not their start.
     pub fn stop_profile(&self) {
@@ -411,6 +430,15 @@ impl ImageFs {
     pub fn queued(&self) -> [usize; 3] {
         self.content.queued()
     }
+}
+
+/// This machine's own profile of `image`, when profiles are used at all.
+fn learned_profile(image: &ResolvedImage, options: &ImageFsOptions) -> Option<profile::Profile> {
+    options
+        .disk
+        .as_deref()
+        .filter(|_| options.profile_window.is_some())
+        .and_then(|disk| profile::load(disk, &image.source))
 }
 
 /// Every compressed chunk of every file in the merged tree, per layer (bottom layer first, as
@@ -551,6 +579,7 @@ async fn prefetch_files(
     work: Vec<(usize, Vec<ChunkRef>)>,
     stats: Arc<FetchStats>,
 ) {
+    let started = std::time::Instant::now();
     let spans = content.prioritised_spans(&work, PREFETCH_GAP, PREFETCH_SPAN);
     tracing::debug!(
         "prioritised prefetch: {} files, {} compressed bytes wanted, {} in {} spans",
@@ -577,6 +606,7 @@ async fn prefetch_files(
         })
         .buffer_unordered(PREFETCH_PARALLEL);
     while done.next().await.is_some() {}
+    tracing::debug!("prioritised prefetch done in {:?}", started.elapsed());
     stats
         .profile_prefetched
         .store(true, std::sync::atomic::Ordering::Relaxed);

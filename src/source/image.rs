@@ -12,8 +12,8 @@ use bytes::Bytes;
 
 use crate::model::digest::Digest;
 use crate::model::oci::{
-    Descriptor, ImageConfig, ImageManifest, LayerCompression, LazyIndex, MAX_CONFIG_BYTES,
-    Manifest, ManifestError, Platform,
+    Descriptor, FetchedManifest, ImageConfig, ImageManifest, LayerCompression, LazyIndex,
+    MAX_CONFIG_BYTES, Manifest, ManifestError, Platform,
 };
 use crate::model::reference::ManifestSelector;
 use crate::source::{ImageSource, SourceError};
@@ -97,6 +97,34 @@ impl ResolvedImage {
     pub fn compressed_size(&self) -> u64 {
         self.layers.iter().map(|l| l.descriptor.size).sum()
     }
+
+    /// What this image was resolved from, for [`resolved_from`] to rebuild it elsewhere
+    /// without asking the source again.
+    pub fn resolution(&self) -> Resolution {
+        let gzip_indexes = self
+            .layers
+            .iter()
+            .filter(|l| unindexed_gzip(&l.descriptor))
+            .filter_map(|l| match &l.lazy_index {
+                Some(LazyIndex::GzipIndex { index }) => {
+                    Some((l.descriptor.digest.clone(), index.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        Resolution {
+            manifest: FetchedManifest {
+                bytes: self.manifest_bytes.clone(),
+                media_type: Some(self.manifest_media_type.clone()),
+                digest: self.manifest_digest.clone(),
+            },
+            config: self.config_bytes.clone(),
+            published: Published {
+                gzip_indexes,
+                profile: self.profile.clone(),
+            },
+        }
+    }
 }
 
 /// Resolves `selector` in `source` to the image for `platform`.
@@ -158,17 +186,8 @@ pub async fn resolve(
             platforms,
         });
     };
-    let manifest_media_type = manifest
-        .media_type
-        .clone()
-        .or(fetched.media_type.clone())
-        .unwrap_or_else(|| crate::model::oci::MEDIA_OCI_MANIFEST.to_string());
     // The config and the referrers (seek indexes, a start-up profile) each depend on the
     // manifest only: one round trip for both.
-    let unindexed_gzip = |d: &Descriptor| {
-        matches!(LazyIndex::of(d), Ok(None))
-            && LayerCompression::from_media_type(&d.media_type).ok() == Some(LayerCompression::Gzip)
-    };
     let wants_indexes = manifest.layers.iter().any(unindexed_gzip);
     let lookup = tokio::time::timeout(
         REFERRERS_WAIT,
@@ -177,6 +196,117 @@ pub async fn resolve(
     let (config_bytes, published) =
         tokio::join!(source.blob(&manifest.config, MAX_CONFIG_BYTES), lookup);
     let config_bytes = config_bytes?;
+    // The layers still read correctly without their seek indexes (streamed whole), and a start
+    // without its profile is only slower.
+    let published = match published {
+        Ok(Ok(published)) => published,
+        Ok(Err(e)) => {
+            tracing::warn!(%image, "looking for seek indexes and a start-up profile: {e}");
+            Published::default()
+        }
+        Err(_) => {
+            tracing::warn!(
+                %image,
+                "looking for seek indexes and a start-up profile: no answer within {} s; going \
+                 on without them",
+                REFERRERS_WAIT.as_secs()
+            );
+            Published::default()
+        }
+    };
+    let parts = Resolution {
+        manifest: fetched,
+        config: config_bytes,
+        published,
+    };
+    assemble(image, indexes, chosen_platform, manifest, parts, platform)
+}
+
+/// What a resolution fetched, before it is checked and put together: enough to rebuild the
+/// [`ResolvedImage`] without the source (`lazylayer pull` hands it to the snapshotter, see
+/// [`ResolvedImage::resolution`]).
+#[derive(Clone, Debug)]
+pub struct Resolution {
+    pub manifest: FetchedManifest,
+    pub config: Bytes,
+    pub published: Published,
+}
+
+/// The image of a resolution made elsewhere, checked as [`resolve`] checks what it fetched: the
+/// manifest must have the digest `pin` and the config the digest the manifest gives it.
+pub fn resolved_from(
+    image: String,
+    pin: &Digest,
+    parts: Resolution,
+    platform: &Platform,
+) -> Result<ResolvedImage, ImageError> {
+    let inconsistent = |reason: String| ImageError::Inconsistent {
+        image: image.clone(),
+        reason,
+    };
+    if Digest::of(&parts.manifest.bytes) != *pin {
+        return Err(inconsistent(format!(
+            "the manifest handed over is not {pin}"
+        )));
+    }
+    let manifest =
+        match Manifest::parse(&parts.manifest.bytes, parts.manifest.media_type.as_deref()) {
+            Ok(Manifest::Image(m)) => *m,
+            Ok(Manifest::Index(_)) => {
+                return Err(inconsistent(format!(
+                    "{pin} is an index, not an image manifest"
+                )));
+            }
+            Err(e) => {
+                return Err(ImageError::Malformed {
+                    image,
+                    what: "manifest",
+                    digest: pin.clone(),
+                    source: e,
+                });
+            }
+        };
+    if Digest::of(&parts.config) != manifest.config.digest {
+        return Err(inconsistent(format!(
+            "the config handed over is not {}",
+            manifest.config.digest
+        )));
+    }
+    assemble(image, Vec::new(), None, manifest, parts, platform)
+}
+
+/// A gzip layer with no lazy index of its own: a published seek index can make it lazy.
+fn unindexed_gzip(d: &Descriptor) -> bool {
+    matches!(LazyIndex::of(d), Ok(None))
+        && LayerCompression::from_media_type(&d.media_type).ok() == Some(LayerCompression::Gzip)
+}
+
+/// Checks a fetched manifest and config against each other and the platform, and puts the
+/// image together.
+fn assemble(
+    image: String,
+    indexes: Vec<ResolvedIndex>,
+    chosen_platform: Option<Platform>,
+    manifest: ImageManifest,
+    parts: Resolution,
+    platform: &Platform,
+) -> Result<ResolvedImage, ImageError> {
+    let Resolution {
+        manifest: fetched,
+        config: config_bytes,
+        published,
+    } = parts;
+    let malformed = |what, digest: &Digest, source| ImageError::Malformed {
+        image: image.clone(),
+        what,
+        digest: digest.clone(),
+        source,
+    };
+    let manifest_media_type = manifest
+        .media_type
+        .clone()
+        .or(fetched.media_type.clone())
+        .unwrap_or_else(|| crate::model::oci::MEDIA_OCI_MANIFEST.to_string());
     let config = ImageConfig::parse(&config_bytes)
         .map_err(|e| malformed("config", &manifest.config.digest, e))?;
     // A manifest reached without an index says its platform in its config only; containerd
@@ -220,24 +350,6 @@ pub async fn resolve(
             })
         })
         .collect::<Result<Vec<Layer>, ImageError>>()?;
-    // The layers still read correctly without their seek indexes (streamed whole), and a start
-    // without its profile is only slower.
-    let published = match published {
-        Ok(Ok(published)) => published,
-        Ok(Err(e)) => {
-            tracing::warn!(%image, "looking for seek indexes and a start-up profile: {e}");
-            Published::default()
-        }
-        Err(_) => {
-            tracing::warn!(
-                %image,
-                "looking for seek indexes and a start-up profile: no answer within {} s; going \
-                 on without them",
-                REFERRERS_WAIT.as_secs()
-            );
-            Published::default()
-        }
-    };
     for layer in layers.iter_mut().filter(|l| unindexed_gzip(&l.descriptor)) {
         if let Some(index) = published.gzip_indexes.get(&layer.descriptor.digest) {
             layer.lazy_index = Some(LazyIndex::GzipIndex {
@@ -268,12 +380,14 @@ pub async fn resolve(
 const REFERRERS_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What was published next to an image manifest for lazylayer.
-#[derive(Default)]
-struct Published {
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Published {
     /// Gzip seek index blobs (by `lazylayer index`), by the digest of the layer each indexes.
-    gzip_indexes: std::collections::HashMap<Digest, Descriptor>,
+    #[serde(default, skip_serializing_if = "std::collections::HashMap::is_empty")]
+    pub gzip_indexes: std::collections::HashMap<Digest, Descriptor>,
     /// The newest start-up profile artifact (by `lazylayer profile push`).
-    profile: Option<Descriptor>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<Descriptor>,
 }
 
 /// The referrers of `manifest`, in one lookup: its start-up profile and, when `want_indexes`,
@@ -332,4 +446,79 @@ async fn find_published(
         }
     }
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MANIFEST: &str = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"CONFIG","size":SIZE},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:1111111111111111111111111111111111111111111111111111111111111111","size":100}]}"#;
+    const CONFIG: &str = r#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":["sha256:2222222222222222222222222222222222222222222222222222222222222222"]}}"#;
+
+    fn handed(manifest: &str, config: &str, published: Published) -> Resolution {
+        let manifest = Bytes::from(manifest.to_string());
+        Resolution {
+            manifest: FetchedManifest {
+                digest: Digest::of(&manifest),
+                bytes: manifest,
+                media_type: None,
+            },
+            config: Bytes::from(config.to_string()),
+            published,
+        }
+    }
+
+    #[test]
+    fn a_resolution_handed_over_rebuilds_the_image_and_is_checked_by_digest() {
+        let manifest = MANIFEST
+            .replace("CONFIG", &Digest::of(CONFIG.as_bytes()).to_string())
+            .replace("SIZE", &CONFIG.len().to_string());
+        let pin = Digest::of(manifest.as_bytes());
+        let layer: Digest = format!("sha256:{}", "1".repeat(64)).parse().unwrap();
+        let index = Descriptor::new("application/x-index", Digest::of(b"index"), 5);
+        let profile = Descriptor::new("application/x-profile", Digest::of(b"profile"), 7);
+        let published = Published {
+            gzip_indexes: [(layer.clone(), index.clone())].into(),
+            profile: Some(profile.clone()),
+        };
+        let platform = Platform {
+            os: "linux".into(),
+            architecture: "amd64".into(),
+            variant: None,
+        };
+        let image = resolved_from(
+            "reg/app".into(),
+            &pin,
+            handed(&manifest, CONFIG, published),
+            &platform,
+        )
+        .unwrap();
+        assert_eq!(image.manifest_digest, pin);
+        assert_eq!(image.profile, Some(profile));
+        assert!(matches!(
+            &image.layers[0].lazy_index,
+            Some(LazyIndex::GzipIndex { index: i }) if *i == index
+        ));
+        // What the image hands on rebuilds the same image.
+        let again = resolved_from("reg/app".into(), &pin, image.resolution(), &platform).unwrap();
+        assert_eq!(again.manifest_bytes, image.manifest_bytes);
+        assert_eq!(again.config_bytes, image.config_bytes);
+        assert_eq!(again.profile, image.profile);
+        assert_eq!(again.layers[0].lazy_index, image.layers[0].lazy_index);
+
+        // Another manifest than the one containerd names, or a config that is not the manifest's.
+        let other = Digest::of(b"another manifest");
+        let wrong_pin = resolved_from("reg/app".into(), &other, image.resolution(), &platform);
+        assert!(
+            matches!(wrong_pin, Err(ImageError::Inconsistent { .. })),
+            "{wrong_pin:?}"
+        );
+        let tampered = CONFIG.replace("amd64", "arm64");
+        let bad_config = handed(&manifest, &tampered, Published::default());
+        let refused = resolved_from("reg/app".into(), &pin, bad_config, &platform);
+        assert!(
+            matches!(&refused, Err(ImageError::Inconsistent { reason, .. }) if reason.contains("config")),
+            "{refused:?}"
+        );
+    }
 }

@@ -99,6 +99,28 @@ pub async fn open_image(
     })
 }
 
+/// As [`open_image`], with the image resolved elsewhere: `handed` is what `lazylayer pull`
+/// fetched, handed to the snapshotter with the layers it prepares. It is checked against `pin`
+/// (the manifest digest containerd names) and the config digest in it; no request is made.
+pub async fn open_resolved(
+    reference: &ImageRef,
+    pin: &Digest,
+    handed: image::Resolution,
+    config: &FetchConfig,
+    platform: &Platform,
+    disk: Option<Arc<DiskCache>>,
+) -> Result<OpenedImage, ImageError> {
+    let (raw, _, _) = connect(reference, config, disk.as_ref()).await?;
+    let image = image::resolved_from(raw.name(), pin, handed, platform)?;
+    let (source, stats) = stack(raw.clone(), disk);
+    Ok(OpenedImage {
+        raw,
+        source,
+        stats,
+        image,
+    })
+}
+
 /// The one order of source wrappers over a backend that [`open`] returned: a counter directly
 /// above it, so that what reaches the network is counted (each retry is a request on the wire),
 /// and the disk tier in front of the counter, so that a blob served from disk costs nothing.

@@ -440,6 +440,21 @@ impl Registry {
         std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
     }
 
+    /// Lines in the log so far: a mark for [`Registry::requests_since`].
+    pub fn log_mark(&self) -> usize {
+        self.log().lines().count()
+    }
+
+    /// Requests in the access log after its first `from` lines that match `pattern`.
+    pub fn requests_since(&self, from: usize, pattern: &str) -> Vec<String> {
+        self.log()
+            .lines()
+            .skip(from)
+            .filter(|l| l.starts_with("127.0.0.1 - ") && l.contains(pattern))
+            .map(str::to_string)
+            .collect()
+    }
+
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }

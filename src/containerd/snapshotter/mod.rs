@@ -52,7 +52,7 @@ use crate::model::oci::Platform;
 use crate::mount::detach;
 use crate::mount::takeover::KeptConnections;
 use crate::source::config::FetchConfig;
-use remote::{LazyMount, REMEMBERED_IMAGES, RemoteImage, remote_layer, unmount};
+use remote::{LazyMount, REMEMBERED_IMAGES, RemoteImage, handed_resolution, remote_layer, unmount};
 use store::{Kind, Record, RemoteLayer, Store};
 
 /// The label containerd's unpacker sets on the snapshot a layer is prepared in: the name the
@@ -70,6 +70,15 @@ pub const LAYER_LABELS: [&str; 2] = [
 ];
 /// Manifest the layer belongs to (pins the image when the reference is a tag).
 pub const MANIFEST_LABEL: &str = "containerd.io/snapshot/cri.manifest-digest";
+/// `lazylayer pull`'s own resolution of the image, handed over so that the snapshotter need
+/// not ask the registry again (two round trips less before the layers' indexes are fetched):
+/// the manifest's bytes, the config's bytes, and what was published next to the manifest
+/// (JSON). Checked against the manifest label's digest; never stored.
+pub const RESOLUTION_LABELS: [&str; 3] = [
+    "containerd.io/snapshot/lazylayer.manifest",
+    "containerd.io/snapshot/lazylayer.config",
+    "containerd.io/snapshot/lazylayer.published",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -260,8 +269,9 @@ impl Snapshotter {
         &self,
         key: &str,
         parent: &str,
-        labels: BTreeMap<String, String>,
+        mut labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>, SnapshotError> {
+        let handed = handed_resolution(&mut labels);
         if let (Some(target), Some(remote)) =
             (labels.get(TARGET_LABEL).cloned(), remote_layer(&labels))
         {
@@ -269,7 +279,7 @@ impl Snapshotter {
                 return Err(SnapshotError::AlreadyExists(target));
             }
             if self.all_remote(parent) {
-                match self.check_remote(&remote).await {
+                match self.check_remote(&remote, handed).await {
                     Ok(()) => {
                         self.create(&target, parent, Kind::Committed, labels, Some(remote))?;
                         return Err(SnapshotError::AlreadyExists(target));

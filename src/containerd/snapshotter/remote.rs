@@ -13,8 +13,8 @@
 //! (python-app's three: 0.18 + 0.07 + 0.10 s through a 20 ms link). With a disk cache, the
 //! loaded indexes stay there for the mount that follows.
 //!
-//! Once every layer's check has passed, the whole image is opened ahead of its mount, so that
-//! its prioritised files (the eStargz landmark's, a learned profile's) and its background fill
+//! Once every layer's check has passed (its published start-up profile, if any, is fetched
+//! beside the checks), the whole image is opened ahead of its mount, so that its prioritised files (the eStargz landmark's, a learned profile's) and its background fill
 //! start during the pull, not when the first container mounts it. The first mount of the
 //! whole image takes that opened image; one that nobody mounts within [`OPENED_AHEAD_KEPT`]
 //! is dropped (what it prefetched stays in the disk cache).
@@ -27,15 +27,18 @@ use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 
 use super::store::RemoteLayer;
-use super::{IMAGE_LABELS, LAYER_LABELS, MANIFEST_LABEL, SnapshotError, Snapshotter};
+use super::{
+    IMAGE_LABELS, LAYER_LABELS, MANIFEST_LABEL, RESOLUTION_LABELS, SnapshotError, Snapshotter,
+};
 use crate::fs::{ImageFs, ImageFsOptions};
 use crate::layer::tar_stream::Ignore;
+use crate::model::oci::FetchedManifest;
 use crate::model::reference::ImageRef;
 use crate::mount::{Companions, MountOptions, detach};
 use crate::source::ImageSource;
 use crate::source::config::FetchConfig;
-use crate::source::image::{Layer, ResolvedImage};
-use crate::source::open::{OpenedImage, open_image};
+use crate::source::image::{Layer, Resolution, ResolvedImage};
+use crate::source::open::{OpenedImage, open_image, open_resolved};
 
 /// One FUSE mount serving a run of remote layers.
 pub(super) struct LazyMount {
@@ -71,9 +74,14 @@ fn open_ahead(
     options: ImageFsOptions,
 ) -> Arc<std::sync::Mutex<Option<OpenedAhead>>> {
     let open: OpenedAhead = async move {
-        for check in checks {
-            check.await.ok()?;
-        }
+        let checked = async {
+            for check in checks {
+                check.await.ok()?;
+            }
+            Some(())
+        };
+        let profile = ImageFs::fetch_profile_ahead(raw.clone(), &image, &options);
+        tokio::join!(checked, profile).0?;
         let opened = OpenedImage::stacked(raw, image, options.disk.clone());
         match ImageFs::open(opened, &options).await {
             Ok(fs) => Some(Arc::new(fs)),
@@ -155,7 +163,7 @@ impl Snapshotter {
             )
         };
         let failed = |reason: String| remote.failed(reason);
-        let resolved = self.remote_image(&remote).await?;
+        let resolved = self.remote_image(&remote, None).await?;
         let position = layer_position(&resolved.image, &remote).map_err(failed)?;
         if position + 1 != depth {
             return Err(failed(format!(
@@ -251,7 +259,11 @@ impl Snapshotter {
     /// Resolves the image a remote layer belongs to and starts checking its layers' indexes.
     /// Images pinned by manifest digest are resolved once and remembered: every layer of a pull
     /// asks for the same image, and each resolution costs two round trips (manifest, config).
-    async fn remote_image(&self, remote: &RemoteLayer) -> Result<RemoteImage, SnapshotError> {
+    async fn remote_image(
+        &self,
+        remote: &RemoteLayer,
+        handed: Option<Resolution>,
+    ) -> Result<RemoteImage, SnapshotError> {
         let pinned = remote
             .manifest
             .clone()
@@ -266,15 +278,27 @@ impl Snapshotter {
         let reference = ImageRef::parse(&remote.image).map_err(|e| failed(e.to_string()))?;
         let disk = self.config.image_fs.disk.clone();
         let registry = self.registry_config(&remote.image).await;
-        let opened = open_image(
-            &reference,
-            remote.manifest.as_ref(),
-            &registry,
-            &self.config.platform,
-            disk.clone(),
-        )
-        .await
-        .map_err(|e| failed(e.to_string()))?;
+        let platform = &self.config.platform;
+        let handed = match (handed, &remote.manifest) {
+            (Some(handed), Some(pin)) => {
+                open_resolved(&reference, pin, handed, &registry, platform, disk.clone())
+                    .await
+                    .inspect_err(|e| {
+                        tracing::debug!("the resolution handed over is not used: {e}");
+                    })
+                    .ok()
+            }
+            _ => None,
+        };
+        let opened = match handed {
+            Some(opened) => opened,
+            None => {
+                let pin = remote.manifest.as_ref();
+                open_image(&reference, pin, &registry, platform, disk.clone())
+                    .await
+                    .map_err(|e| failed(e.to_string()))?
+            }
+        };
         let checks = start_checks(&opened.source, &opened.image.layers, disk);
         // Only a remembered image is opened ahead: one resolved per Prepare would be opened
         // (and filled) once per layer.
@@ -302,9 +326,13 @@ impl Snapshotter {
 
     /// Waits for a remote layer's lazy index to be fetched and verified: the layer can then be
     /// mounted lazily.
-    pub(super) async fn check_remote(&self, remote: &RemoteLayer) -> Result<(), SnapshotError> {
+    pub(super) async fn check_remote(
+        &self,
+        remote: &RemoteLayer,
+        handed: Option<Resolution>,
+    ) -> Result<(), SnapshotError> {
         let failed = |reason: String| remote.failed(reason);
-        let image = self.remote_image(remote).await?;
+        let image = self.remote_image(remote, handed).await?;
         let position = layer_position(&image.image, remote).map_err(failed)?;
         let checked = image.checks[position].clone().await;
         if checked.is_err()
@@ -327,6 +355,25 @@ impl RemoteLayer {
             reason,
         }
     }
+}
+
+/// Takes the resolution `lazylayer pull` handed over out of `labels` (they are not stored: the
+/// image is remembered instead). Labels that do not parse are dropped, and the image is then
+/// resolved as usual.
+pub(super) fn handed_resolution(labels: &mut BTreeMap<String, String>) -> Option<Resolution> {
+    let [manifest, config, published] =
+        RESOLUTION_LABELS.map(|name| labels.remove(name).map(String::into_bytes));
+    let published = serde_json::from_slice(&published?).ok()?;
+    let manifest = bytes::Bytes::from(manifest?);
+    Some(Resolution {
+        manifest: FetchedManifest {
+            digest: crate::model::digest::Digest::of(&manifest),
+            bytes: manifest,
+            media_type: None,
+        },
+        config: bytes::Bytes::from(config?),
+        published,
+    })
 }
 
 /// The remote layer named by a `Prepare`'s labels, if they name one.
