@@ -442,7 +442,10 @@ fn map(path: &Path) -> Option<Bytes> {
     // bytes are hashed before use, so a file truncated under us cannot yield unchecked data;
     // at worst a concurrent truncation raises SIGBUS, which renaming rather than truncating
     // avoids.
-    let mapped = unsafe { memmap2::Mmap::map(&file) }.ok()?;
+    // Populated: the whole file is read in as the mapping is made, in one go, rather than
+    // page by page as the hash touches it (which made a cold walk of a tree from the disk cache
+    // wait on one small disk read after another).
+    let mapped = unsafe { memmap2::MmapOptions::new().populate().map(&file) }.ok()?;
     Some(Bytes::from_owner(mapped))
 }
 

@@ -2,13 +2,16 @@
 //!
 //! Metadata operations (`lookup`, `getattr`, `readdir`, `getxattr`, ...) are answered inline on
 //! the FUSE worker thread from the in-memory tree: they never touch the network, so they cannot
-//! be held up by a slow fetch. Reads are handed to the tokio runtime with their reply object and
-//! answered when their chunks arrive; the worker thread goes straight back to the kernel for the
-//! next request. So a read waiting on the network blocks neither `stat` nor reads of cached data
-//! from other processes (see `kernel-notes/` for the threading choice).
+//! be held up by a slow fetch. A read of cached chunks is answered on the worker thread too; one
+//! that must wait is handed to the tokio runtime with its reply object and answered when its
+//! chunks arrive, while the worker goes straight back to the kernel for the next request. So a
+//! read waiting on the network blocks neither `stat` nor reads of cached data from other
+//! processes (see `kernel-notes/` for the threading choice).
 //!
 //! The image never changes while mounted, so every reply tells the kernel to cache: long entry
 //! and attribute timeouts, and `FOPEN_KEEP_CACHE` so the page cache survives close and reopen.
+//! Where the kernel allows, opens and flushes are answered "not implemented" once, and it then
+//! opens files itself with that same caching and sends no more opens, releases or flushes.
 //! Writes of any kind get `EROFS` (the mount is also read-only, so the kernel refuses most of
 //! them before they reach us).
 
@@ -82,11 +85,20 @@ const BLOCK: u64 = 4096;
 pub struct ImageFilesystem {
     fs: Arc<ImageFs>,
     runtime: tokio::runtime::Handle,
+    /// The kernel opens files (and directories) itself once an open is answered `ENOSYS`, with
+    /// the page cache kept: set when it said in `FUSE_INIT` that it can.
+    no_open: bool,
+    no_opendir: bool,
 }
 
 impl ImageFilesystem {
     pub fn new(fs: Arc<ImageFs>, runtime: tokio::runtime::Handle) -> ImageFilesystem {
-        ImageFilesystem { fs, runtime }
+        ImageFilesystem {
+            fs,
+            runtime,
+            no_open: false,
+            no_opendir: false,
+        }
     }
 
     fn node(&self, ino: INodeNo) -> Result<&Node, Errno> {
@@ -190,6 +202,14 @@ impl Filesystem for ImageFilesystem {
                 debug!("kernel does not offer {flag:?}");
             }
         }
+        // Not in INIT_CAPABILITIES: nothing to ask for, only to know. A connection taken over
+        // (whose INIT is made up) answers opens as before, which is right on any kernel.
+        self.no_open = config
+            .capabilities()
+            .contains(InitFlags::FUSE_NO_OPEN_SUPPORT);
+        self.no_opendir = config
+            .capabilities()
+            .contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
         Ok(())
     }
 
@@ -228,6 +248,10 @@ impl Filesystem for ImageFilesystem {
         match self.node(ino).map(|n| &n.kind) {
             Ok(_) if is_write(flags) => reply.error(Errno::EROFS),
             Ok(NodeKind::Dir { .. }) => reply.error(Errno::EISDIR),
+            // Every file would get the same answer (no handle, keep the cache), which is what
+            // the kernel assumes from now on when told "no open": no open or release request
+            // again for any file of the mount, two round trips less per file opened.
+            Ok(_) if self.no_open => reply.error(Errno::ENOSYS),
             Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(e),
         }
@@ -246,20 +270,38 @@ impl Filesystem for ImageFilesystem {
     ) {
         tracing::trace!(ino = ino.0, offset, size, "read");
         let fs = self.fs.clone();
-        self.runtime.spawn(async move {
-            match fs.read(ino.0, offset, size as u64).await {
-                Ok(data) => reply.data(&data),
-                Err(e) => {
-                    warn!("read of inode {} at {offset} (+{size}) failed: {e}", ino.0);
-                    reply.error(Errno::EIO);
+        let mut read = Box::pin(async move { fs.read(ino.0, offset, size as u64).await });
+        let answer =
+            move |reply: ReplyData,
+                  result: Result<bytes::Bytes, Arc<crate::fetch::ContentError>>| {
+                match result {
+                    Ok(data) => reply.data(&data),
+                    Err(e) => {
+                        warn!("read of inode {} at {offset} (+{size}) failed: {e}", ino.0);
+                        reply.error(Errno::EIO);
+                    }
                 }
+            };
+        // A read of cached chunks is answered here, on the FUSE thread, rather than after a hop
+        // to the runtime's threads: reading a tree from the disk cache is mostly such reads, and
+        // the hop (and the runtime's two threads doing every disk load) cost more than the load.
+        // A read that must wait is handed to the runtime, which polls it again with a real
+        // waker.
+        let _runtime = self.runtime.enter();
+        let mut waiting = std::task::Context::from_waker(std::task::Waker::noop());
+        match read.as_mut().poll(&mut waiting) {
+            std::task::Poll::Ready(result) => answer(reply, result),
+            std::task::Poll::Pending => {
+                self.runtime.spawn(async move { answer(reply, read.await) });
             }
-        });
+        }
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.node(ino) {
             Ok(_) if is_write(flags) => reply.error(Errno::EROFS),
+            // As for files (see `open`): the kernel's default is the answer below.
+            Ok(node) if node.is_dir() && self.no_opendir => reply.error(Errno::ENOSYS),
             Ok(node) if node.is_dir() => reply.opened(
                 FileHandle(0),
                 FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
@@ -419,8 +461,9 @@ impl Filesystem for ImageFilesystem {
         _lock_owner: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Nothing is ever buffered for writing.
-        reply.ok();
+        // Nothing is ever buffered for writing; "no flush" stops the kernel sending one on
+        // every close (a round trip each) for the rest of the mount.
+        reply.error(Errno::ENOSYS);
     }
 
     #[allow(clippy::too_many_arguments)]
