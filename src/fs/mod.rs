@@ -68,10 +68,14 @@ pub struct ImageFsOptions {
     pub retry: RetryPolicy,
     /// Compressed bytes a reader's request may grow to with the chunks that follow it in the
     /// blob (read amplification; 0 turns it off). See `ContentReader::with_amplification`.
-    /// 128 KiB (5 ms at 200 Mbit/s) still brings a missed file's immediate neighbours; larger
-    /// windows mostly carried bytes nobody read once sibling prefetch takes a directory's small
-    /// files (python-app through a 20 ms link, 3 runs each: 512K 3.61 s and 28.5 MB, 128K
-    /// 3.44 s and 27.2 MB, 2M 3.72 s and 40.1 MB).
+    /// 2 MiB (80 ms at 200 Mbit/s): a start without hints misses file after file, mostly in
+    /// the part of the layer it reads first, and each request saved is a round trip the
+    /// application waits for. python-app eStargz through a 20 ms / 200 Mbit/s link, 3
+    /// interleaved cold starts each (8 request slots, background fill held during the start):
+    /// 128K 2.78 s, 24.3 MB, 93 requests; 512K 2.67 s, 25.9 MB; 1M 2.55 s, 28.1 MB; 2M 2.36 s,
+    /// 29.0 MB, 54 requests; 4M 2.29 s, 32.1 MB; 8M 2.34 s. (With 4 slots and background fill
+    /// competing, 2M had been slower than 128K.) Images with a landmark or profile are capped at
+    /// [`HINTED_AMPLIFY`].
     pub amplify_bytes: u64,
     /// Compressed bytes of a directory's other small files fetched on the first miss in it
     /// (0 turns it off, as a landmark or a profile does; see [`siblings`]). 4 MiB: 160 ms at
@@ -92,7 +96,7 @@ impl Default for ImageFsOptions {
             background_bytes_per_second: None,
             profile_window: None,
             retry: RetryPolicy::default(),
-            amplify_bytes: 128 << 10,
+            amplify_bytes: 2 << 20,
             sibling_bytes: 4 << 20,
         }
     }
@@ -240,6 +244,21 @@ impl ImageFs {
         // Every compressed chunk in blob order: the neighbours a read is amplified with, what
         // background filling fetches, and where the landmark's chunks are found.
         let all_chunks = chunks_in_blob_order(&tree, &layers);
+        let profile = learned.or(published);
+        // Prioritised files: the eStargz landmark's (the image author's list), then the
+        // profile's.
+        let mut work = landmark_work(&all_chunks, &layers);
+        if let Some(profile) = profile {
+            work.extend(profile.work(&tree));
+        }
+        // A landmark or a profile says what the start reads; sibling prefetch and wide read
+        // amplification only guess, and their guesses would take the link from the
+        // prioritised prefetch.
+        let (sibling_bytes, amplify_bytes) = if work.is_empty() {
+            (options.sibling_bytes, options.amplify_bytes)
+        } else {
+            (0, options.amplify_bytes.min(HINTED_AMPLIFY))
+        };
         let scheduler = RequestScheduler::new(options.request_slots);
         scheduler.hold_background();
         let content = Arc::new(
@@ -251,27 +270,13 @@ impl ImageFs {
                 scheduler,
                 options.retry.clone(),
             )
-            .with_amplification(all_chunks.clone(), options.amplify_bytes),
+            .with_amplification(all_chunks.clone(), amplify_bytes),
         );
         let recorder = options
             .profile_window
             .filter(|_| options.disk.is_some())
             .map(Recorder::new);
-        let profile = learned.or(published);
         let background = options.background_fill && options.disk.is_some();
-        // Prioritised files: the eStargz landmark's (the image author's list), then the
-        // profile's.
-        let mut work = landmark_work(&all_chunks, &layers);
-        if let Some(profile) = profile {
-            work.extend(profile.work(&tree));
-        }
-        // A landmark or a profile says what the start reads; sibling prefetch only guesses, and
-        // its guesses would take the link from the prioritised prefetch.
-        let sibling_bytes = if work.is_empty() {
-            options.sibling_bytes
-        } else {
-            0
-        };
         if work.is_empty() {
             stats
                 .profile_prefetched
@@ -472,6 +477,13 @@ fn chunks_in_blob_order(tree: &MergedTree, layers: &[OpenedLayer]) -> Vec<(usize
         })
         .collect()
 }
+
+/// Read amplification at most, for images whose start is prefetched from a landmark or a
+/// profile: a miss there is a file the hints left out or one the prefetch has not reached yet,
+/// and a wide window would fetch what the prefetch brings anyway (python-app's published
+/// profile with 4M: 15-16.7 MB fetched against 13 MB, and no faster). 128 KiB still brings a
+/// missed file's immediate neighbours.
+const HINTED_AMPLIFY: u64 = 128 << 10;
 
 /// Compressed bytes per background request, and how many run at once. Small, so that the
 /// requests in flight when a reader arrives (the scheduler stops new ones) are done within a few
