@@ -8,6 +8,7 @@
 
 mod support;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -468,6 +469,35 @@ async fn disk_cache_survives_remount_and_is_shared_between_images() {
         assert!(first.stats()["fetched_bytes"].as_u64().unwrap() > 10_000_000);
         drop(first);
         let second = Mounted::with_cache(&estargz, cache.path());
+        // The first read in a directory that loads from the disk tier also loads the
+        // directory's other small files into memory meanwhile: reading them next costs no disk
+        // load.
+        let dir = second.join("usr/lib/python3.11/encodings");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_file() && p.metadata().unwrap().len() < 64 << 10)
+            .collect();
+        files.sort();
+        assert!(files.len() > 20, "{files:?}");
+        std::fs::read(&files[0]).unwrap();
+        let before = second.stats();
+        assert!(before["disk_hits"].as_u64().unwrap() >= 1, "{before}");
+        // The loads take milliseconds; each file is read once (the page cache keeps it after).
+        std::thread::sleep(Duration::from_secs(2));
+        for f in &files[1..] {
+            std::fs::read(f).unwrap();
+        }
+        let after = second.stats();
+        assert_eq!(
+            after["disk_hits"], before["disk_hits"],
+            "siblings were read from disk: {after}"
+        );
+        let hits = |s: &serde_json::Value| s["cache_hits"].as_u64().unwrap();
+        assert!(
+            hits(&after) >= hits(&before) + files.len() as u64 - 1,
+            "{before} -> {after}"
+        );
         assert_same_tree(
             "remount from the disk cache",
             &tree,

@@ -241,6 +241,34 @@ impl ContentReader {
             .collect()
     }
 
+    /// Which of `chunks` the disk tier holds and memory does not: what a read of them would load
+    /// from disk.
+    pub fn only_on_disk(&self, layer: usize, chunks: &[ChunkRef]) -> Vec<ChunkRef> {
+        let (tiers, digest) = (&self.fetcher.tiers, &self.layers[layer].descriptor.digest);
+        let Some(disk) = &tiers.disk else {
+            return Vec::new();
+        };
+        chunks
+            .iter()
+            .filter(|c| {
+                let in_memory = c
+                    .cache_key(digest)
+                    .is_none_or(|k| tiers.memory.contains(&k));
+                !in_memory && c.digest.as_ref().is_some_and(|d| disk.has(d))
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Loads `chunk` from the disk tier into memory (blocking file I/O: call it off the runtime's
+    /// threads). Nothing is fetched when the disk does not hold it.
+    pub fn load_from_disk(&self, layer: usize, chunk: &ChunkRef) {
+        let digest = &self.layers[layer].descriptor.digest;
+        if let Some(key) = chunk.cache_key(digest) {
+            let _ = self.fetcher.tiers.get(&key, chunk.digest.as_ref());
+        }
+    }
+
     /// Fetches `chunks` (of any files) at `priority` into the caches (background fetches go to
     /// the disk tier only), merging neighbours into one request.
     pub async fn fetch_chunks(

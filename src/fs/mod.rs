@@ -134,6 +134,9 @@ pub struct ImageFs {
     disk: Option<Arc<DiskCache>>,
     recorder: Option<Recorder>,
     siblings: SiblingPrefetch,
+    /// The same for the disk tier: the first read in a directory that finds its chunk on disk,
+    /// not in memory, loads the directory's other small files from disk meanwhile.
+    disk_siblings: SiblingPrefetch,
 }
 
 /// Puts the file data of a streamed layer into the caches as it goes past. Writing to the disk
@@ -297,8 +300,17 @@ impl ImageFs {
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
         let siblings = SiblingPrefetch::new(&tree, sibling_bytes);
+        let disk_siblings = SiblingPrefetch::new(
+            &tree,
+            if options.disk.is_some() {
+                DISK_SIBLING_BYTES
+            } else {
+                0
+            },
+        );
         Ok(ImageFs {
             siblings,
+            disk_siblings,
             image,
             tree,
             layers,
@@ -330,6 +342,19 @@ impl ImageFs {
         };
         if let Some(recorder) = &self.recorder {
             recorder.record(ino, offset, len);
+        }
+        if self.disk_siblings.pending(ino) {
+            let at = chunks.partition_point(|c| c.file_offset + c.size <= offset);
+            let from_disk = chunks.get(at).is_some_and(|c| {
+                !self
+                    .content
+                    .only_on_disk(*layer, std::slice::from_ref(c))
+                    .is_empty()
+            });
+            if from_disk {
+                let work = self.disk_siblings.work(&self.tree, ino);
+                tokio::spawn(load_from_disk(self.content.clone(), work));
+            }
         }
         if self.siblings.pending(ino) {
             let at = chunks.partition_point(|c| c.file_offset + c.size <= offset);
@@ -476,6 +501,35 @@ fn chunks_in_blob_order(tree: &MergedTree, layers: &[OpenedLayer]) -> Vec<(usize
             (layer, chunks)
         })
         .collect()
+}
+
+/// Compressed bytes of a directory's small files loaded from the disk tier on the first read
+/// in it that finds its chunk there and not in memory. A walk of a tree from disk (a restart, a
+/// backup, `tar`) reads file after file, each waiting for its disk reads; loading the next ones
+/// meanwhile, a few at a time, overlaps those waits. Large next to a directory's small files:
+/// disk reads are cheap, and what is loaded is in memory when the walk gets there.
+const DISK_SIBLING_BYTES: u64 = 16 << 20;
+
+/// Disk loads [`load_from_disk`] runs at once: enough to keep a disk's queue busy while the
+/// walk itself waits on one.
+const DISK_LOADS: usize = 4;
+
+/// Loads `work`'s chunks that are only on disk into memory, [`DISK_LOADS`] at a time, on
+/// blocking threads.
+async fn load_from_disk(content: Arc<ContentReader>, work: Vec<(usize, Vec<ChunkRef>)>) {
+    let loads = work.into_iter().flat_map(|(layer, chunks)| {
+        let missing = content.only_on_disk(layer, &chunks);
+        missing.into_iter().map(move |c| (layer, c))
+    });
+    let loads: Vec<(usize, ChunkRef)> = loads.collect();
+    futures_util::stream::iter(loads)
+        .map(|(layer, chunk)| {
+            let content = content.clone();
+            tokio::task::spawn_blocking(move || content.load_from_disk(layer, &chunk))
+        })
+        .buffer_unordered(DISK_LOADS)
+        .for_each(|_| async {})
+        .await;
 }
 
 /// Read amplification at most, for images whose start is prefetched from a landmark or a

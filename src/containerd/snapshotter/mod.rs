@@ -73,7 +73,9 @@ pub const MANIFEST_LABEL: &str = "containerd.io/snapshot/cri.manifest-digest";
 /// `lazylayer pull`'s own resolution of the image, handed over so that the snapshotter need
 /// not ask the registry again (two round trips less before the layers' indexes are fetched):
 /// the manifest's bytes, the config's bytes, and what was published next to the manifest
-/// (JSON). Checked against the manifest label's digest; never stored.
+/// (JSON). Checked against the manifest label's digest; the published artifacts named are
+/// verified when fetched, and trusted as the client is (containerd's clients are root). Never
+/// stored.
 pub const RESOLUTION_LABELS: [&str; 3] = [
     "containerd.io/snapshot/lazylayer.manifest",
     "containerd.io/snapshot/lazylayer.config",

@@ -13,9 +13,15 @@
 //! (python-app's three: 0.18 + 0.07 + 0.10 s through a 20 ms link). With a disk cache, the
 //! loaded indexes stay there for the mount that follows.
 //!
+//! `lazylayer pull` hands the snapshotter its own resolution of the image (manifest, config and
+//! what is published next to it) in labels on the first `Prepare`; checked against the
+//! manifest digest, it saves resolving the image again, two round trips before the first index
+//! request. Other clients (the CRI plugin, `ctr-remote`) send none, and the image is resolved.
+//!
 //! Once every layer's check has passed (its published start-up profile, if any, is fetched
-//! beside the checks), the whole image is opened ahead of its mount, so that its prioritised files (the eStargz landmark's, a learned profile's) and its background fill
-//! start during the pull, not when the first container mounts it. The first mount of the
+//! beside the checks), the whole image is opened ahead of its mount, so that its prioritised
+//! files (the eStargz landmark's, a profile's) and its background fill start during the pull,
+//! not when the first container mounts it. The first mount of the
 //! whole image takes that opened image; one that nobody mounts within [`OPENED_AHEAD_KEPT`]
 //! is dropped (what it prefetched stays in the disk cache).
 
@@ -258,7 +264,8 @@ impl Snapshotter {
 
     /// Resolves the image a remote layer belongs to and starts checking its layers' indexes.
     /// Images pinned by manifest digest are resolved once and remembered: every layer of a pull
-    /// asks for the same image, and each resolution costs two round trips (manifest, config).
+    /// asks for the same image, and each resolution costs two round trips (manifest, config),
+    /// none when `handed` (from `lazylayer pull`) is right.
     async fn remote_image(
         &self,
         remote: &RemoteLayer,
