@@ -343,36 +343,22 @@ impl ImageFs {
         if let Some(recorder) = &self.recorder {
             recorder.record(ino, offset, len);
         }
-        if self.disk_siblings.pending(ino) {
-            let at = chunks.partition_point(|c| c.file_offset + c.size <= offset);
-            let from_disk = chunks.get(at).is_some_and(|c| {
-                !self
-                    .content
-                    .only_on_disk(*layer, std::slice::from_ref(c))
-                    .is_empty()
-            });
-            if from_disk {
-                let work = self.disk_siblings.work(&self.tree, ino);
-                tokio::spawn(load_from_disk(self.content.clone(), work));
-            }
+        // The chunk this read starts in decides whether its directory's other files are
+        // loaded from disk or fetched (each once per directory).
+        let at = chunks.partition_point(|c| c.file_offset + c.size <= offset);
+        let first = chunks.get(at).map(std::slice::from_ref).unwrap_or_default();
+        if self.disk_siblings.pending(ino) && !self.content.only_on_disk(*layer, first).is_empty() {
+            let work = self.disk_siblings.work(&self.tree, ino);
+            tokio::spawn(load_from_disk(self.content.clone(), work));
         }
-        if self.siblings.pending(ino) {
-            let at = chunks.partition_point(|c| c.file_offset + c.size <= offset);
-            let missed = chunks.get(at).is_some_and(|c| {
-                !self
-                    .content
-                    .missing(*layer, std::slice::from_ref(c))
-                    .is_empty()
-            });
-            if missed {
-                let work = self.siblings.work(&self.tree, ino);
-                if !work.is_empty() {
-                    tokio::spawn(prefetch_group(
-                        self.content.clone(),
-                        work,
-                        "sibling prefetch",
-                    ));
-                }
+        if self.siblings.pending(ino) && !self.content.missing(*layer, first).is_empty() {
+            let work = self.siblings.work(&self.tree, ino);
+            if !work.is_empty() {
+                tokio::spawn(prefetch_group(
+                    self.content.clone(),
+                    work,
+                    "sibling prefetch",
+                ));
             }
         }
         let window = self.read_ahead.window(ino, offset, len);
