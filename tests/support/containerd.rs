@@ -194,7 +194,16 @@ impl Containerd {
         let dst = format!("{}/{repo}:{}", registry.host(), format.tag_suffix());
         self.ctr_ok(&["images", "pull", "--plain-http", &src]);
         self.ctr_ok(&["image", "convert", format.flag(), "--oci", &src, &dst]);
-        self.ctr_ok(&["image", "push", "--plain-http", &dst]);
+        // A push through loopback has failed once in a full run with "unexpected EOF" from
+        // the registry connection; pushing again is harmless (blobs already there are skipped).
+        let push = ["image", "push", "--plain-http", &dst];
+        for _ in 0..2 {
+            if self.ctr(&push).status.success() {
+                return dst;
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+        self.ctr_ok(&push);
         dst
     }
 }
