@@ -68,6 +68,16 @@ impl ChunkTiers {
         }
     }
 
+    /// Whether the disk tier holds a chunk that memory does not: a read of it loads from disk.
+    pub fn only_on_disk(&self, key: Option<&ChunkKey>, digest: Option<&Digest>) -> bool {
+        !key.is_none_or(|k| self.memory.contains(k))
+            && self
+                .disk
+                .as_ref()
+                .zip(digest)
+                .is_some_and(|(disk, d)| disk.has(d))
+    }
+
     /// Whether either tier holds a chunk (a chunk that is never stored counts as held: reading
     /// it costs no fetch).
     pub fn holds(&self, key: Option<&ChunkKey>, digest: Option<&Digest>) -> bool {

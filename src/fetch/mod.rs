@@ -244,17 +244,14 @@ impl ContentReader {
     /// Which of `chunks` the disk tier holds and memory does not: what a read of them would load
     /// from disk.
     pub fn only_on_disk(&self, layer: usize, chunks: &[ChunkRef]) -> Vec<ChunkRef> {
-        let (tiers, digest) = (&self.fetcher.tiers, &self.layers[layer].descriptor.digest);
-        let Some(disk) = &tiers.disk else {
-            return Vec::new();
-        };
+        let digest = &self.layers[layer].descriptor.digest;
         chunks
             .iter()
             .filter(|c| {
-                let in_memory = c
-                    .cache_key(digest)
-                    .is_none_or(|k| tiers.memory.contains(&k));
-                !in_memory && c.digest.as_ref().is_some_and(|d| disk.has(d))
+                let key = c.cache_key(digest);
+                self.fetcher
+                    .tiers
+                    .only_on_disk(key.as_ref(), c.digest.as_ref())
             })
             .cloned()
             .collect()
