@@ -637,6 +637,32 @@ fn chunk_file_bytes(chunks: &std::path::Path) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn random_interleavings_of_reads_evictions_and_prefetch_return_reference_bytes() {
     let (_registry, estargz) = python_app_as_estargz();
+    random_interleavings(&estargz).await;
+}
+
+/// The same through a gzip seek index, where concurrent reads of one span wait for each other
+/// and resume where the last request stopped ([`lazylayer::fetch::resume`]).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn random_interleavings_through_a_gzip_seek_index_return_reference_bytes() {
+    let registry = Registry::start(RegistryAuth::None);
+    registry.push_shared("python-app", "test/app");
+    let gzip = format!("{}/test/app:latest", registry.host());
+    let run = support::lazylayer(&["index", "--plain-http", &gzip], &[]);
+    assert!(run.status.success(), "index: {}", run.stderr);
+    let fs = random_interleavings(&gzip).await;
+    for layer in &fs.layers {
+        assert_eq!(
+            layer.format,
+            LayerFormat::GzipIndex,
+            "layer {}",
+            layer.digest
+        );
+    }
+}
+
+/// Twelve readers at random places of `reference`'s files through a small memory tier; returns
+/// the mount for more checks.
+async fn random_interleavings(reference: &str) -> Arc<ImageFs> {
     let work = tempfile::tempdir().unwrap();
     let reference_root = umoci_unpack("python-app", work.path());
     let cache = tempfile::tempdir().unwrap();
@@ -650,7 +676,7 @@ async fn random_interleavings_of_reads_evictions_and_prefetch_return_reference_b
         profile_window: None,
         ..ImageFsOptions::default()
     };
-    let fs = open_with(&estargz, &options).await;
+    let fs = open_with(reference, &options).await;
     // Files of many sizes, from every layer.
     let mut files = Vec::new();
     fs.tree.walk(lazylayer::fs::tree::ROOT, |path, ino| {
@@ -706,6 +732,7 @@ async fn random_interleavings_of_reads_evictions_and_prefetch_return_reference_b
         FetchStats::get(&fs.stats().disk_hits) > 0,
         "the disk tier was never used"
     );
+    fs
 }
 
 /// Walks a directory with `readdir` and `lstat` only (no file contents): how many entries.

@@ -314,10 +314,11 @@ pub struct IndexArgs {
     /// Image to index: NAME[:TAG] or HOST[:PORT]/NAME[:TAG][@DIGEST].
     pub reference: String,
 
-    /// Uncompressed bytes between checkpoints. A cold read fetches and inflates the span around
-    /// it; smaller spans fetch less per read and make a bigger index (32 KiB per checkpoint).
-    #[arg(long, value_name = "SIZE", default_value = "2M")]
-    pub span: String,
+    /// Uncompressed bytes between checkpoints [default: 2M]. A cold read fetches and inflates
+    /// from the checkpoint before it to its own end; smaller spans fetch less per read and make
+    /// a bigger index (32 KiB per checkpoint).
+    #[arg(long, value_name = "SIZE")]
+    pub span: Option<String>,
 
     /// Print nothing but errors.
     #[arg(long, short = 'q')]

@@ -165,7 +165,10 @@ async fn prioritize_profile(
 }
 
 pub(super) async fn index(args: IndexArgs) -> Result<(), CliError> {
-    let span = size_flag("span", &args.span)?;
+    let span = match &args.span {
+        Some(span) => size_flag("span", span)?,
+        None => crate::layer::gzip_index::DEFAULT_SPAN,
+    };
     if !(64 << 10..=crate::layer::gzip_index::MAX_SPAN_OUTPUT).contains(&span) {
         return Err(CliError::Size(
             "--span: from 64K (each checkpoint stores a 32 KiB window) to 64M (a read inflates \

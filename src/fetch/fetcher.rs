@@ -15,6 +15,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
+use super::resume::{Lease, ResumePoints};
 use super::scheduler::{Priority, RequestScheduler, SharedPriority};
 use super::{ContentError, LayerInfo};
 use crate::cache::ChunkTiers;
@@ -33,6 +34,7 @@ pub struct Fetcher {
     pub stats: Arc<FetchStats>,
     pub scheduler: Arc<RequestScheduler>,
     pub retry: Arc<RetryPolicy>,
+    pub resume_points: Arc<ResumePoints>,
 }
 
 impl Fetcher {
@@ -102,7 +104,7 @@ impl Fetcher {
             .max()
             .expect("a run is not empty");
         // Chunks sharing a compressed span (one gzip-index span holds many files) are inflated
-        // together, once, as far as the furthest of them reaches.
+        // together, once, as far as the furthest of them reaches ([`codec::RunInflater`]).
         let mut wanted_len: HashMap<u64, u64> = HashMap::new();
         for c in &run {
             let (start, _, inner, _) = span(c);
@@ -111,11 +113,23 @@ impl Fetcher {
         }
         let deliver: std::sync::Mutex<Vec<Option<_>>> =
             std::sync::Mutex::new(deliver.into_iter().map(Some).collect());
+        let first_output = run
+            .iter()
+            .filter(|c| span(c).0 == base)
+            .map(|c| span(c).2)
+            .min()
+            .unwrap_or_default();
         self.refetching(&info, run[0].file_offset, || async {
             let permit = self.scheduler.acquire_shared(&priority).await;
+            let mut inflating =
+                codec::RunInflater::new(info.checkpoints.as_ref(), wanted_len.clone());
+            let (from, lease) = self
+                .resume(layer, &mut inflating, (base, last), first_output, span(&run[0]).3)
+                .await;
+            tracing::trace!(%layer, from, to = last, span_start = base, chunks = run.len(), first_output, wanted = wanted_len[&base], "fetching a run");
+            let base = from;
             let mut stream = self.source.blob_range(layer, base..last).await?;
             let mut received = bytes::BytesMut::with_capacity((last - base) as usize);
-            let mut inflated: Option<(u64, Bytes)> = None;
             for (i, c) in run.iter().enumerate() {
                 let (start, end, inner, codec) = span(c);
                 while (received.len() as u64) < end - base {
@@ -129,15 +143,13 @@ impl Fetcher {
                         }
                     }
                 }
-                if inflated.as_ref().is_none_or(|(at, _)| *at != start) {
-                    let piece = Bytes::copy_from_slice(
-                        &received[(start - base) as usize..(end - base) as usize],
-                    );
-                    let data = inflate(&info, start, &piece, codec, 0, wanted_len[&start])?;
-                    inflated = Some((start, data));
-                }
-                let (_, span_data) = inflated.as_ref().expect("inflated above");
-                let data = span_data.slice(inner as usize..(inner + c.size) as usize);
+                let data = inflating
+                    .chunk(&received, base, (start, end), codec, inner, c.size)
+                    .map_err(|reason| ContentError::Decompress {
+                        layer: layer.clone(),
+                        offset: start,
+                        reason,
+                    })?;
                 verify(layer, start, c, &data)?;
                 if let Some(to) = deliver.lock().unwrap()[i].take() {
                     self.stats.record_miss(layer, started.elapsed());
@@ -145,7 +157,8 @@ impl Fetcher {
                     let _ = to.send(data);
                 }
             }
-            drop(permit);
+            self.keep_resume_points(layer, inflating);
+            drop((lease, permit));
             Ok(())
         })
         .await
@@ -194,6 +207,37 @@ impl Fetcher {
                 start,
                 end,
                 inner_offset,
+                codec: codec @ Codec::Deflate { .. },
+            } => {
+                let wanted = HashMap::from([(start, inner_offset + chunk.size)]);
+                let mut inflating = codec::RunInflater::new(info.checkpoints.as_ref(), wanted);
+                let (base, lease) = self
+                    .resume(layer, &mut inflating, (start, end), inner_offset, codec)
+                    .await;
+                tracing::trace!(%layer, from = base, to = end, span_start = start, "fetching a chunk");
+                let compressed = source.read_range(layer, base..end).await?;
+                let data = inflating
+                    .chunk(
+                        &compressed,
+                        base,
+                        (start, end),
+                        codec,
+                        inner_offset,
+                        chunk.size,
+                    )
+                    .map_err(|reason| ContentError::Decompress {
+                        layer: layer.clone(),
+                        offset: start,
+                        reason,
+                    })?;
+                self.keep_resume_points(layer, inflating);
+                drop(lease);
+                (data, start)
+            }
+            ChunkSource::Compressed {
+                start,
+                end,
+                inner_offset,
                 codec,
             } => {
                 let compressed = source.read_range(layer, start..end).await?;
@@ -219,6 +263,37 @@ impl Fetcher {
         };
         verify(layer, offset, chunk, &data)?;
         Ok(data)
+    }
+}
+
+impl Fetcher {
+    /// Starts `inflating` the gzip index span at blob offset `start` of `layer` where an earlier
+    /// request stopped, if it stopped before output `first_output` (the first the request
+    /// needs) and before `end`; returns the blob offset the request starts at and its claim on
+    /// the span ([`ResumePoints::take`]). Other codecs start at `start`.
+    async fn resume(
+        &self,
+        layer: &Digest,
+        inflating: &mut codec::RunInflater<'_>,
+        (start, end): (u64, u64),
+        first_output: u64,
+        codec: Codec,
+    ) -> (u64, Option<Lease<'_>>) {
+        if !matches!(codec, Codec::Deflate { .. }) {
+            return (start, None);
+        }
+        let (point, lease) = self
+            .resume_points
+            .take(layer, start, first_output, end)
+            .await;
+        let from = point.map_or(start, |span| inflating.resume(start, span));
+        (from, Some(lease))
+    }
+
+    fn keep_resume_points(&self, layer: &Digest, inflating: codec::RunInflater<'_>) {
+        for (start, span) in inflating.into_spans() {
+            self.resume_points.keep(layer, start, span);
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! - [`plan`]: which chunks one request carries (read amplification, gap filling, merged runs);
 //! - [`inflight`]: concurrent reads of a chunk share one fetch;
 //! - [`fetcher`]: the ranged request, inflating and verification;
+//! - [`resume`]: where inflating gzip index spans stopped, for the next read further in;
 //! - [`scheduler`]: request slots shared by readers, prefetch and background filling, by
 //!   priority.
 //!
@@ -15,6 +16,7 @@
 pub mod fetcher;
 pub mod inflight;
 pub mod plan;
+pub mod resume;
 pub mod scheduler;
 
 use std::sync::Arc;
@@ -98,6 +100,7 @@ impl ContentReader {
                 stats,
                 scheduler,
                 retry: Arc::new(retry),
+                resume_points: Arc::default(),
             },
             neighbours: vec![Vec::new(); layers.len()],
             layers,
@@ -172,13 +175,25 @@ impl ContentReader {
         });
         let extra = match (first_missing, wanted.last()) {
             (Some(first), Some(last)) if !self.fetcher.holds(digest, last) => {
-                let digest = digest.clone();
+                let resumes_at = match last.source {
+                    ChunkSource::Compressed {
+                        start,
+                        inner_offset,
+                        codec: crate::layer::Codec::Deflate { .. },
+                        ..
+                    } => self
+                        .fetcher
+                        .resume_points
+                        .resumes_at(digest, start, inner_offset),
+                    _ => 0,
+                };
                 plan::amplification(
                     &self.neighbours[layer],
                     plan::compressed_start(first),
                     last,
                     self.amplify,
-                    |c| self.fetcher.holds(&digest, c),
+                    resumes_at,
+                    |c| self.fetcher.holds(digest, c),
                 )
             }
             _ => Vec::new(),
@@ -186,6 +201,15 @@ impl ContentReader {
         if wanted.len() + extra.len() > 1 {
             let mut run: Vec<&ChunkRef> = wanted.clone();
             run.extend(extra.iter());
+            // Files before the read in its gzip index span come along (they are on the way).
+            run.sort_by_key(|c| match c.source {
+                ChunkSource::Compressed {
+                    start,
+                    inner_offset,
+                    ..
+                } => (start, inner_offset),
+                _ => (plan::compressed_start(c), 0),
+            });
             self.start_merged_fetches(layer, &run, priority);
         }
         let pieces = futures_util::future::try_join_all(
@@ -444,6 +468,87 @@ mod tests {
             tokio::task::yield_now().await;
         }
         panic!("timed out waiting until {what}");
+    }
+
+    /// A gzip layer of 30 files of 20 KB (compressible text) and its seek index: one span.
+    fn gzip_index_layer() -> (Layer, Vec<Vec<ChunkRef>>) {
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut data = Vec::new();
+        for i in 0..30 {
+            let content: Vec<u8> = (0..20_000u32)
+                .flat_map(|j| format!("{} ", (j * 7919 + i * 104729) % 100_003).into_bytes())
+                .take(20_000)
+                .collect();
+            let mut header = tar::Header::new_gnu();
+            header.set_size(content.len() as u64);
+            header.set_mode(0o644);
+            header.set_uid(0);
+            header.set_gid(0);
+            header.set_mtime(0);
+            header.set_entry_type(tar::EntryType::Regular);
+            tar.append_data(&mut header, format!("f{i:02}"), &content[..])
+                .unwrap();
+            data.extend(content);
+        }
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(&tar.into_inner().unwrap()).unwrap();
+        let blob = gz.finish().unwrap();
+        let memory = MemorySource::new();
+        let descriptor = Descriptor::of(MEDIA_OCI_LAYER_GZIP, &blob);
+        let index_blob = crate::layer::gzip_index::build(
+            &blob[..],
+            &descriptor.digest,
+            descriptor.size,
+            None,
+            4 << 20,
+        )
+        .unwrap();
+        let index = crate::layer::gzip_index::parse(&descriptor, &index_blob).unwrap();
+        memory.put(blob);
+        let files: Vec<Vec<ChunkRef>> = index
+            .entries
+            .iter()
+            .filter_map(|e| match &e.kind {
+                crate::layer::EntryKind::File { chunks, .. } => Some(chunks.to_vec()),
+                _ => None,
+            })
+            .collect();
+        let layer = Layer {
+            memory,
+            info: LayerInfo {
+                descriptor,
+                format: LayerFormat::GzipIndex,
+                checkpoints: index.checkpoints.clone(),
+            },
+            chunks: files.concat(),
+            data,
+        };
+        (layer, files)
+    }
+
+    #[tokio::test]
+    async fn a_later_read_in_a_gzip_index_span_resumes_where_the_last_request_stopped() {
+        let (layer, files) = gzip_index_layer();
+        let reader = layer.reader(RequestScheduler::new(4), 0);
+        let read = |i: usize| reader.read(0, &files[i], 20_000, 0, 20_000, Priority::Reader);
+        let want = |i: usize| &layer.data[i * 20_000..(i + 1) * 20_000];
+        assert_eq!(&read(3).await.unwrap()[..], want(3));
+        assert_eq!(&read(25).await.unwrap()[..], want(25));
+        let ranges = layer.ranges();
+        assert_eq!(ranges.len(), 2, "{ranges:?}");
+        // The first request runs from the checkpoint to the end of file 3 (files 0-2 come along
+        // free); the second starts where that one stopped, not at the checkpoint again.
+        let first = &ranges[0];
+        assert!(first.end < ranges[1].end, "{ranges:?}");
+        // (Inflating stopped at file 3's end, a little before the request's bytes did.)
+        assert!(
+            ranges[1].start > first.start + (first.end - first.start) * 3 / 4
+                && ranges[1].start <= first.end,
+            "{ranges:?}"
+        );
+        // The files between them came along free with the second request.
+        assert_eq!(&read(10).await.unwrap()[..], want(10));
+        assert_eq!(layer.ranges().len(), 2, "file 10 was fetched again");
     }
 
     #[tokio::test]

@@ -6,12 +6,13 @@
 //! files). Nothing past the chunk is inflated. Errors are plain reasons: the caller knows the
 //! layer and offset to name.
 
+use std::collections::HashMap;
 use std::io::Read;
 
 use bytes::Bytes;
 
 use super::Codec;
-use super::gzip_index::{self, Checkpoints};
+use super::gzip_index::{self, Checkpoints, SpanInflater};
 
 /// The `size` bytes at `skip` of what `compressed` inflates to. `checkpoints` are the layer's
 /// gzip seek index checkpoints, needed only by [`Codec::Deflate`].
@@ -54,6 +55,101 @@ pub fn inflate(
         .read_exact(&mut out)
         .map_err(|e| format!("{e} (wanted {size} bytes after skipping {skip})"))?;
     Ok(Bytes::from(out))
+}
+
+/// The chunks of one ranged request that carries several, inflated as its bytes arrive. Chunks
+/// sharing a span (one gzip seek index span holds many files, one eStargz member may hold
+/// several chunks) are inflated from it once: a gzip index span step by step, each chunk as
+/// soon as the bytes up to its end are in; other spans whole, once their bytes are in.
+pub struct RunInflater<'a> {
+    checkpoints: Option<&'a Checkpoints>,
+    /// Per span (by its first blob byte): how far into its output the request's chunks reach.
+    wanted: HashMap<u64, u64>,
+    /// Gzip index spans begun: the inflater and the blob offset it has been fed up to.
+    deflating: HashMap<u64, (SpanInflater, u64)>,
+    /// The last other span inflated, by first blob byte.
+    whole: Option<(u64, Bytes)>,
+}
+
+impl<'a> RunInflater<'a> {
+    /// `wanted`: for each span of the request, by first blob byte, how far into its output the
+    /// request's chunks reach.
+    pub fn new(checkpoints: Option<&'a Checkpoints>, wanted: HashMap<u64, u64>) -> Self {
+        RunInflater {
+            checkpoints,
+            wanted,
+            deflating: HashMap::new(),
+            whole: None,
+        }
+    }
+
+    /// Continues the gzip index span starting at blob offset `start` with `span`, an inflater
+    /// kept from an earlier request; returns the blob offset the request must start at.
+    pub fn resume(&mut self, start: u64, mut span: SpanInflater) -> u64 {
+        let (consumed, _) = span.position();
+        let wanted = self.wanted.get(&start).copied().unwrap_or_default();
+        span.continue_to(wanted);
+        self.deflating.insert(start, (span, start + consumed));
+        start + consumed
+    }
+
+    /// The gzip index spans inflated, by blob offset where each starts, to keep for requests
+    /// further into them.
+    pub fn into_spans(self) -> impl Iterator<Item = (u64, SpanInflater)> {
+        self.deflating
+            .into_iter()
+            .map(|(start, (span, _))| (start, span))
+    }
+
+    /// The `size` bytes at `skip` of the span `start..end`, whose bytes `received` holds (from
+    /// blob offset `base` on, at least up to `end`).
+    pub fn chunk(
+        &mut self,
+        received: &[u8],
+        base: u64,
+        (start, end): (u64, u64),
+        codec: Codec,
+        skip: u64,
+        size: u64,
+    ) -> Result<Bytes, String> {
+        let wanted = self.wanted.get(&start).copied().unwrap_or(skip + size);
+        let bytes = |from: u64| &received[(from - base) as usize..(end - base) as usize];
+        if let Codec::Deflate { checkpoint } = codec {
+            let (span, fed) = match self.deflating.entry(start) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let point = self
+                        .checkpoints
+                        .and_then(|points| points.get(checkpoint as usize))
+                        .ok_or_else(|| format!("no checkpoint {checkpoint} in the gzip index"))?;
+                    // Inflating stops at the end of the last chunk wanted: a later request
+                    // resumes there, so the next file of the span is fetched then, whole.
+                    let span = SpanInflater::new(point, wanted).map_err(|e| e.to_string())?;
+                    e.insert((span, start))
+                }
+            };
+            // Fed even without new bytes: zlib may hold bits of bytes it took that give more.
+            let new = if end > *fed { bytes(*fed) } else { &[][..] };
+            span.feed(new).map_err(|e| e.to_string())?;
+            *fed = (*fed).max(end);
+            return span
+                .get(skip, size)
+                .map(Bytes::copy_from_slice)
+                .ok_or_else(|| {
+                    format!(
+                        "span gives {} bytes, {} wanted",
+                        span.produced(),
+                        skip + size
+                    )
+                });
+        }
+        if self.whole.as_ref().is_none_or(|(at, _)| *at != start) {
+            let piece = Bytes::copy_from_slice(bytes(start));
+            self.whole = Some((start, inflate(&piece, codec, self.checkpoints, 0, wanted)?));
+        }
+        let (_, data) = self.whole.as_ref().expect("inflated above");
+        Ok(data.slice(skip as usize..(skip + size) as usize))
+    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use bytes::Bytes;
 
 use super::format::{IndexFile, StoredCheckpoint, parse_json};
 use super::zlib::RawInflate;
-use super::{Checkpoint, FORMAT_VERSION};
+use super::{Checkpoint, FORMAT_VERSION, OUTPUT_MARK};
 use crate::layer::tar_stream::{self, StreamObserver};
 use crate::layer::{ChunkRef, ChunkSource, EntryKind, LayerError, check_chunks};
 use crate::model::digest::Digest;
@@ -23,6 +23,8 @@ use crate::source::image::Layer;
 #[derive(Default)]
 pub(super) struct Trace {
     checkpoints: Vec<Checkpoint>,
+    /// Blob bytes consumed when the output reached each multiple of [`OUTPUT_MARK`].
+    marks: Vec<u64>,
     /// Length of the uncompressed stream, set when it has ended.
     produced: u64,
 }
@@ -114,13 +116,21 @@ impl<R: Read> Read for CheckpointingReader<R> {
                 return Ok(0);
             }
             self.fill()?;
+            // Output stops at every mark, so that the input consumed there is known exactly.
+            let to_mark = OUTPUT_MARK - self.produced % OUTPUT_MARK;
+            let room = out.len().min(to_mark as usize);
             // Called even without input left: zlib may still hold output for a full buffer.
-            let (consumed, produced, ret) =
-                self.zlib
-                    .inflate(&self.buf[self.pos..self.len], out, libz_rs_sys::Z_BLOCK);
+            let (consumed, produced, ret) = self.zlib.inflate(
+                &self.buf[self.pos..self.len],
+                &mut out[..room],
+                libz_rs_sys::Z_BLOCK,
+            );
             self.pos += consumed;
             self.consumed += consumed as u64;
             self.produced += produced as u64;
+            if produced > 0 && self.produced.is_multiple_of(OUTPUT_MARK) {
+                self.trace.lock().unwrap().marks.push(self.consumed);
+            }
             match ret {
                 libz_rs_sys::Z_OK | libz_rs_sys::Z_BUF_ERROR => {
                     self.maybe_checkpoint()?;
@@ -253,6 +263,7 @@ pub fn build(
     let b64 = base64::engine::general_purpose::STANDARD;
     let Trace {
         checkpoints,
+        marks,
         produced,
     } = std::mem::take(&mut *trace.lock().unwrap());
     let file = IndexFile {
@@ -269,6 +280,12 @@ pub fn build(
                 output: c.output,
                 window: b64.encode(&c.window),
             })
+            .collect(),
+        mark_every: OUTPUT_MARK,
+        // As deltas: small numbers compress far better than growing offsets.
+        marks: marks
+            .iter()
+            .scan(0, |last, &m| Some(m - std::mem::replace(last, m)))
             .collect(),
         entries,
     };

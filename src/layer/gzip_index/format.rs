@@ -39,8 +39,19 @@ pub(super) struct IndexFile {
     /// Length of the uncompressed tar stream.
     pub(super) uncompressed_size: u64,
     pub(super) checkpoints: Vec<StoredCheckpoint>,
+    /// Output between marks (0: no marks, as in indexes written before marks existed).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(super) mark_every: u64,
+    /// Blob bytes consumed when the output reached each multiple of `mark_every`, each as the
+    /// difference from the one before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) marks: Vec<u64>,
     /// The tar entries; file chunks are [`ChunkSource::TarStream`] offsets with digests.
     pub(super) entries: Vec<LayerEntry>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Decodes and checks an index blob for `layer`.
@@ -122,6 +133,36 @@ pub fn parse_json(layer: &Descriptor, json: &[u8]) -> Result<LayerIndex, LayerEr
             )));
         }
     }
+    // Absolute blob offsets of the marks, each at most the blob's size and none before the last.
+    let mut marks = Vec::with_capacity(file.marks.len());
+    if !file.marks.is_empty() {
+        if file.mark_every < 4096
+            || file.marks.len() as u64 > file.uncompressed_size / file.mark_every
+        {
+            return Err(bad(format!(
+                "{} marks every {} bytes of output do not fit its stream",
+                file.marks.len(),
+                file.mark_every
+            )));
+        }
+        let mut at = 0u64;
+        for delta in &file.marks {
+            at = at
+                .checked_add(*delta)
+                .filter(|&a| a <= layer.size)
+                .ok_or_else(|| bad("a mark lies past the layer's end".into()))?;
+            marks.push(at);
+        }
+    }
+    // Where the bytes a chunk ending at `output` needs end: the mark at or after that output,
+    // within its span; without one, the span's end.
+    let needed_end = |output: u64, start: u64, span_end: u64| {
+        let k = output.div_ceil(file.mark_every.max(1));
+        k.checked_sub(1)
+            .and_then(|i| marks.get(i as usize))
+            .map_or(span_end, |&m| m.min(span_end))
+            .max(start + 1)
+    };
     let mut entries = file.entries;
     for entry in &mut entries {
         let path = normalize_path(&entry.path).map_err(|r| LayerError::BadEntry {
@@ -150,10 +191,11 @@ pub fn parse_json(layer: &Descriptor, json: &[u8]) -> Result<LayerIndex, LayerEr
                 )));
             }
             let point = &checkpoints[i];
+            let span_end = next.map_or(layer.size, |n| n.input);
             mapped.push(ChunkRef {
                 source: ChunkSource::Compressed {
                     start: point.first_byte(),
-                    end: next.map_or(layer.size, |n| n.input),
+                    end: needed_end(offset + c.size, point.first_byte(), span_end),
                     inner_offset: offset - point.output,
                     codec: Codec::Deflate {
                         checkpoint: i as u32,

@@ -122,44 +122,113 @@ impl Drop for RawInflate {
     }
 }
 
+/// Inflates one span from its checkpoint as its compressed bytes arrive, so that a file early
+/// in a span is had once its own bytes are in, and later files of the same request continue
+/// from there instead of inflating the span again. Where the bytes given so far end, it can be
+/// kept ([`SpanInflater::position`]) and fed the span's next bytes by a later request.
+pub struct SpanInflater {
+    zlib: RawInflate,
+    /// Output from `out_from` (span output offset) on.
+    out: Vec<u8>,
+    out_from: u64,
+    /// Span output offset where inflating stops.
+    limit: u64,
+    /// Leftover bits of the checkpoint's first byte still to be primed (0: none or done).
+    bits: u8,
+    /// Compressed bytes consumed, from the checkpoint's first byte on.
+    consumed: u64,
+}
+
+impl SpanInflater {
+    /// Starts at `checkpoint`; inflating stops `limit` bytes of output after it.
+    pub fn new(checkpoint: &Checkpoint, limit: u64) -> io::Result<SpanInflater> {
+        let mut zlib = RawInflate::new(-15)?;
+        if !checkpoint.window.is_empty() {
+            zlib.set_dictionary(&checkpoint.window)?;
+        }
+        Ok(SpanInflater {
+            zlib,
+            out: Vec::new(),
+            out_from: 0,
+            limit,
+            bits: checkpoint.bits,
+            consumed: 0,
+        })
+    }
+
+    /// Inflates `input`, the span's next compressed bytes (from the checkpoint's first byte on,
+    /// or from [`SpanInflater::position`] when continued), until it is used up or the limit is
+    /// reached.
+    pub fn feed(&mut self, mut input: &[u8]) -> io::Result<()> {
+        if self.bits > 0
+            && let Some((&first, rest)) = input.split_first()
+        {
+            self.zlib.prime(self.bits, first >> (8 - self.bits))?;
+            self.bits = 0;
+            self.consumed += 1;
+            input = rest;
+        }
+        while self.produced() < self.limit {
+            let filled = self.out.len();
+            let room = (self.limit - self.produced()).min(256 << 10) as usize;
+            self.out.resize(filled + room, 0);
+            let (consumed, produced, ret) =
+                self.zlib
+                    .inflate(input, &mut self.out[filled..], libz_rs_sys::Z_NO_FLUSH);
+            self.out.truncate(filled + produced);
+            self.consumed += consumed as u64;
+            input = &input[consumed..];
+            match ret {
+                libz_rs_sys::Z_OK | libz_rs_sys::Z_BUF_ERROR if produced > 0 || consumed > 0 => {}
+                libz_rs_sys::Z_OK | libz_rs_sys::Z_BUF_ERROR | libz_rs_sys::Z_STREAM_END => break,
+                ret => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("corrupt deflate data (zlib {ret})"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Span output offset up to which output has been inflated.
+    pub fn produced(&self) -> u64 {
+        self.out_from + self.out.len() as u64
+    }
+
+    /// `(compressed, output)`: how many compressed bytes (from the checkpoint's first byte) it
+    /// has consumed and how much output that gave. Continuing needs the bytes from there on.
+    pub fn position(&self) -> (u64, u64) {
+        (self.consumed, self.produced())
+    }
+
+    /// The `size` bytes at span output offset `skip`, if inflated and still held.
+    pub fn get(&self, skip: u64, size: u64) -> Option<&[u8]> {
+        let from = skip.checked_sub(self.out_from)? as usize;
+        self.out.get(from..from + size as usize)
+    }
+
+    /// Drops the output held so far (keeping its position) and sets where inflating stops.
+    pub fn continue_to(&mut self, limit: u64) {
+        self.out_from = self.produced();
+        self.out = Vec::new();
+        self.limit = limit;
+    }
+}
+
 /// Inflates `len` bytes of output starting at `checkpoint`, from `compressed` (the blob from the
 /// checkpoint's first byte on).
 pub fn inflate_from(checkpoint: &Checkpoint, compressed: &[u8], len: usize) -> io::Result<Vec<u8>> {
-    let mut zlib = RawInflate::new(-15)?;
-    let mut input = compressed;
-    if checkpoint.bits > 0 {
-        let (&first, rest) = input
-            .split_first()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "empty span"))?;
-        zlib.prime(checkpoint.bits, first >> (8 - checkpoint.bits))?;
-        input = rest;
+    let mut span = SpanInflater::new(checkpoint, len as u64)?;
+    span.feed(compressed)?;
+    let mut out = span.out;
+    if out.len() < len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("span gives {} bytes, {len} wanted", out.len()),
+        ));
     }
-    if !checkpoint.window.is_empty() {
-        zlib.set_dictionary(&checkpoint.window)?;
-    }
-    let mut out = vec![0u8; len];
-    let mut filled = 0;
-    while filled < len {
-        let (consumed, produced, ret) =
-            zlib.inflate(input, &mut out[filled..], libz_rs_sys::Z_NO_FLUSH);
-        input = &input[consumed..];
-        filled += produced;
-        match ret {
-            libz_rs_sys::Z_OK | libz_rs_sys::Z_BUF_ERROR if produced > 0 || consumed > 0 => {}
-            libz_rs_sys::Z_STREAM_END if filled == len => {}
-            libz_rs_sys::Z_STREAM_END | libz_rs_sys::Z_OK | libz_rs_sys::Z_BUF_ERROR => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("span gives {filled} bytes, {len} wanted"),
-                ));
-            }
-            ret => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("corrupt deflate data (zlib {ret})"),
-                ));
-            }
-        }
-    }
+    out.truncate(len);
     Ok(out)
 }
