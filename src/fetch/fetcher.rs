@@ -145,11 +145,7 @@ impl Fetcher {
                 }
                 let data = inflating
                     .chunk(&received, base, (start, end), codec, inner, c.size)
-                    .map_err(|reason| ContentError::Decompress {
-                        layer: layer.clone(),
-                        offset: start,
-                        reason,
-                    })?;
+                    .map_err(|reason| decompress_error(layer, start, reason))?;
                 verify(layer, start, c, &data)?;
                 if let Some(to) = deliver.lock().unwrap()[i].take() {
                     self.stats.record_miss(layer, started.elapsed());
@@ -225,11 +221,7 @@ impl Fetcher {
                         inner_offset,
                         chunk.size,
                     )
-                    .map_err(|reason| ContentError::Decompress {
-                        layer: layer.clone(),
-                        offset: start,
-                        reason,
-                    })?;
+                    .map_err(|reason| decompress_error(layer, start, reason))?;
                 self.keep_resume_points(layer, inflating);
                 drop(lease);
                 (data, start)
@@ -264,9 +256,7 @@ impl Fetcher {
         verify(layer, offset, chunk, &data)?;
         Ok(data)
     }
-}
 
-impl Fetcher {
     /// Starts `inflating` the gzip index span at blob offset `start` of `layer` where an earlier
     /// request stopped, if it stopped before output `first_output` (the first the request
     /// needs) and before `end`; returns the blob offset the request starts at and its claim on
@@ -306,13 +296,16 @@ fn inflate(
     skip: u64,
     size: u64,
 ) -> Result<Bytes, ContentError> {
-    codec::inflate(compressed, codec, info.checkpoints.as_ref(), skip, size).map_err(|reason| {
-        ContentError::Decompress {
-            layer: info.descriptor.digest.clone(),
-            offset,
-            reason,
-        }
-    })
+    codec::inflate(compressed, codec, info.checkpoints.as_ref(), skip, size)
+        .map_err(|reason| decompress_error(&info.descriptor.digest, offset, reason))
+}
+
+fn decompress_error(layer: &Digest, offset: u64, reason: String) -> ContentError {
+    ContentError::Decompress {
+        layer: layer.clone(),
+        offset,
+        reason,
+    }
 }
 
 fn verify(layer: &Digest, offset: u64, chunk: &ChunkRef, data: &[u8]) -> Result<(), ContentError> {
