@@ -318,6 +318,20 @@ mod tests {
     }
 
     #[test]
+    fn amplification_goes_on_across_small_gaps_only() {
+        // Chunks at 0 and 10, one AMPLIFY_GAP after that, then one a byte further than that.
+        let near = 20 + AMPLIFY_GAP;
+        let list = vec![
+            chunk(0, 10, 0),
+            chunk(10, 20, 0),
+            chunk(near, near + 10, 0),
+            chunk(near + 11 + AMPLIFY_GAP, near + 21 + AMPLIFY_GAP, 0),
+        ];
+        let extra = amplification(&list, 0, &list[0], 4 * AMPLIFY_GAP, 0, |_| false);
+        assert_eq!(starts(&extra), [10, near]);
+    }
+
+    #[test]
     fn chunks_of_the_same_span_come_along_even_without_a_budget() {
         // A gzip seek index span 0..10 holding three files, then the next span.
         let list = vec![

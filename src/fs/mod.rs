@@ -344,14 +344,17 @@ impl ImageFs {
             recorder.record(ino, offset, len);
         }
         // The chunk this read starts in decides whether its directory's other files are
-        // loaded from disk or fetched (each once per directory).
-        let at = chunks.partition_point(|c| c.file_offset + c.size <= offset);
-        let first = chunks.get(at).map(std::slice::from_ref).unwrap_or_default();
-        if self.disk_siblings.pending(ino) && !self.content.only_on_disk(*layer, first).is_empty() {
+        // loaded from disk or fetched (each once per directory); found only when one is pending.
+        let first = || {
+            let at = chunks.partition_point(|c| c.file_offset + c.size <= offset);
+            chunks.get(at).map(std::slice::from_ref).unwrap_or_default()
+        };
+        if self.disk_siblings.pending(ino) && !self.content.only_on_disk(*layer, first()).is_empty()
+        {
             let work = self.disk_siblings.work(&self.tree, ino);
             tokio::spawn(load_from_disk(self.content.clone(), work));
         }
-        if self.siblings.pending(ino) && !self.content.missing(*layer, first).is_empty() {
+        if self.siblings.pending(ino) && !self.content.missing(*layer, first()).is_empty() {
             let work = self.siblings.work(&self.tree, ino);
             if !work.is_empty() {
                 tokio::spawn(prefetch_group(
