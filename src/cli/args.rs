@@ -314,7 +314,7 @@ pub struct IndexArgs {
     /// Image to index: NAME[:TAG] or HOST[:PORT]/NAME[:TAG][@DIGEST].
     pub reference: String,
 
-    /// Uncompressed bytes between checkpoints [default: 2M]. A cold read fetches and inflates
+    /// Uncompressed bytes between checkpoints [default: 1M]. A cold read fetches and inflates
     /// from the checkpoint before it to its own end; smaller spans fetch less per read and make
     /// a bigger index (32 KiB per checkpoint).
     #[arg(long, value_name = "SIZE")]

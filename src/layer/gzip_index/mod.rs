@@ -49,11 +49,14 @@ use crate::model::oci::Descriptor;
 use crate::source::ImageSource;
 
 /// Output between checkpoints when none is asked for. A read fetches and inflates from the
-/// checkpoint before it (about a third of the output's size, compressed); smaller spans fetch
-/// less per cold file but cost a 32 KiB window each in the index. SOCI's default is 4 MiB; 2 MiB
-/// fetches less per cold file, and with the marks and resume points 1 MiB was no faster on
-/// python-app (20 ms / 200 Mbit/s: 2.8-2.9 s either way; its bigger index costs the pull 50 ms).
-pub const DEFAULT_SPAN: u64 = 2 << 20;
+/// checkpoint before it (about a third of the output's size, compressed), or from where the
+/// last request in the span stopped; smaller spans fetch less per first read in a span but cost
+/// a 32 KiB window each in the index. SOCI's default is 4 MiB. On python-app at 20 ms /
+/// 200 Mbit/s (medians of 4, pull + `ctr run`): 1 MiB started cold in 2.86 s against 2.99 s for
+/// 2 MiB (39 vs 42 MB fetched; its index costs the pull 50 ms more), and with a published
+/// profile in 1.72-1.80 s against 1.85-1.91 s (23 vs 28 MB); 512 KiB was no faster than 1 MiB
+/// and its index costs the pull 160 ms.
+pub const DEFAULT_SPAN: u64 = 1 << 20;
 
 /// Compressed size bound of an index blob, and of its JSON once inflated: the file table of a
 /// huge layer is a few MiB; more is a hostile or broken blob.
