@@ -52,10 +52,10 @@ use crate::source::ImageSource;
 /// checkpoint before it (about a third of the output's size, compressed), or from where the
 /// last request in the span stopped; smaller spans fetch less per first read in a span but cost
 /// a 32 KiB window each in the index. SOCI's default is 4 MiB. On python-app at 20 ms /
-/// 200 Mbit/s (medians of 4, pull + `ctr run`): 1 MiB started cold in 2.86 s against 2.99 s for
-/// 2 MiB (39 vs 42 MB fetched; its index costs the pull 50 ms more), and with a published
-/// profile in 1.72-1.80 s against 1.85-1.91 s (23 vs 28 MB); 512 KiB was no faster than 1 MiB
-/// and its index costs the pull 160 ms.
+/// 200 Mbit/s, 1 MiB against 2 MiB: cold starts fetched 39 vs 42 MB (index included) and were
+/// as fast in the bench (2.93 vs 2.92 s; 2.86 vs 2.99 s in a quieter loop), starts with a
+/// published profile 1.83 vs 1.99 s for 23 vs 30 MB; the index doubles (2.8 MB) and the pull
+/// takes 50 ms more. 512 KiB was no faster than 1 MiB and its index costs the pull 160 ms.
 pub const DEFAULT_SPAN: u64 = 1 << 20;
 
 /// Compressed size bound of an index blob, and of its JSON once inflated: the file table of a
