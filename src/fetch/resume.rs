@@ -174,7 +174,9 @@ impl ResumePoints {
 
     /// Keeps `span` (of the span at `start` of `layer`); of a span's points, the one least far
     /// in goes when there are too many.
-    pub fn keep(&self, layer: &Digest, start: u64, span: SpanInflater) {
+    pub fn keep(&self, layer: &Digest, start: u64, mut span: SpanInflater) {
+        // Only its state is kept: the output it gave (up to a span's worth) is delivered.
+        span.continue_to(span.produced());
         let mut state = self.state.lock().unwrap();
         let key = (layer.clone(), start);
         let list = state.points.get_or_insert_mut(key, Vec::new);
@@ -188,5 +190,51 @@ impl ResumePoints {
                 .expect("not empty");
             list.swap_remove(least);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::layer::gzip_index::Checkpoint;
+
+    #[tokio::test]
+    async fn a_kept_point_keeps_its_position_not_its_output_and_serves_only_later_reads() {
+        let data: Vec<u8> = (0..200_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
+        let mut deflate =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        deflate.write_all(&data).unwrap();
+        let blob = deflate.finish().unwrap();
+        let start = Checkpoint {
+            input: 0,
+            bits: 0,
+            output: 0,
+            window: Bytes::new(),
+        };
+        let mut span = SpanInflater::new(&start, 100_000).unwrap();
+        span.feed(&blob).unwrap();
+        let (consumed, produced) = span.position();
+        assert_eq!(produced, 100_000);
+        let layer = Digest::of(b"layer");
+        let points = ResumePoints::default();
+        let end = blob.len() as u64;
+        points.keep(&layer, 0, span);
+        // A read of output before where it stopped cannot use it.
+        let (none, lease) = points.take(&layer, 0, 50_000, end).await;
+        assert!(none.is_none());
+        drop(lease);
+        let (kept, _lease) = points.take(&layer, 0, 100_000, end).await;
+        let mut kept = kept.expect("kept for a read from where it stopped");
+        assert_eq!(kept.position(), (consumed, produced));
+        assert!(kept.get(0, 1).is_none(), "its output was kept too");
+        kept.continue_to(data.len() as u64);
+        kept.feed(&blob[consumed as usize..]).unwrap();
+        assert!(kept.get(100_000, 100_000) == Some(&data[100_000..200_000]));
     }
 }
