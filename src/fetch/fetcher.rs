@@ -203,7 +203,7 @@ impl Fetcher {
                 start,
                 end,
                 inner_offset,
-                codec: codec @ Codec::Deflate { .. },
+                codec,
             } => {
                 let wanted = HashMap::from([(start, inner_offset + chunk.size)]);
                 let mut inflating = codec::RunInflater::new(info.checkpoints.as_ref(), wanted);
@@ -225,18 +225,6 @@ impl Fetcher {
                 self.keep_resume_points(layer, inflating);
                 drop(lease);
                 (data, start)
-            }
-            ChunkSource::Compressed {
-                start,
-                end,
-                inner_offset,
-                codec,
-            } => {
-                let compressed = source.read_range(layer, start..end).await?;
-                (
-                    inflate(info, start, &compressed, codec, inner_offset, chunk.size)?,
-                    start,
-                )
             }
             ChunkSource::TarStream { offset } => {
                 let compression = match info.format {
@@ -287,19 +275,7 @@ impl Fetcher {
     }
 }
 
-/// [`codec::inflate`], with the layer and blob offset named in its error.
-fn inflate(
-    info: &LayerInfo,
-    offset: u64,
-    compressed: &Bytes,
-    codec: Codec,
-    skip: u64,
-    size: u64,
-) -> Result<Bytes, ContentError> {
-    codec::inflate(compressed, codec, info.checkpoints.as_ref(), skip, size)
-        .map_err(|reason| decompress_error(&info.descriptor.digest, offset, reason))
-}
-
+/// A chunk's decompression error, naming its layer and blob offset.
 fn decompress_error(layer: &Digest, offset: u64, reason: String) -> ContentError {
     ContentError::Decompress {
         layer: layer.clone(),

@@ -202,14 +202,7 @@ impl ContentReader {
             let mut run: Vec<&ChunkRef> = wanted.clone();
             run.extend(extra.iter());
             // Files before the read in its gzip index span come along (they are on the way).
-            run.sort_by_key(|c| match c.source {
-                ChunkSource::Compressed {
-                    start,
-                    inner_offset,
-                    ..
-                } => (start, inner_offset),
-                _ => (plan::compressed_start(c), 0),
-            });
+            run.sort_by_key(|c| plan::blob_order(c));
             self.start_merged_fetches(layer, &run, priority);
         }
         let pieces = futures_util::future::try_join_all(
@@ -472,27 +465,17 @@ mod tests {
 
     /// A gzip layer of 30 files of 20 KB (compressible text) and its seek index: one span.
     fn gzip_index_layer() -> (Layer, Vec<Vec<ChunkRef>>) {
-        let mut tar = tar::Builder::new(Vec::new());
-        let mut data = Vec::new();
-        for i in 0..30 {
-            let content: Vec<u8> = (0..20_000u32)
-                .flat_map(|j| format!("{} ", (j * 7919 + i * 104729) % 100_003).into_bytes())
-                .take(20_000)
-                .collect();
-            let mut header = tar::Header::new_gnu();
-            header.set_size(content.len() as u64);
-            header.set_mode(0o644);
-            header.set_uid(0);
-            header.set_gid(0);
-            header.set_mtime(0);
-            header.set_entry_type(tar::EntryType::Regular);
-            tar.append_data(&mut header, format!("f{i:02}"), &content[..])
-                .unwrap();
-            data.extend(content);
-        }
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        gz.write_all(&tar.into_inner().unwrap()).unwrap();
-        let blob = gz.finish().unwrap();
+        let files: Vec<(String, Vec<u8>)> = (0..30u32)
+            .map(|i| {
+                let content: Vec<u8> = (0..20_000u32)
+                    .flat_map(|j| format!("{} ", (j * 7919 + i * 104729) % 100_003).into_bytes())
+                    .take(20_000)
+                    .collect();
+                (format!("f{i:02}"), content)
+            })
+            .collect();
+        let data = files.iter().flat_map(|(_, c)| c.clone()).collect();
+        let blob = crate::layer::gzip(&crate::layer::tar_of(&files));
         let memory = MemorySource::new();
         let descriptor = Descriptor::of(MEDIA_OCI_LAYER_GZIP, &blob);
         let index_blob = crate::layer::gzip_index::build(

@@ -33,6 +33,20 @@ pub const MAX_MERGED_SPAN: u64 = 8 << 20;
 /// published profile), for no faster start.
 pub const AMPLIFY_GAP: u64 = 32 << 10;
 
+/// Where a chunk sits in its blob, for sorting neighbours together: a gzip seek index span's
+/// chunks share its start and follow one another in its output.
+pub fn blob_order(c: &ChunkRef) -> (u64, u64) {
+    match c.source {
+        ChunkSource::Compressed {
+            start,
+            inner_offset,
+            ..
+        } => (start, inner_offset),
+        ChunkSource::TarStream { offset } => (offset, 0),
+        ChunkSource::Zeros => (0, 0),
+    }
+}
+
 /// Where a compressed chunk starts in its blob (0 for others, which are never amplified).
 pub fn compressed_start(c: &ChunkRef) -> u64 {
     match c.source {

@@ -486,7 +486,7 @@ fn chunks_in_blob_order(tree: &MergedTree, layers: &[OpenedLayer]) -> Vec<(usize
         .enumerate()
         .filter(|(_, chunks)| !chunks.is_empty())
         .map(|(layer, mut chunks)| {
-            chunks.sort_by_key(blob_order);
+            chunks.sort_by_key(crate::fetch::plan::blob_order);
             (layer, chunks)
         })
         .collect()
@@ -698,7 +698,7 @@ async fn prefetch_group(
         per_layer.entry(layer).or_default().extend(chunks);
     }
     for (layer, mut chunks) in per_layer {
-        chunks.sort_by_key(blob_order);
+        chunks.sort_by_key(crate::fetch::plan::blob_order);
         chunks.dedup();
         let chunks = content.fill_gaps(layer, &chunks, GROUP_GAP);
         let missing = content.missing(layer, &chunks);
@@ -709,18 +709,5 @@ async fn prefetch_group(
         {
             tracing::debug!("{what}: {e}");
         }
-    }
-}
-
-/// Where a chunk sits in its blob, for sorting neighbours together.
-fn blob_order(c: &ChunkRef) -> (u64, u64) {
-    match c.source {
-        ChunkSource::Compressed {
-            start,
-            inner_offset,
-            ..
-        } => (start, inner_offset),
-        ChunkSource::TarStream { offset } => (offset, 0),
-        ChunkSource::Zeros => (0, 0),
     }
 }

@@ -57,7 +57,7 @@ pub fn inflate(
     Ok(Bytes::from(out))
 }
 
-/// The chunks of one ranged request that carries several, inflated as its bytes arrive. Chunks
+/// The chunks of one ranged request, inflated as its bytes arrive. Chunks
 /// sharing a span (one gzip seek index span holds many files, one eStargz member may hold
 /// several chunks) are inflated from it once: a gzip index span step by step, each chunk as
 /// soon as the bytes up to its end are in; other spans whole, once their bytes are in.
@@ -158,9 +158,7 @@ mod tests {
 
     #[test]
     fn inflate_checks_lengths() {
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        std::io::Write::write_all(&mut gz, b"hello world").unwrap();
-        let gz = Bytes::from(gz.finish().unwrap());
+        let gz = Bytes::from(crate::layer::gzip(b"hello world"));
         assert_eq!(
             &inflate(&gz, Codec::Gzip, None, 6, 5).unwrap()[..],
             b"world"

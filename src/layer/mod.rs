@@ -417,6 +417,31 @@ pub async fn load(
     }
 }
 
+/// A tar of regular files (mode 0644, owned by root, mtime 0), for tests.
+#[cfg(test)]
+pub(crate) fn tar_of(files: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut tar = tar::Builder::new(Vec::new());
+    for (path, data) in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(0);
+        header.set_entry_type(tar::EntryType::Regular);
+        tar.append_data(&mut header, path, &data[..]).unwrap();
+    }
+    tar.into_inner().unwrap()
+}
+
+/// `data` gzip-compressed, for tests.
+#[cfg(test)]
+pub(crate) fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, data).unwrap();
+    gz.finish().unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,20 +453,8 @@ mod tests {
         use crate::model::oci::{Descriptor, MEDIA_OCI_LAYER_GZIP};
         use crate::source::memory::MemorySource;
 
-        let mut tar = tar::Builder::new(Vec::new());
-        let mut header = tar::Header::new_gnu();
-        header.set_size(5);
-        header.set_mode(0o644);
-        header.set_uid(0);
-        header.set_gid(0);
-        header.set_mtime(0);
-        header.set_cksum();
-        tar.append_data(&mut header, "hello", &b"hello"[..])
-            .unwrap();
-        let tar = tar.into_inner().unwrap();
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        std::io::Write::write_all(&mut gz, &tar).unwrap();
-        let blob = gz.finish().unwrap();
+        let tar = tar_of(&[("hello".into(), b"hello".to_vec())]);
+        let blob = gzip(&tar);
 
         let memory = MemorySource::new();
         let size = blob.len() as u64;

@@ -126,36 +126,30 @@ mod tests {
 
     /// A gzip tar of files with varied, partly compressible content, big enough for many blocks.
     fn layer_tar_gz() -> Vec<u8> {
-        let mut tar = tar::Builder::new(Vec::new());
+        crate::layer::gzip(&crate::layer::tar_of(&layer_files()))
+    }
+
+    /// The files of [`layer_tar_gz`].
+    fn layer_files() -> Vec<(String, Vec<u8>)> {
         let mut seed = 7u64;
-        for i in 0..40 {
-            let len = [10, 5000, 300_000, 1_500_000][i % 4];
-            let data: Vec<u8> = (0..len)
-                .map(|j| {
-                    seed = seed
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    if j % 3 == 0 {
-                        (seed >> 59) as u8
-                    } else {
-                        b'a' + (j % 7) as u8
-                    }
-                })
-                .collect();
-            let mut header = tar::Header::new_gnu();
-            header.set_size(len as u64);
-            header.set_mode(0o644);
-            header.set_uid(0);
-            header.set_gid(0);
-            header.set_mtime(0);
-            header.set_entry_type(tar::EntryType::Regular);
-            tar.append_data(&mut header, format!("dir/file-{i}"), &data[..])
-                .unwrap();
-        }
-        let tar = tar.into_inner().unwrap();
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        std::io::Write::write_all(&mut gz, &tar).unwrap();
-        gz.finish().unwrap()
+        (0..40)
+            .map(|i| {
+                let len = [10, 5000, 300_000, 1_500_000][i % 4];
+                let data: Vec<u8> = (0..len)
+                    .map(|j| {
+                        seed = seed
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        if j % 3 == 0 {
+                            (seed >> 59) as u8
+                        } else {
+                            b'a' + (j % 7) as u8
+                        }
+                    })
+                    .collect();
+                (format!("dir/file-{i}"), data)
+            })
+            .collect()
     }
 
     fn descriptor(blob: &[u8]) -> Descriptor {
@@ -267,15 +261,8 @@ mod tests {
     fn concatenated_gzip_members_get_a_checkpoint_each() {
         // The same tar cut into three members (as pigz-like writers do), with an empty member
         // in between: no span may cross from one member into the next.
-        let mut tar = Vec::new();
-        flate2::read::GzDecoder::new(&layer_tar_gz()[..])
-            .read_to_end(&mut tar)
-            .unwrap();
-        let member = |part: &[u8]| {
-            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-            std::io::Write::write_all(&mut gz, part).unwrap();
-            gz.finish().unwrap()
-        };
+        let tar = crate::layer::tar_of(&layer_files());
+        let member = crate::layer::gzip;
         let third = tar.len() / 3 + 12_345;
         let mut blob = member(&tar[..third]);
         blob.extend(member(b""));
