@@ -7,6 +7,7 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
+use lazylayer::fs::profile_pack::{PackDecoder, PackWriter};
 use serde_json::json;
 use support::{Registry, RegistryAuth, Run, lazylayer, shared_blob, shared_layer, wait_until};
 
@@ -288,7 +289,7 @@ fn a_recorded_profile_published_next_to_the_image_prefetches_a_new_machines_star
     assert!(converted.status.success(), "{}", converted.stderr);
     let run_dir = tempfile::tempdir().unwrap();
     let env = [("LAZYLAYER_RUN_DIR", run_dir.path().to_str().unwrap())];
-    let caches: Vec<_> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
+    let caches: Vec<_> = (0..6).map(|_| tempfile::tempdir().unwrap()).collect();
     let cache = |i: usize| caches[i].path().to_str().unwrap();
     let profile = |action: &str, i: usize| {
         lazylayer(&["profile", action, "--cache-dir", cache(i), &image], &env)
@@ -340,6 +341,14 @@ fn a_recorded_profile_published_next_to_the_image_prefetches_a_new_machines_star
         .expect("push names the artifact")
         .trim_end_matches(',')
         .to_string();
+    assert!(pushed.stderr.contains("a pack of"), "{}", pushed.stderr);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(registry.blob_data_path(&artifact)).unwrap())
+            .unwrap();
+    let pack = manifest["layers"][1]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     // A new machine (cache 1): its mount fetches the published profile and prefetches its
     // files before anybody reads; reading them then asks the registry for nothing more.
@@ -353,6 +362,15 @@ fn a_recorded_profile_published_next_to_the_image_prefetches_a_new_machines_star
             .len(),
         1,
         "the profile artifact was not fetched:\n{}",
+        registry.log()
+    );
+    // Its files' bytes came in one request, the pack's.
+    assert_eq!(
+        registry
+            .requests_since(mark, &format!("/blobs/{pack}"))
+            .len(),
+        1,
+        "{}",
         registry.log()
     );
     let prefetched = registry.requests_since(mark, "/blobs/").len();
@@ -415,10 +433,37 @@ fn a_recorded_profile_published_next_to_the_image_prefetches_a_new_machines_star
     assert!(pulled.status.success(), "{}", pulled.stderr);
     assert_eq!(profile("show", 2).stdout, files);
 
+    // A pack whose bytes for /app/main.py were changed (and put first): that chunk fails its
+    // digest, is fetched from its layer, and the app reads the image's bytes.
+    let pack_path = registry.blob_data_path(&pack);
+    let mut decoder = PackDecoder::new(u64::MAX);
+    let mut records = decoder.feed(&std::fs::read(&pack_path).unwrap()).unwrap();
+    let main = records
+        .iter()
+        .position(|r| r.path == "app/main.py")
+        .expect("the pack holds /app/main.py");
+    let mut tampered = records.remove(main);
+    let mut data = tampered.data.to_vec();
+    let at = data.windows(6).position(|w| w == b"app ok").unwrap();
+    data[at] = b'A';
+    tampered.data = data.into();
+    let mut writer = PackWriter::new(3);
+    for r in std::iter::once(&tampered).chain(&records) {
+        writer.add(&r.path, r.offset, &r.data);
+    }
+    std::fs::write(&pack_path, writer.finish()).unwrap();
+    let damaged =
+        support::mount::Mounted::with_args(&image, caches[5].path(), &["--no-background-fetch"]);
+    damaged.wait_until_prefetched(Duration::from_secs(60));
+    damaged.run_app();
+    let log = damaged.daemon_log();
+    assert!(
+        log.contains(&format!("start-up pack {pack}")) && log.contains("does not match its digest"),
+        "{log}"
+    );
+    drop(damaged);
+
     // A tampered profile blob is refused by its digest; mounts go on without it.
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(registry.blob_data_path(&artifact)).unwrap())
-            .unwrap();
     let blob = manifest["layers"][0]["digest"].as_str().unwrap();
     let path = registry.blob_data_path(blob);
     let mut bytes = std::fs::read(&path).unwrap();

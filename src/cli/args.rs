@@ -458,9 +458,9 @@ pub enum ProfileCommand {
     Record(Box<ProfileRecordArgs>),
     /// Publish the image's profile next to it in its registry (the image itself is untouched).
     #[command(
-        long_about = "Publish the profile kept for the image in the disk cache (recorded, or learned by a mount) as an OCI artifact (artifactType application/vnd.lazylayer.profile.v1) whose subject is the image manifest: through the referrers API, or under the sha256-HEX fallback tag for registries without it, as `lazylayer index` does. Needs push access to the image's repository. A newer push wins over older ones."
+        long_about = "Publish the profile kept for the image in the disk cache (recorded, or learned by a mount) as an OCI artifact (artifactType application/vnd.lazylayer.profile.v1) whose subject is the image manifest: through the referrers API, or under the sha256-HEX fallback tag for registries without it, as `lazylayer index` does. Needs push access to the image's repository. A newer push wins over older ones.\n\nBeside the list of files, the artifact carries a pack: the bytes of the chunks the profile names, zstd-compressed in the order the start reads them (read through the disk cache, fetched when not there). A mount fetches it in one request instead of many ranges of the layers, and checks every chunk against the digest the image's own index gives before using it. It costs the registry those bytes a second time; --list-only leaves it out."
     )]
-    Push(ProfileArgs),
+    Push(ProfilePushArgs),
     /// Fetch the profile published next to the image into the disk cache, as its learned one.
     Pull(ProfileArgs),
     /// List the files of the image's profile in the disk cache, in order.
@@ -477,6 +477,18 @@ pub struct ProfileRecordArgs {
 
     #[command(flatten)]
     pub run: RunArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ProfilePushArgs {
+    #[command(flatten)]
+    pub profile: ProfileArgs,
+
+    /// Publish the list of files only, without the pack of their bytes (mounts then fetch them
+    /// from the layers, in more requests and, for a gzip image read through a seek index, about
+    /// twice the bytes).
+    #[arg(long)]
+    pub list_only: bool,
 }
 
 #[derive(Args, Debug)]

@@ -160,6 +160,7 @@ async fn prioritize_profile(
         crate::fs::profile::fetch_published(&*opened.source, &image.manifest_digest, artifact)
             .await
             .map_err(|e| bad(e.to_string()))?
+            .profile
     };
     crate::convert::parse_prioritize(&profile.files.join("\n")).map_err(bad)
 }

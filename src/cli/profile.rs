@@ -4,14 +4,15 @@
 
 use bytes::Bytes;
 
-use super::args::{ProfileArgs, ProfileCommand};
+use super::args::{ProfileArgs, ProfileCommand, ProfilePushArgs};
 use super::error::CliError;
 use super::options::{cache_dir_error, open_cache};
 use super::read::write_stdout;
 use crate::cache::disk::DiskCache;
 use crate::fs::profile::{self, MAX_PROFILE_BYTES, Profile};
+use crate::fs::{ImageFs, ImageFsOptions};
 use crate::model::oci::{
-    ANNOTATION_CREATED, Descriptor, MEDIA_PROFILE_BLOB, PROFILE_ARTIFACT_TYPE,
+    ANNOTATION_CREATED, Descriptor, MEDIA_PROFILE_BLOB, MEDIA_PROFILE_PACK, PROFILE_ARTIFACT_TYPE,
 };
 use crate::model::reference::ImageRef;
 use crate::source::open::{OpenedImage, open_image};
@@ -70,17 +71,18 @@ async fn show(args: ProfileArgs, clear: bool) -> Result<(), CliError> {
     Ok(())
 }
 
-async fn push(args: ProfileArgs) -> Result<(), CliError> {
+async fn push(push: ProfilePushArgs) -> Result<(), CliError> {
+    let args = &push.profile;
     let reference = ImageRef::parse(&args.reference)?;
     let ImageRef::Registry(target) = &reference else {
         return Err(CliError::Publish(format!(
             "{reference}: `profile push` publishes next to an image in a registry"
         )));
     };
-    let (opened, disk) = open(&args).await?;
-    let image = &opened.image;
+    let (opened, disk) = open(args).await?;
+    let image = opened.image.clone();
     let Some(profile) = profile::load(&disk, &image.source) else {
-        return Err(no_profile(&image.source, &args));
+        return Err(no_profile(&image.source, args));
     };
     let bytes = Bytes::from(serde_json::to_vec(&profile).expect("a profile serialises"));
     let failed = |e: crate::source::registry::RegistryError| {
@@ -93,6 +95,33 @@ async fn push(args: ProfileArgs) -> Result<(), CliError> {
             bytes.len()
         )));
     }
+    let mut blobs = vec![(Descriptor::of(MEDIA_PROFILE_BLOB, &bytes), bytes)];
+    let mut packed = String::new();
+    if !push.list_only {
+        let options = ImageFsOptions {
+            disk: Some(std::sync::Arc::new(disk)),
+            retry: args.remote.registry_config()?.retry,
+            sibling_bytes: 0,
+            amplify_bytes: 0,
+            ..ImageFsOptions::default()
+        };
+        let fs = ImageFs::open(opened, &options)
+            .await
+            .map_err(|source| CliError::Open {
+                image: args.reference.clone(),
+                source,
+            })?;
+        let (pack, chunks) = fs.profile_pack(&profile).await.map_err(|e| {
+            CliError::Publish(format!(
+                "reading the start-up files of {} for the profile's pack: {e} \
+                 (--list-only publishes the profile without it)",
+                args.reference
+            ))
+        })?;
+        packed = format!(", a pack of {chunks} chunks in {} bytes", pack.len());
+        let pack = Bytes::from(pack);
+        blobs.push((Descriptor::of(MEDIA_PROFILE_PACK, &pack), pack));
+    }
     let config = args.remote.registry_config()?;
     let repository =
         crate::source::registry::Repository::for_push(target, &config).map_err(failed)?;
@@ -101,23 +130,17 @@ async fn push(args: ProfileArgs) -> Result<(), CliError> {
         image.manifest_digest.clone(),
         image.manifest_size,
     );
-    let blob = Descriptor::of(MEDIA_PROFILE_BLOB, &bytes);
     let mut annotations = std::collections::BTreeMap::new();
     annotations.insert(
         ANNOTATION_CREATED.to_string(),
         chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     );
     let artifact = repository
-        .publish_artifact(
-            &subject,
-            PROFILE_ARTIFACT_TYPE,
-            &[(blob, bytes)],
-            annotations,
-        )
+        .publish_artifact(&subject, PROFILE_ARTIFACT_TYPE, &blobs, annotations)
         .await
         .map_err(failed)?;
     eprintln!(
-        "lazylayer: published the profile of {} ({} files) as {}, a referrer of {}",
+        "lazylayer: published the profile of {} ({} files{packed}) as {}, a referrer of {}",
         args.reference,
         profile.files.len(),
         artifact.digest,
@@ -140,7 +163,8 @@ async fn pull(args: ProfileArgs) -> Result<(), CliError> {
     };
     let published = profile::fetch_published(&*opened.source, &image.manifest_digest, artifact)
         .await
-        .map_err(|e| CliError::Publish(format!("{}: {e}", args.reference)))?;
+        .map_err(|e| CliError::Publish(format!("{}: {e}", args.reference)))?
+        .profile;
     let stored = Profile {
         image: image.source.clone(),
         ..published

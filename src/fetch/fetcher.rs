@@ -44,7 +44,13 @@ impl Fetcher {
             .holds(chunk.cache_key(layer).as_ref(), chunk.digest.as_ref())
     }
 
-    fn keep(&self, layer: &Digest, chunk: &ChunkRef, data: &Bytes, priority: &SharedPriority) {
+    pub(super) fn keep(
+        &self,
+        layer: &Digest,
+        chunk: &ChunkRef,
+        data: &Bytes,
+        priority: &SharedPriority,
+    ) {
         let background = priority.get() == Priority::Background;
         self.tiers.keep(
             chunk.cache_key(layer),
@@ -284,7 +290,12 @@ fn decompress_error(layer: &Digest, offset: u64, reason: String) -> ContentError
     }
 }
 
-fn verify(layer: &Digest, offset: u64, chunk: &ChunkRef, data: &[u8]) -> Result<(), ContentError> {
+pub(super) fn verify(
+    layer: &Digest,
+    offset: u64,
+    chunk: &ChunkRef,
+    data: &[u8],
+) -> Result<(), ContentError> {
     if let Some(expected) = &chunk.digest {
         let actual = Digest::of(data);
         if actual != *expected {

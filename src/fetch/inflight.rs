@@ -28,7 +28,7 @@ use crate::layer::ChunkRef;
 use crate::model::digest::Digest;
 use crate::source::SourceError;
 
-type Fetch<T> = BoxFuture<'static, Result<T, Arc<ContentError>>>;
+pub type Fetch<T> = BoxFuture<'static, Result<T, Arc<ContentError>>>;
 type SharedFetch = Shared<Fetch<Bytes>>;
 
 /// The fetches in flight for one image, by chunk.
@@ -58,6 +58,41 @@ impl InFlight {
         let result = fetch.await;
         self.fetches.lock().unwrap().remove(&key);
         result
+    }
+
+    /// Registers the chunk `key` as on its way from elsewhere (a start-up pack): readers of it
+    /// wait for the returned sender's bytes rather than fetching, and if the sender is dropped
+    /// without sending they fetch it with `fallback`. `None` when the chunk is already in
+    /// flight. The entry stays until [`InFlight::settle`] removes it.
+    pub fn expect(
+        &self,
+        key: ChunkKey,
+        priority: Priority,
+        fallback: impl FnOnce(SharedPriority) -> Fetch<Bytes> + Send + 'static,
+    ) -> Option<oneshot::Sender<Bytes>> {
+        let mut fetches = self.fetches.lock().unwrap();
+        if fetches.contains_key(&key) {
+            return None;
+        }
+        let (sender, receiver) = oneshot::channel();
+        let shared_priority = SharedPriority::new(priority);
+        let raised = shared_priority.clone();
+        let fetch = async move {
+            match receiver.await {
+                Ok(data) => Ok(data),
+                Err(_) => fallback(raised).await,
+            }
+        }
+        .boxed()
+        .shared();
+        fetches.insert(key, (fetch, shared_priority));
+        Some(sender)
+    }
+
+    /// Removes an entry of [`InFlight::expect`]: once its bytes are kept in the cache tiers, or
+    /// before its sender is dropped (its readers then fetch it themselves).
+    pub fn settle(&self, key: &ChunkKey) {
+        self.fetches.lock().unwrap().remove(key);
     }
 
     /// Starts one fetch (with `start`) for each merged run of the chunks of `wanted` (of

@@ -22,7 +22,7 @@ pub mod scheduler;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::FutureExt;
+use futures_util::{FutureExt, StreamExt};
 
 use crate::cache::ChunkTiers;
 use crate::cache::Tier;
@@ -296,6 +296,100 @@ impl ContentReader {
         futures_util::future::try_join_all(chunks.iter().map(|c| self.chunk(layer, c, priority)))
             .await?;
         Ok(())
+    }
+
+    /// Fetches a blob that carries chunks of this image's layers (a start-up pack, see
+    /// [`crate::fs::profile_pack`]) in one request at prefetch priority. Meanwhile the
+    /// `expected` chunks (those not cached and not in flight) count as in flight, so that their
+    /// readers wait for the pack instead of fetching them a second time; `decode` turns the
+    /// blob's bytes, as they arrive, into chunks by index into `expected`, and each is verified
+    /// against its digest before it is kept or handed over. Returns the expected chunks the
+    /// pack did not bring (absent, damaged or cut off; their readers fetch them from the layer)
+    /// and how the fetch ended.
+    pub async fn fetch_pack<E: std::fmt::Display>(
+        &self,
+        blob: &Descriptor,
+        expected: Vec<(usize, ChunkRef)>,
+        mut decode: impl FnMut(&[u8]) -> Result<Vec<(usize, Bytes)>, E>,
+    ) -> (Vec<(usize, ChunkRef)>, Result<(), String>) {
+        let priority = Priority::Prefetch;
+        let mut waiting: Vec<
+            Option<(
+                crate::cache::memory::ChunkKey,
+                tokio::sync::oneshot::Sender<Bytes>,
+            )>,
+        > = expected
+            .iter()
+            .map(|(layer, chunk)| {
+                let info = self.layers.get(*layer)?.clone();
+                let key = chunk.cache_key(&info.descriptor.digest)?;
+                if self.fetcher.holds(&info.descriptor.digest, chunk) {
+                    return None;
+                }
+                let (fetcher, chunk) = (self.fetcher.clone(), chunk.clone());
+                let fallback = move |priority| fetcher.fetch_one(info, chunk, priority).boxed();
+                let sender = self.inflight.expect(key.clone(), priority, fallback)?;
+                Some((key, sender))
+            })
+            .collect();
+        let kept_as = scheduler::SharedPriority::new(priority);
+        let permit = self.fetcher.scheduler.acquire(priority).await;
+        let result = async {
+            let mut stream = self
+                .fetcher
+                .source
+                .blob_range(&blob.digest, 0..blob.size)
+                .await
+                .map_err(|e| e.to_string())?;
+            while let Some(piece) = stream.next().await {
+                let piece = piece.map_err(|e| e.to_string())?;
+                for (i, data) in decode(&piece).map_err(|e| format!("the pack {e}"))? {
+                    let Some((key, sender)) = waiting.get_mut(i).and_then(Option::take) else {
+                        continue;
+                    };
+                    let (layer, chunk) = &expected[i];
+                    let digest = &self.layers[*layer].descriptor.digest;
+                    // Only chunks with a digest are expected (see `profile_pack`); the length
+                    // is checked too, for callers that might not.
+                    let checked = if data.len() as u64 == chunk.size {
+                        fetcher::verify(digest, plan::compressed_start(chunk), chunk, &data)
+                            .map_err(|e| e.to_string())
+                    } else {
+                        Err(format!(
+                            "its record of a {}-byte chunk of layer {digest} holds {} bytes",
+                            chunk.size,
+                            data.len()
+                        ))
+                    };
+                    if let Err(e) = checked {
+                        tracing::warn!(
+                            "start-up pack {}: {e}; that chunk is fetched from its layer",
+                            blob.digest
+                        );
+                        waiting[i] = Some((key, sender));
+                        continue;
+                    }
+                    self.fetcher.keep(digest, chunk, &data, &kept_as);
+                    let _ = sender.send(data);
+                    self.inflight.settle(&key);
+                }
+            }
+            Ok(())
+        }
+        .await;
+        drop(permit);
+        let missed = waiting
+            .into_iter()
+            .zip(expected)
+            .filter_map(|(waiting, chunk)| {
+                let (key, sender) = waiting?;
+                // Removed before the sender goes, so that a reader arriving now fetches anew.
+                self.inflight.settle(&key);
+                drop(sender);
+                Some(chunk)
+            })
+            .collect();
+        (missed, result)
     }
 
     /// One verified chunk, from the cache tiers or fetched (once, however many readers want it).
@@ -677,6 +771,71 @@ mod tests {
             5,
             "four damaged transfers, then a good one"
         );
+    }
+
+    #[tokio::test]
+    async fn a_pack_serves_its_verified_chunks_and_leaves_the_rest_to_the_layer() {
+        let layer = layer(4);
+        let reader = Arc::new(layer.reader(RequestScheduler::new(4), 0));
+        // The pack: chunk 0, chunk 1 damaged, chunk 2; chunk 3 is not in it.
+        let mut pack = layer.data[..3000].to_vec();
+        pack[1500] ^= 1;
+        let size = pack.len() as u64;
+        let pack = Descriptor::new("application/octet-stream", layer.memory.put(pack), size);
+        layer.memory.hold();
+        let expected: Vec<(usize, ChunkRef)> =
+            layer.chunks.iter().map(|c| (0, c.clone())).collect();
+        let fetching = {
+            let (reader, pack) = (reader.clone(), pack.clone());
+            tokio::spawn(async move {
+                let mut received = Vec::new();
+                reader
+                    .fetch_pack(&pack, expected, |bytes| {
+                        received.extend_from_slice(bytes);
+                        let whole = received.len() / 1000;
+                        let done = (0..whole)
+                            .map(|i| (i, Bytes::copy_from_slice(&received[i * 1000..][..1000])))
+                            .collect();
+                        received.drain(..whole * 1000);
+                        Ok::<_, String>(done)
+                    })
+                    .await
+            })
+        };
+        wait_until("the pack is requested", || {
+            !layer.memory.ranges().is_empty()
+        })
+        .await;
+        // A reader of chunk 0 waits for the pack rather than fetching it from the layer.
+        let first = {
+            let reader = reader.clone();
+            let chunk = layer.chunks[0].clone();
+            tokio::spawn(async move { reader.chunk(0, &chunk, Priority::Reader).await })
+        };
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            layer.memory.ranges().len(),
+            1,
+            "chunk 0 was fetched beside the pack"
+        );
+        layer.memory.release();
+        assert_eq!(&first.await.unwrap().unwrap()[..], &layer.data[..1000]);
+        let (missed, result) = fetching.await.unwrap();
+        result.unwrap();
+        let missed: Vec<u64> = missed.iter().map(|(_, c)| c.file_offset).collect();
+        assert_eq!(missed, [1000, 3000], "the damaged chunk and the absent one");
+        assert_eq!(
+            layer.memory.ranges(),
+            [(pack.digest.clone(), 0..size)],
+            "one request, the pack's"
+        );
+        // Verified chunks are kept; the damaged one is fetched from the layer, right.
+        assert!(reader.missing(0, &layer.chunks[..3]).len() == 1);
+        let got = reader.chunk(0, &layer.chunks[1], Priority::Reader).await;
+        assert_eq!(&got.unwrap()[..], &layer.data[1000..2000]);
+        assert_eq!(layer.ranges()[1], layer.span(1..2));
     }
 
     #[tokio::test]

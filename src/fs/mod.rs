@@ -7,6 +7,7 @@
 //! [`ContentReader`]. This is the object `ls`, `cat` and the FUSE mount share.
 
 pub mod profile;
+pub mod profile_pack;
 pub mod readahead;
 pub mod siblings;
 pub mod stream_read;
@@ -210,7 +211,7 @@ impl ImageFs {
                 return None;
             }
             match profile::fetch_published(&*source, &image.manifest_digest, artifact).await {
-                Ok(profile) => Some(profile),
+                Ok(published) => Some(published),
                 Err(e) => {
                     tracing::warn!(
                         "{}: its published start-up profile is not used: {e}",
@@ -247,17 +248,42 @@ impl ImageFs {
         // Every compressed chunk in blob order: the neighbours a read is amplified with, what
         // background filling fetches, and where the landmark's chunks are found.
         let all_chunks = chunks_in_blob_order(&tree, &layers);
-        let profile = learned.or(published);
+        let image_bytes: u64 = image.layers.iter().map(|l| l.descriptor.size).sum();
+        let (profile, pack) = match (learned, published) {
+            (Some(learned), _) => (Some(learned), None),
+            (None, Some(published)) => {
+                let pack = published.pack.filter(|pack| {
+                    let fits = pack.size <= image_bytes;
+                    if !fits {
+                        tracing::warn!(
+                            "{}: its published start-up pack {} is {} bytes, more than the \
+                             image's layers hold ({image_bytes}): not used",
+                            image.source,
+                            pack.digest,
+                            pack.size
+                        );
+                    }
+                    fits
+                });
+                (Some(published.profile), pack)
+            }
+            (None, None) => (None, None),
+        };
         // Prioritised files: the eStargz landmark's (the image author's list), then the
-        // profile's.
+        // profile's, from its pack when it has one.
         let mut work = landmark_work(&all_chunks, &layers);
+        let mut from_pack = None;
         if let Some(profile) = profile {
-            work.extend(profile.work(&tree));
+            match pack {
+                Some(pack) => from_pack = Some((pack, profile.work_by_path(&tree))),
+                None => work.extend(profile.work(&tree)),
+            }
         }
+        let hinted = !work.is_empty() || from_pack.is_some();
         // A landmark or a profile says what the start reads; sibling prefetch and wide read
         // amplification only guess, and their guesses would take the link from the
         // prioritised prefetch.
-        let (sibling_bytes, amplify_bytes) = if work.is_empty() {
+        let (sibling_bytes, amplify_bytes) = if !hinted {
             (options.sibling_bytes, options.amplify_bytes)
         } else {
             (0, options.amplify_bytes.min(HINTED_AMPLIFY))
@@ -280,12 +306,18 @@ impl ImageFs {
             .filter(|_| options.disk.is_some())
             .map(Recorder::new);
         let background = options.background_fill && options.disk.is_some();
-        if work.is_empty() {
+        if hinted {
+            tokio::spawn(prefetch_hints(
+                content.clone(),
+                work,
+                from_pack,
+                stats.clone(),
+                image.source.clone(),
+            ));
+        } else {
             stats
                 .profile_prefetched
                 .store(true, std::sync::atomic::Ordering::Relaxed);
-        } else {
-            tokio::spawn(prefetch_files(content.clone(), work, stats.clone()));
         }
         if background {
             tokio::spawn(fill_in_background(
@@ -421,6 +453,15 @@ impl ImageFs {
         }
         let (source, _) = crate::source::open::stack(raw, Some(disk.clone()));
         let _ = profile::fetch_published(&*source, &image.manifest_digest, artifact).await;
+    }
+
+    /// The pack of `profile`'s chunks in this image (see [`profile_pack`]) and how many chunks
+    /// it holds, read through the cache tiers.
+    pub async fn profile_pack(
+        &self,
+        profile: &profile::Profile,
+    ) -> Result<(Vec<u8>, usize), Arc<ContentError>> {
+        profile_pack::build(&self.content, &profile.work_by_path(&self.tree)).await
     }
 
     /// Records no start-up profile: the mount was taken over from an earlier daemon, and what
@@ -631,15 +672,38 @@ const PREFETCH_SPAN: u64 = 2 << 20;
 /// default request slots, so a reader's miss still finds one free.
 const PREFETCH_PARALLEL: usize = 6;
 
+/// Fetches what the image's hints say its start reads: the prioritised files (`work`:
+/// landmark, profile) and, at the same time, a published profile's pack with the files it
+/// covers (then those the pack did not bring, from the layers).
+async fn prefetch_hints(
+    content: Arc<ContentReader>,
+    work: Vec<(usize, Vec<ChunkRef>)>,
+    from_pack: Option<(crate::model::oci::Descriptor, profile_pack::PathWork)>,
+    stats: Arc<FetchStats>,
+    image: String,
+) {
+    let pack = async {
+        if let Some((blob, work)) = from_pack {
+            let missed = profile_pack::prefetch(&content, &blob, work, &image).await;
+            if !missed.is_empty() {
+                prefetch_files(content.clone(), missed).await;
+            }
+        }
+    };
+    tokio::join!(prefetch_files(content.clone(), work), pack);
+    stats
+        .profile_prefetched
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Fetches prioritised files (landmark, profile) at prefetch priority, planned as a whole
 /// ([`crate::fetch::plan::prioritised_spans`]): planned 32 files at a time, python-app's learned
 /// profile cost about 140 requests, most of them small; planned at once, about 60. A span whose
 /// chunks a reader fetched meanwhile is skipped when its turn comes.
-async fn prefetch_files(
-    content: Arc<ContentReader>,
-    work: Vec<(usize, Vec<ChunkRef>)>,
-    stats: Arc<FetchStats>,
-) {
+async fn prefetch_files(content: Arc<ContentReader>, work: Vec<(usize, Vec<ChunkRef>)>) {
+    if work.is_empty() {
+        return;
+    }
     let started = std::time::Instant::now();
     let spans = content.prioritised_spans(&work, PREFETCH_GAP, PREFETCH_SPAN);
     tracing::debug!(
@@ -668,9 +732,6 @@ async fn prefetch_files(
         .buffer_unordered(PREFETCH_PARALLEL);
     while done.next().await.is_some() {}
     tracing::debug!("prioritised prefetch done in {:?}", started.elapsed());
-    stats
-        .profile_prefetched
-        .store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// The compressed bytes that hold `work`'s chunks (a frame shared by several chunks counted once).

@@ -25,7 +25,9 @@
 //! starts of the image read (its command, its configuration), and it costs no request. A
 //! published profile is trusted as much as the repository that serves it: it can only name
 //! files of the image, each prefetched once, so the worst it can do is fetch what was not needed,
-//! never more than the image holds; and one larger than [`MAX_PROFILE_BYTES`] is refused.
+//! never more than the image holds; and one larger than [`MAX_PROFILE_BYTES`] is refused. A
+//! published profile may come with a pack of its files' bytes, fetched in one request instead
+//! of the profile's ranges of the layers ([`crate::fs::profile_pack`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -35,10 +37,13 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::cache::disk::DiskCache;
+use crate::fs::profile_pack::PathWork;
 use crate::fs::tree::{Ino, MergedTree, NodeKind};
 use crate::layer::ChunkRef;
 use crate::model::digest::Digest;
-use crate::model::oci::{Descriptor, MEDIA_PROFILE_BLOB, Manifest, PROFILE_ARTIFACT_TYPE};
+use crate::model::oci::{
+    Descriptor, MEDIA_PROFILE_BLOB, MEDIA_PROFILE_PACK, Manifest, PROFILE_ARTIFACT_TYPE,
+};
 use crate::model::reference::ManifestSelector;
 use crate::source::{ImageSource, SourceError};
 
@@ -104,6 +109,14 @@ impl Profile {
     /// ranges the recorded start read (all of them for a file read whole). Paths that are not
     /// regular files of `tree` are skipped, and a path listed twice counts once.
     pub fn work(&self, tree: &MergedTree) -> Vec<(usize, Vec<ChunkRef>)> {
+        self.work_by_path(tree)
+            .into_iter()
+            .map(|(_, layer, chunks)| (layer, chunks))
+            .collect()
+    }
+
+    /// [`Profile::work`] with each file's path.
+    pub fn work_by_path(&self, tree: &MergedTree) -> PathWork {
         let mut seen = std::collections::HashSet::new();
         self.files
             .iter()
@@ -124,10 +137,17 @@ impl Profile {
                         .cloned()
                         .collect(),
                 };
-                (!chunks.is_empty()).then_some((*layer, chunks))
+                (!chunks.is_empty()).then(|| (path.clone(), *layer, chunks))
             })
             .collect()
     }
+}
+
+/// A published profile: the list, and the pack of its chunks' bytes when one was published
+/// with it ([`crate::fs::profile_pack`]).
+pub struct Published {
+    pub profile: Profile,
+    pub pack: Option<Descriptor>,
 }
 
 /// The name of an image's profile in the cache's `meta/` directory.
@@ -149,12 +169,12 @@ pub fn store(disk: &DiskCache, profile: &Profile) {
 }
 
 /// Reads the profile published as `artifact`, a referrer of manifest `subject`: the artifact's
-/// manifest, then its profile blob, each verified against its digest.
+/// manifest, then its profile blob, each verified against its digest, and where its pack is.
 pub async fn fetch_published(
     source: &dyn ImageSource,
     subject: &Digest,
     artifact: &Descriptor,
-) -> Result<Profile, ProfileError> {
+) -> Result<Published, ProfileError> {
     let from_source = |source| ProfileError::Source {
         artifact: artifact.digest.clone(),
         source,
@@ -179,8 +199,14 @@ pub async fn fetch_published(
     if manifest.subject.as_ref().map(|s| &s.digest) != Some(subject) {
         return Err(not_ours("another subject"));
     }
-    let [blob] = manifest.layers.as_slice() else {
-        return Err(not_ours("not exactly one blob"));
+    let (blob, pack) = match manifest.layers.as_slice() {
+        [blob] => (blob, None),
+        [blob, pack] if pack.media_type == MEDIA_PROFILE_PACK => (blob, Some(pack.clone())),
+        _ => {
+            return Err(not_ours(
+                "not one profile blob, optionally followed by a pack",
+            ));
+        }
     };
     if blob.media_type != MEDIA_PROFILE_BLOB {
         return Err(not_ours("its blob is not a profile"));
@@ -195,7 +221,10 @@ pub async fn fetch_published(
         .blob(blob, MAX_PROFILE_BYTES)
         .await
         .map_err(from_source)?;
-    Profile::parse(&bytes, &blob.digest)
+    Ok(Published {
+        profile: Profile::parse(&bytes, &blob.digest)?,
+        pack,
+    })
 }
 
 /// What was read during the window: files in the order of their first read, and per file the

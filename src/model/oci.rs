@@ -31,6 +31,9 @@ pub const ANNOTATION_GZIP_INDEX_LAYER: &str = "dev.lazylayer.gzip-index.layer";
 pub const PROFILE_ARTIFACT_TYPE: &str = "application/vnd.lazylayer.profile.v1";
 /// Media type of the profile blob in it: the JSON of `fs::profile::Profile`.
 pub const MEDIA_PROFILE_BLOB: &str = "application/vnd.lazylayer.profile.v1+json";
+/// Media type of the optional second blob of a published profile: the bytes its files' chunks
+/// hold, zstd-compressed (`fs::profile_pack`).
+pub const MEDIA_PROFILE_PACK: &str = "application/vnd.lazylayer.profile.pack.v1+zstd";
 /// Annotation on a published profile's manifest (and so on its referrers entry): when it was
 /// pushed, RFC 3339 in UTC. Of several, the newest is used.
 pub const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
