@@ -60,6 +60,11 @@ impl InFlight {
         result
     }
 
+    /// Whether a fetch of the chunk `key` is in flight.
+    pub fn contains(&self, key: &ChunkKey) -> bool {
+        self.fetches.lock().unwrap().contains_key(key)
+    }
+
     /// Registers the chunk `key` as on its way from elsewhere (a start-up pack): readers of it
     /// wait for the returned sender's bytes rather than fetching, and if the sender is dropped
     /// without sending they fetch it with `fallback`. `None` when the chunk is already in
