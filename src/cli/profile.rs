@@ -118,9 +118,14 @@ async fn push(push: ProfilePushArgs) -> Result<(), CliError> {
                 args.reference
             ))
         })?;
-        packed = format!(", a pack of {chunks} chunks in {} bytes", pack.len());
-        let pack = Bytes::from(pack);
-        blobs.push((Descriptor::of(MEDIA_PROFILE_PACK, &pack), pack));
+        if chunks == 0 {
+            // Layers without a lazy index stream whole anyway: nothing to pack.
+            packed = ", no pack: none of its files is in a layer with a lazy index".into();
+        } else {
+            packed = format!(", a pack of {chunks} chunks in {} bytes", pack.len());
+            let pack = Bytes::from(pack);
+            blobs.push((Descriptor::of(MEDIA_PROFILE_PACK, &pack), pack));
+        }
     }
     let config = args.remote.registry_config()?;
     let repository =

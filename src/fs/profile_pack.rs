@@ -44,8 +44,10 @@ use crate::layer::{ChunkRef, ChunkSource};
 use crate::model::oci::Descriptor;
 
 const MAGIC: &[u8; 8] = b"LLPACK1\n";
-/// Bytes a record adds to its data: path length, path (at most `PATH_MAX`), offset, length.
-const RECORD_OVERHEAD: u64 = 2 + 4096 + 8 + 4;
+/// The longest path a record holds (`PATH_MAX`); a file with a longer one is left out of packs.
+const MAX_PATH: usize = 4096;
+/// Bytes a record adds to its data: path length, path, offset, length.
+const RECORD_OVERHEAD: u64 = 2 + MAX_PATH as u64 + 8 + 4;
 /// The largest record: a chunk is never larger than a seek index span may be.
 const MAX_RECORD: u64 = crate::layer::gzip_index::MAX_SPAN_OUTPUT;
 /// zstd level of `profile push`'s packs: a pack is made once and fetched at every start on every
@@ -88,7 +90,12 @@ impl PackWriter {
         PackWriter { encoder }
     }
 
-    pub fn add(&mut self, path: &str, offset: u64, data: &[u8]) {
+    /// Adds a record; `false` (nothing added) for a path longer than [`MAX_PATH`] or data
+    /// larger than any chunk, which the format cannot hold.
+    pub fn add(&mut self, path: &str, offset: u64, data: &[u8]) -> bool {
+        if path.len() > MAX_PATH || data.len() as u64 > MAX_RECORD {
+            return false;
+        }
         let header = [
             &(path.len() as u16).to_le_bytes()[..],
             path.as_bytes(),
@@ -98,6 +105,7 @@ impl PackWriter {
         for piece in header.into_iter().chain([data]) {
             self.encoder.write_all(piece).expect("writing to memory");
         }
+        true
     }
 
     pub fn finish(self) -> Vec<u8> {
@@ -228,13 +236,13 @@ pub async fn build(
     let mut fetched = futures_util::stream::iter(&chunks)
         .map(|(_, layer, c)| content.chunk(*layer, c, Priority::Prefetch))
         .buffered(16);
-    let mut n = 0;
+    let (mut n, mut added) = (0, 0);
     while let Some(data) = fetched.next().await {
         let (path, _, c) = chunks[n];
-        writer.add(path, c.file_offset, &data?);
+        added += usize::from(writer.add(path, c.file_offset, &data?));
         n += 1;
     }
-    Ok((writer.finish(), n))
+    Ok((writer.finish(), added))
 }
 
 /// Prefetches `work`'s chunks from the pack `blob` (see [`ContentReader::fetch_pack`]) and
@@ -300,7 +308,7 @@ mod tests {
     fn pack_of(records: &[(&str, u64, Vec<u8>)]) -> Vec<u8> {
         let mut writer = PackWriter::new(3);
         for (path, offset, data) in records {
-            writer.add(path, *offset, data);
+            assert!(writer.add(path, *offset, data));
         }
         writer.finish()
     }
@@ -360,5 +368,11 @@ mod tests {
         raw.extend(0u32.to_le_bytes());
         let bad = zstd::encode_all(&raw[..], 3).unwrap();
         assert!(matches!(err(&bad, u64::MAX), PackError::BadPath));
+        // What the format cannot hold is left out when writing.
+        let mut writer = PackWriter::new(3);
+        assert!(!writer.add(&"d/".repeat(3000), 0, b"x"));
+        assert!(writer.add("f", 0, b"x"));
+        let records = PackDecoder::new(1 << 20).feed(&writer.finish()).unwrap();
+        assert_eq!(records.len(), 1);
     }
 }
