@@ -95,12 +95,13 @@ async fn push(push: ProfilePushArgs) -> Result<(), CliError> {
             bytes.len()
         )));
     }
+    let config = args.remote.registry_config()?;
     let mut blobs = vec![(Descriptor::of(MEDIA_PROFILE_BLOB, &bytes), bytes)];
     let mut packed = String::new();
     if !push.list_only {
         let options = ImageFsOptions {
             disk: Some(std::sync::Arc::new(disk)),
-            retry: args.remote.registry_config()?.retry,
+            retry: config.retry.clone(),
             sibling_bytes: 0,
             amplify_bytes: 0,
             ..ImageFsOptions::default()
@@ -127,7 +128,6 @@ async fn push(push: ProfilePushArgs) -> Result<(), CliError> {
             blobs.push((Descriptor::of(MEDIA_PROFILE_PACK, &pack), pack));
         }
     }
-    let config = args.remote.registry_config()?;
     let repository =
         crate::source::registry::Repository::for_push(target, &config).map_err(failed)?;
     let subject = Descriptor::new(

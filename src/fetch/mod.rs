@@ -26,6 +26,7 @@ use futures_util::{FutureExt, StreamExt};
 
 use crate::cache::ChunkTiers;
 use crate::cache::Tier;
+use crate::cache::memory::ChunkKey;
 use crate::layer::gzip_index::Checkpoints;
 use crate::layer::{ChunkRef, ChunkSource, LayerError, LayerFormat};
 use crate::model::digest::Digest;
@@ -231,15 +232,20 @@ impl ContentReader {
         let info = &self.layers[layer];
         let digest = &info.descriptor.digest;
         let on_the_way = self.on_the_way(layer, wanted);
-        let mut wanted = wanted.to_vec();
-        if !on_the_way.is_empty() {
-            wanted.extend(on_the_way.iter());
-            wanted.sort_by_key(|c| plan::blob_order(c));
-            wanted.dedup();
-        }
+        let extended: Vec<&ChunkRef>;
+        let wanted = if on_the_way.is_empty() {
+            wanted
+        } else {
+            let mut all = wanted.to_vec();
+            all.extend(on_the_way.iter());
+            all.sort_by_key(|c| plan::blob_order(c));
+            all.dedup();
+            extended = all;
+            &extended
+        };
         self.inflight.start_runs(
             digest,
-            &wanted,
+            wanted,
             priority,
             |c| self.fetcher.holds(digest, c),
             |run, priority, deliver| {
@@ -261,19 +267,22 @@ impl ContentReader {
         // Per span start: the first wanted output and the end of the furthest, of the chunks
         // this request is to fetch (none when they are all held or in flight).
         let mut spans: std::collections::BTreeMap<u64, (u64, u64)> = Default::default();
-        let to_fetch = wanted.iter().filter(|c| {
-            !self.fetcher.holds(digest, c)
-                && c.cache_key(digest)
-                    .is_some_and(|key| !self.inflight.contains(&key))
-        });
-        for c in to_fetch {
-            if let ChunkSource::Compressed {
+        for c in wanted {
+            // Other codecs first: they never have chunks on the way, and the lookups below
+            // would cost every merged read of them.
+            let ChunkSource::Compressed {
                 start,
                 inner_offset,
                 codec: crate::layer::Codec::Deflate { .. },
                 ..
             } = c.source
-            {
+            else {
+                continue;
+            };
+            let to_fetch = !self.fetcher.holds(digest, c)
+                && c.cache_key(digest)
+                    .is_some_and(|key| !self.inflight.contains(&key));
+            if to_fetch {
                 let span = spans.entry(start).or_insert((u64::MAX, 0));
                 span.0 = span.0.min(inner_offset);
                 span.1 = span.1.max(inner_offset + c.size);
@@ -379,12 +388,7 @@ impl ContentReader {
         mut decode: impl FnMut(&[u8]) -> Result<Vec<(usize, Bytes)>, E>,
     ) -> (Vec<(usize, ChunkRef)>, Result<(), String>) {
         let priority = Priority::Prefetch;
-        let mut waiting: Vec<
-            Option<(
-                crate::cache::memory::ChunkKey,
-                tokio::sync::oneshot::Sender<Bytes>,
-            )>,
-        > = expected
+        let mut waiting: Vec<Option<(ChunkKey, tokio::sync::oneshot::Sender<Bytes>)>> = expected
             .iter()
             .map(|(layer, chunk)| {
                 let info = self.layers.get(*layer)?.clone();

@@ -678,7 +678,7 @@ const PREFETCH_PARALLEL: usize = 6;
 async fn prefetch_hints(
     content: Arc<ContentReader>,
     work: Vec<(usize, Vec<ChunkRef>)>,
-    from_pack: Option<(crate::model::oci::Descriptor, profile_pack::PathWork)>,
+    from_pack: Option<(crate::model::oci::Descriptor, profile::PathWork)>,
     stats: Arc<FetchStats>,
     image: String,
 ) {

@@ -37,7 +37,6 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::cache::disk::DiskCache;
-use crate::fs::profile_pack::PathWork;
 use crate::fs::tree::{Ino, MergedTree, NodeKind};
 use crate::layer::ChunkRef;
 use crate::model::digest::Digest;
@@ -142,6 +141,10 @@ impl Profile {
             .collect()
     }
 }
+
+/// A profile's work with the path of each file: `(path, layer, chunks)` in the profile's order
+/// ([`Profile::work_by_path`]).
+pub type PathWork = Vec<(String, usize, Vec<ChunkRef>)>;
 
 /// A published profile: the list, and the pack of its chunks' bytes when one was published
 /// with it ([`crate::fs::profile_pack`]).

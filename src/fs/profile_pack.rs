@@ -40,6 +40,7 @@ use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
 
 use crate::fetch::scheduler::Priority;
 use crate::fetch::{ContentError, ContentReader};
+use crate::fs::profile::PathWork;
 use crate::layer::{ChunkRef, ChunkSource};
 use crate::model::oci::Descriptor;
 
@@ -205,9 +206,6 @@ impl PackDecoder {
         Ok(records)
     }
 }
-
-/// A profile's work with the path of each file: `(path, layer, chunks)` in the profile's order.
-pub type PathWork = Vec<(String, usize, Vec<ChunkRef>)>;
 
 /// Whether a pack carries `chunk`: chunks fetched from a layer's blob by range, whose digest the
 /// image's index gives (a streamed layer's content arrives with its stream anyway).
