@@ -309,6 +309,73 @@ async fn range_reads_return_exactly_the_requested_bytes() {
     assert!(matches!(err, RegistryError::TooLarge { .. }), "{err}");
 }
 
+/// Several ranges of a blob go to distribution in one request (`multipart/byteranges`) and come
+/// back as exactly their bytes, in order; a pull-through mirror that does not hold the blob yet
+/// answers such a request with the whole blob, so that host then gets one range per request,
+/// with the same bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn several_ranges_are_one_request_and_a_host_that_cannot_gets_them_one_by_one() {
+    use futures_util::StreamExt;
+    let origin = Registry::start(RegistryAuth::None);
+    origin.push_shared("python-app", "test/app");
+    let layer: Digest = support::shared_layer("python-app", 2).parse().unwrap();
+    let blob = shared_blob(&layer.to_string());
+    let len = blob.len() as u64;
+    let ranges = [10..20, 1000..70_000, 70_100..70_101, len - 10..len];
+    let want: Vec<u8> = ranges
+        .iter()
+        .flat_map(|r| blob[r.start as usize..r.end as usize].to_vec())
+        .collect();
+    let read = |repo: Repository| {
+        let (ranges, layer) = (ranges.clone(), layer.clone());
+        async move {
+            let mut stream = repo.blob_ranges(&layer, &ranges).await.unwrap();
+            let mut got = Vec::new();
+            while let Some(piece) = stream.next().await {
+                got.extend_from_slice(&piece.unwrap());
+            }
+            (got, repo.joins_ranges())
+        }
+    };
+    // Our GETs of that blob in a registry's log.
+    let gets = |log: String| {
+        log.lines()
+            .filter(|l| {
+                l.contains("response completed")
+                    && l.contains("lazylayer/")
+                    && l.contains(&format!("/blobs/{layer}"))
+            })
+            .count()
+    };
+    let (got, joins) = read(client(&origin.host(), "test/app", &no_docker_config())).await;
+    assert!(got == want, "the ranges' bytes, in order");
+    assert!(joins);
+    support::wait_until(
+        Duration::from_secs(5),
+        || gets(origin.log()) >= 1,
+        || origin.log(),
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(gets(origin.log()), 1, "{}", origin.log());
+
+    let mirror = Registry::start_mirror_of(&origin);
+    let (got, joins) = read(client(&mirror.host(), "test/app", &no_docker_config())).await;
+    assert!(
+        got == want,
+        "the ranges' bytes, in order, through the mirror"
+    );
+    assert!(
+        !joins,
+        "the mirror sent the whole blob: one range per request from now on"
+    );
+    // The request for all four, then one per range.
+    support::wait_until(
+        Duration::from_secs(5),
+        || gets(mirror.log()) >= 5,
+        || mirror.log(),
+    );
+}
+
 #[test]
 fn htpasswd_auth_uses_user_flag_env_and_docker_config() {
     let anon = Registry::start(RegistryAuth::None);

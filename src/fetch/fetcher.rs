@@ -1,4 +1,4 @@
-//! The network side of a chunk read: one ranged request for a chunk or a merged run, inflated
+//! The network side of a chunk read: one request for a chunk or a merged run, inflated
 //! and checked against each chunk's digest before anything is kept or returned, so that a
 //! corrupted blob, a lying registry or a broken proxy can make a read fail but never return
 //! wrong bytes.
@@ -80,11 +80,12 @@ impl Fetcher {
         Ok(data)
     }
 
-    /// Fetches a run of compressed chunks (see [`super::plan::merged_runs`]) with one ranged
-    /// request, inflating, verifying and keeping each chunk as soon as its bytes are in, and
-    /// handing it to `deliver[i]` then: a reader waiting for the first chunk of a 2 MiB run gets
-    /// it after its own bytes, not after the whole run's. A retried attempt hands over only the
-    /// chunks not yet delivered.
+    /// Fetches a run of compressed chunks (see [`super::plan::merged_runs`]) with one request
+    /// (for one range, or for several when the run has holes and the source joins them),
+    /// inflating, verifying and keeping each chunk as soon as its bytes are in, and handing it to
+    /// `deliver[i]` then: a reader waiting for the first chunk of a 2 MiB run gets it after its
+    /// own bytes, not after the whole run's. A retried attempt hands over only the chunks not yet
+    /// delivered.
     pub async fn fetch_run(
         self,
         info: LayerInfo,
@@ -132,25 +133,46 @@ impl Fetcher {
             let (from, lease) = self
                 .resume(layer, &mut inflating, (base, last), first_output, span(&run[0]).3)
                 .await;
-            tracing::trace!(%layer, from, to = last, span_start = base, chunks = run.len(), first_output, wanted = wanted_len[&base], "fetching a run");
-            let base = from;
-            let mut stream = self.source.blob_range(layer, base..last).await?;
-            let mut received = bytes::BytesMut::with_capacity((last - base) as usize);
+            let ranges = super::plan::run_ranges(&run, from);
+            tracing::trace!(%layer, from, to = last, span_start = base, chunks = run.len(), ranges = ranges.len(), first_output, wanted = wanted_len[&base], "fetching a run");
+            let mut stream = if let [range] = &ranges[..] {
+                self.source.blob_range(layer, range.clone()).await?
+            } else {
+                self.source.blob_ranges(layer, &ranges).await?
+            };
+            // The ranges' bytes arrive back to back; `received` holds them, and `at[k]` is where
+            // range k starts in it.
+            let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+            let mut at = Vec::with_capacity(ranges.len());
+            ranges.iter().fold(0u64, |pos, r| {
+                at.push(pos);
+                pos + (r.end - r.start)
+            });
+            let mut received = bytes::BytesMut::with_capacity(total as usize);
+            let mut k = 0;
             for (i, c) in run.iter().enumerate() {
                 let (start, end, inner, codec) = span(c);
-                while (received.len() as u64) < end - base {
+                while ranges[k].end < end {
+                    k += 1;
+                }
+                let (range, range_at) = (&ranges[k], at[k] as usize);
+                while (received.len() as u64) < at[k] + (end - range.start) {
                     match stream.next().await {
                         Some(piece) => received.extend_from_slice(&piece?),
                         None => {
                             return Err(SourceError::EndedEarly {
-                                what: format!("range {base}..{last} of blob {layer}"),
+                                what: format!(
+                                    "{} range(s) within {}..{last} of blob {layer}",
+                                    ranges.len(),
+                                    ranges[0].start
+                                ),
                             }
                             .into());
                         }
                     }
                 }
                 let data = inflating
-                    .chunk(&received, base, (start, end), codec, inner, c.size)
+                    .chunk(&received[range_at..], range.start, (start, end), codec, inner, c.size)
                     .map_err(|reason| decompress_error(layer, start, reason))?;
                 verify(layer, start, c, &data)?;
                 if let Some(to) = deliver.lock().unwrap()[i].take() {

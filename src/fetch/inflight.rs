@@ -101,7 +101,8 @@ impl InFlight {
     }
 
     /// Starts one fetch (with `start`) for each merged run of the chunks of `wanted` (of
-    /// `layer`, in blob order) that are neither `held` nor in flight, and registers each chunk
+    /// `layer`, in blob order) that are neither `held` nor in flight (runs go across holes when
+    /// `joined`, see [`plan::merged_runs`]), and registers each chunk
     /// of the run under its key, so that [`InFlight::join_or_start`] finds it. `start` gets one
     /// sender per chunk of the run, to hand each over as soon as it is verified.
     pub fn start_runs(
@@ -110,14 +111,16 @@ impl InFlight {
         wanted: &[&ChunkRef],
         priority: Priority,
         held: impl Fn(&ChunkRef) -> bool,
+        joined: bool,
         start: impl Fn(Vec<ChunkRef>, SharedPriority, Vec<oneshot::Sender<Bytes>>) -> Fetch<()>,
     ) {
         let mut fetches = self.fetches.lock().unwrap();
-        let runs = plan::merged_runs(wanted, |c| {
+        let needs_fetch = |c: &ChunkRef| {
             c.cache_key(layer)
                 .is_some_and(|k| !fetches.contains_key(&k))
                 && !held(c)
-        });
+        };
+        let runs = plan::merged_runs(wanted, needs_fetch, joined);
         for run in runs {
             let keys: Vec<ChunkKey> = run
                 .iter()

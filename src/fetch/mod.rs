@@ -138,14 +138,22 @@ impl ContentReader {
     }
 
     /// A prioritised prefetch of `wanted` (files' chunks in the order they are needed) as
-    /// requests: [`plan::prioritised_spans`] over this image's layers.
+    /// requests: [`plan::prioritised_spans`] over this image's layers. Gaps of up to
+    /// `max_gap` are filled, or of up to `joined_gap` when the source asks for several ranges
+    /// in one request (a gap then saves a part header, not a round trip).
     pub fn prioritised_spans(
         &self,
         wanted: &[(usize, Vec<ChunkRef>)],
         max_gap: u64,
+        joined_gap: u64,
         max_span: u64,
     ) -> Vec<(usize, Vec<ChunkRef>)> {
-        plan::prioritised_spans(&self.neighbours, wanted, max_gap, max_span)
+        let gap = if self.fetcher.source.joins_ranges() {
+            joined_gap
+        } else {
+            max_gap
+        };
+        plan::prioritised_spans(&self.neighbours, wanted, gap, max_span)
     }
 
     /// Reads `len` bytes at `offset` of a file of `size` bytes stored in `layer` as `chunks`;
@@ -248,6 +256,7 @@ impl ContentReader {
             wanted,
             priority,
             |c| self.fetcher.holds(digest, c),
+            self.fetcher.source.joins_ranges(),
             |run, priority, deliver| {
                 (self.fetcher.clone())
                     .fetch_run(info.clone(), run, priority, deliver)
@@ -759,6 +768,73 @@ mod tests {
             .read(0, chunks, size, 3900, 500, Priority::Reader)
             .await;
         assert_eq!(&tail.unwrap()[..], &layer.data[3900..]);
+    }
+
+    #[tokio::test]
+    async fn scattered_chunks_are_one_request_when_the_source_joins_ranges() {
+        let mut layer = layer(10);
+        let joining = MemorySource::joining();
+        let blob = layer.memory.blob(&layer.info.descriptor, u64::MAX).await;
+        joining.put(blob.unwrap());
+        layer.memory = joining;
+        let reader = layer.reader(RequestScheduler::new(4), 0);
+        let pick = |ids: &[usize]| -> Vec<ChunkRef> {
+            ids.iter().map(|&i| layer.chunks[i].clone()).collect()
+        };
+        reader
+            .fetch_chunks(0, &pick(&[0, 2, 3, 6, 9]), Priority::Prefetch)
+            .await
+            .unwrap();
+        // One request for four ranges (2 and 3 lie back to back), none range by range.
+        let one = vec![
+            layer.span(0..1),
+            layer.span(2..4),
+            layer.span(6..7),
+            layer.span(9..10),
+        ];
+        assert_eq!(layer.memory.joined(), [one]);
+        assert!(layer.ranges().is_empty());
+        for i in [0, 2, 3, 6, 9] {
+            let got = reader.read(
+                0,
+                &layer.chunks,
+                layer.size(),
+                i as u64 * 1000,
+                1000,
+                Priority::Reader,
+            );
+            assert_eq!(&got.await.unwrap()[..], &layer.data[i * 1000..][..1000]);
+        }
+        assert_eq!(layer.memory.joined().len(), 1, "served from the cache");
+
+        // A byte damaged in the second range of a request fails that chunk's digest: the request
+        // is made again, and only verified bytes are served.
+        let second = (layer.span(1..2).end - layer.span(1..2).start) as usize;
+        layer
+            .memory
+            .fault(crate::source::memory::Fault::CorruptAt(second + 3));
+        reader
+            .fetch_chunks(0, &pick(&[1, 4, 7]), Priority::Prefetch)
+            .await
+            .unwrap();
+        let asked = layer.memory.joined();
+        assert_eq!(asked.len(), 3, "{asked:?}");
+        assert_eq!(
+            asked[1],
+            [layer.span(1..2), layer.span(4..5), layer.span(7..8)]
+        );
+        for i in [1, 4, 7] {
+            let got = reader.read(
+                0,
+                &layer.chunks,
+                layer.size(),
+                i as u64 * 1000,
+                1000,
+                Priority::Reader,
+            );
+            assert_eq!(&got.await.unwrap()[..], &layer.data[i * 1000..][..1000]);
+        }
+        assert_eq!(layer.memory.joined().len(), 3);
     }
 
     #[tokio::test]

@@ -6,8 +6,9 @@
 //!   to back in the blob, within a byte budget (start-up reads many small neighbouring files).
 //! - [`fill_gaps`]: a prefetch of chunks that sit close together but not back to back also takes
 //!   what lies in small gaps between them, so the stretch is one request.
-//! - [`merged_runs`]: the chunks one read or prefetch needs, grouped into runs that one ranged
-//!   request can fetch, each at most [`MAX_MERGED_SPAN`] compressed bytes.
+//! - [`merged_runs`]: the chunks one read or prefetch needs, grouped into runs that one request
+//!   can fetch, each at most [`MAX_MERGED_SPAN`] compressed bytes: back to back, or across holes
+//!   when the source asks for several ranges in one request ([`run_ranges`]).
 //! - [`spans_of`]: background filling's work cut into pieces of a few compressed bytes each, so
 //!   that each piece is one small request a reader soon overtakes.
 //! - [`prioritised_spans`]: a prefetch of files in the order they are needed (a landmark's, a
@@ -25,12 +26,18 @@ use crate::layer::{ChunkRef, ChunkSource};
 /// read, small enough that a failed request wastes little.
 pub const MAX_MERGED_SPAN: u64 = 8 << 20;
 
+/// Ranges one request carries at most when the source joins them: distribution answers any
+/// number, but other servers cap the ranges of a request (nginx's `max_ranges`) or the length
+/// of a header (8 KiB is common; 64 ranges of a large blob take about 1.5 KiB).
+pub const MAX_JOINED_RANGES: usize = 64;
+
 /// Blob bytes between two chunks across which read amplification goes on (the chunks after the
 /// gap then go in a request of their own). Files of a layer that the merged tree does not show
 /// (replaced by an upper layer) leave such gaps, and so do the tar headers after the last file
-/// of a gzip seek index span. Requests themselves carry no gaps: merging across gaps of up to
-/// 32 KiB saved one profile prefetch 30 requests of 104 but fetched 0.6 MB more (python-app,
-/// published profile), for no faster start.
+/// of a gzip seek index span. Requests themselves carry no gap bytes: merging across gaps of up
+/// to 32 KiB saved one profile prefetch 30 requests of 104 but fetched 0.6 MB more (python-app,
+/// published profile), for no faster start; a source that joins ranges leaves the gaps out of
+/// one request instead.
 pub const AMPLIFY_GAP: u64 = 32 << 10;
 
 /// Where a chunk sits in its blob, for sorting neighbours together: a gzip seek index span's
@@ -202,34 +209,45 @@ pub fn prioritised_spans(
 
 /// `wanted` (in blob order) cut into runs of compressed chunks that `needs_fetch` and that lie
 /// back to back or overlap in the blob (chunks of one gzip-index span share it), each spanning
-/// at most [`MAX_MERGED_SPAN`]. Only runs of two or more chunks are returned: a lone chunk is
-/// fetched on its own.
+/// at most [`MAX_MERGED_SPAN`]. With `joined` (the source carries several ranges in one request,
+/// [`crate::source::ImageSource::joins_ranges`]) a run also goes on across holes (chunks held,
+/// in flight, or not wanted), in at most [`MAX_JOINED_RANGES`] ranges: the holes cost a part
+/// header each instead of a request. Only runs of two or more chunks are returned: a lone chunk
+/// is fetched on its own.
 pub fn merged_runs(
     wanted: &[&ChunkRef],
     needs_fetch: impl Fn(&ChunkRef) -> bool,
+    joined: bool,
 ) -> Vec<Vec<ChunkRef>> {
     let mut runs: Vec<Vec<ChunkRef>> = Vec::new();
     let mut run: Vec<ChunkRef> = Vec::new();
-    // The furthest blob byte the current run needs.
+    // The furthest blob byte the current run needs, and how many ranges it has.
     let mut run_reach = 0u64;
+    let mut ranges = 0usize;
     for &c in wanted {
         let span = match c.source {
             ChunkSource::Compressed { start, end, .. } if needs_fetch(c) => Some((start, end)),
             _ => None,
         };
         let Some((start, end)) = span else {
-            runs.push(std::mem::take(&mut run));
+            if !joined {
+                runs.push(std::mem::take(&mut run));
+            }
             continue;
         };
+        let hole = start > run_reach;
         let extends = run.first().is_some_and(|first| {
             let run_start = compressed_start(first);
             run_start <= start
-                && start <= run_reach
+                && (!hole || (joined && ranges < MAX_JOINED_RANGES))
                 && end.max(run_reach) - run_start <= MAX_MERGED_SPAN
         });
         if !extends {
             runs.push(std::mem::take(&mut run));
             run_reach = 0;
+            ranges = 1;
+        } else if hole {
+            ranges += 1;
         }
         run_reach = run_reach.max(end);
         run.push(c.clone());
@@ -237,6 +255,24 @@ pub fn merged_runs(
     runs.push(run);
     runs.retain(|r| r.len() > 1);
     runs
+}
+
+/// The blob ranges a run of chunks ([`merged_runs`], in blob order) needs, from `from` (where
+/// its first chunk's bytes start, or where inflating resumes): back-to-back and overlapping
+/// chunks in one range.
+pub fn run_ranges(run: &[ChunkRef], from: u64) -> Vec<std::ops::Range<u64>> {
+    let mut ranges: Vec<std::ops::Range<u64>> = Vec::new();
+    for c in run {
+        let ChunkSource::Compressed { start, end, .. } = c.source else {
+            continue;
+        };
+        match ranges.last_mut() {
+            Some(last) if start <= last.end => last.end = last.end.max(end),
+            Some(_) => ranges.push(start..end),
+            None => ranges.push(from.max(start).min(end)..end),
+        }
+    }
+    ranges
 }
 
 #[cfg(test)]
@@ -401,11 +437,11 @@ mod tests {
     fn runs_break_at_gaps_held_chunks_and_the_span_limit() {
         let list = layer();
         let wanted: Vec<&ChunkRef> = [0, 1, 3, 4, 5].iter().map(|&i| &list[i]).collect();
-        let runs = merged_runs(&wanted, |_| true);
+        let runs = merged_runs(&wanted, |_| true, false);
         let runs: Vec<Vec<u64>> = runs.iter().map(|r| starts(r)).collect();
         assert_eq!(runs, [vec![0, 10], vec![30, 40, 50]]);
         // Chunk 1 is held: chunk 0 is left alone and fetched by itself.
-        let runs = merged_runs(&wanted, |c| compressed_start(c) != 10);
+        let runs = merged_runs(&wanted, |c| compressed_start(c) != 10, false);
         assert_eq!(runs.len(), 1);
         assert_eq!(starts(&runs[0]), [30, 40, 50]);
         // Two chunks that together exceed the span limit are two requests.
@@ -413,9 +449,36 @@ mod tests {
             chunk(0, MAX_MERGED_SPAN / 2 + 1, 0),
             chunk(MAX_MERGED_SPAN / 2 + 1, MAX_MERGED_SPAN + 2, 0),
         );
-        assert!(merged_runs(&[&a, &b], |_| true).is_empty());
+        assert!(merged_runs(&[&a, &b], |_| true, false).is_empty());
+        assert!(merged_runs(&[&a, &b], |_| true, true).is_empty());
         // Chunks sharing one span overlap and make one run.
         let (x, y) = (chunk(0, 10, 0), chunk(0, 10, 5));
-        assert_eq!(merged_runs(&[&x, &y], |_| true).len(), 1);
+        assert_eq!(merged_runs(&[&x, &y], |_| true, false).len(), 1);
+    }
+
+    #[test]
+    fn joined_runs_go_across_holes_in_a_bounded_number_of_ranges() {
+        let list = layer();
+        let wanted: Vec<&ChunkRef> = [0, 1, 3, 4, 5, 8].iter().map(|&i| &list[i]).collect();
+        // One run over the gap at 20 and the held chunk at 40: three ranges in one request.
+        let runs = merged_runs(&wanted, |c| compressed_start(c) != 40, true);
+        assert_eq!(runs.len(), 1);
+        assert_eq!(starts(&runs[0]), [0, 10, 30, 50, 80]);
+        assert_eq!(run_ranges(&runs[0], 0), [0..20, 30..40, 50..60, 80..90]);
+        // Inflating resumes inside the first chunk's span: the first range starts there.
+        assert_eq!(run_ranges(&runs[0], 4)[0], 4..20);
+        // Chunks of one span (a gzip index span) are one range.
+        let (x, y) = (chunk(0, 10, 0), chunk(0, 10, 5));
+        assert_eq!(run_ranges(&[x, y], 0), vec![0..10u64]);
+        // No more ranges than MAX_JOINED_RANGES in one run: then a new run begins.
+        let spaced: Vec<ChunkRef> = (0..MAX_JOINED_RANGES as u64 + 5)
+            .map(|i| chunk(i * 20, i * 20 + 10, 0))
+            .collect();
+        let refs: Vec<&ChunkRef> = spaced.iter().collect();
+        let runs = merged_runs(&refs, |_| true, true);
+        let lens: Vec<usize> = runs.iter().map(Vec::len).collect();
+        assert_eq!(lens, [MAX_JOINED_RANGES, 5]);
+        // Without joining, every hole ends a run: all of these are lone chunks.
+        assert!(merged_runs(&refs, |_| true, false).is_empty());
     }
 }

@@ -646,13 +646,22 @@ fn landmark_work(
 }
 
 /// Compressed bytes between two prioritised chunks that are fetched along rather than split
-/// into two requests: 16 KiB take 0.7 ms at 200 Mbit/s, far less than the round trip a second
+/// into two requests, for a source that takes one range per request (S3, a registry host that
+/// cannot join ranges; see [`JOINED_GAP`] for the others): 16 KiB take 0.7 ms at 200 Mbit/s, far less than the round trip a second
 /// request costs once the link is kept full by [`PREFETCH_PARALLEL`] requests. Measured with a
 /// published profile of python-app (eStargz, 20 ms / 200 Mbit/s, interleaved starts, medians):
 /// 64 KiB gaps with 3 in flight 1.49 s, 14.2 MB in 57 requests; 16 KiB with 6 in flight 1.41-1.44
 /// s, 12.9 MB in 103; 8 KiB with 6 1.6 s, 12.7 MB; no gap filling with 8 in flight 1.58 s,
 /// 12.6 MB in 200 (the app reads 11.65 MB). Earlier, with 3 in flight: 256 KiB 2.26 s and 16.9 MB.
 const PREFETCH_GAP: u64 = 16 << 10;
+
+/// [`PREFETCH_GAP`] for a source that asks for a span's ranges in one request
+/// ([`crate::source::ImageSource::joins_ranges`]): a gap then costs a part header of about 150
+/// bytes, not a round trip, so only gaps hardly larger than that are worth carrying. Measured on
+/// python-app's learned profile (same link, 4 interleaved starts each): spans planned with 16 KiB
+/// gaps and joined fetched 12.8-13.9 MB in 29 requests, with 1 KiB gaps 12.3-13.4 MB in 29; one
+/// range per request, 12.9-13.9 MB in 103.
+const JOINED_GAP: u64 = 1 << 10;
 
 /// Compressed bytes between two chunks of a sibling group fetched along: 256 KiB take 10 ms at
 /// 200 Mbit/s, half a 20 ms round trip. Cold starts without hints were measured with it; the
@@ -698,14 +707,15 @@ async fn prefetch_hints(
 
 /// Fetches prioritised files (landmark, profile) at prefetch priority, planned as a whole
 /// ([`crate::fetch::plan::prioritised_spans`]): planned 32 files at a time, python-app's learned
-/// profile cost about 140 requests, most of them small; planned at once, about 60. A span whose
+/// profile cost about 140 requests, most of them small; planned at once, about 100, and 29 once
+/// each span's ranges went in one request (a registry that joins ranges). A span whose
 /// chunks a reader fetched meanwhile is skipped when its turn comes.
 async fn prefetch_files(content: Arc<ContentReader>, work: Vec<(usize, Vec<ChunkRef>)>) {
     if work.is_empty() {
         return;
     }
     let started = std::time::Instant::now();
-    let spans = content.prioritised_spans(&work, PREFETCH_GAP, PREFETCH_SPAN);
+    let spans = content.prioritised_spans(&work, PREFETCH_GAP, JOINED_GAP, PREFETCH_SPAN);
     tracing::debug!(
         "prioritised prefetch: {} files, {} compressed bytes wanted, {} in {} spans",
         work.len(),

@@ -73,6 +73,36 @@ impl ImageSource for CountingSource {
             }
         })))
     }
+
+    async fn blob_ranges(
+        &self,
+        digest: &Digest,
+        ranges: &[std::ops::Range<u64>],
+    ) -> Result<ByteStream, SourceError> {
+        if !self.inner.joins_ranges() {
+            // One request per range below: counted as such.
+            for range in ranges {
+                self.stats.record_request(digest);
+                tracing::debug!(blob = %digest, start = range.start, len = range.end - range.start, "range request");
+            }
+        } else {
+            self.stats.record_request(digest);
+            tracing::debug!(blob = %digest, start = ranges.first().map_or(0, |r| r.start), ranges = ranges.len(), len = ranges.iter().map(|r| r.end - r.start).sum::<u64>(), "range request");
+        }
+        let stream = self.inner.blob_ranges(digest, ranges).await?;
+        let stats = self.stats.clone();
+        let digest = digest.clone();
+        Ok(Box::pin(stream.inspect(move |piece| {
+            if let Ok(bytes) = piece {
+                stats.record_bytes(&digest, bytes.len() as u64);
+            }
+        })))
+    }
+
+    fn joins_ranges(&self) -> bool {
+        self.inner.joins_ranges()
+    }
+
     async fn referrers(
         &self,
         subject: &Digest,

@@ -235,6 +235,18 @@ impl ImageSource for DiskBackedSource {
         self.inner.blob_range(digest, range).await
     }
 
+    async fn blob_ranges(
+        &self,
+        digest: &Digest,
+        ranges: &[std::ops::Range<u64>],
+    ) -> Result<ByteStream, SourceError> {
+        self.inner.blob_ranges(digest, ranges).await
+    }
+
+    fn joins_ranges(&self) -> bool {
+        self.inner.joins_ranges()
+    }
+
     async fn referrers(
         &self,
         subject: &Digest,

@@ -55,12 +55,29 @@ pub struct MemorySource {
     faults: Mutex<VecDeque<Fault>>,
     /// Every range request, in the order they were made.
     ranges: Mutex<Vec<(Digest, Range<u64>)>>,
+    /// Whether it answers several ranges in one request, as a registry does; then those
+    /// requests are logged in `joined`, not in `ranges`.
+    joins: bool,
+    joined: Mutex<Vec<Vec<Range<u64>>>>,
     hold: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
 }
 
 impl MemorySource {
     pub fn new() -> Arc<MemorySource> {
         Arc::new(MemorySource::default())
+    }
+
+    /// A source that answers several ranges in one request ([`ImageSource::joins_ranges`]).
+    pub fn joining() -> Arc<MemorySource> {
+        Arc::new(MemorySource {
+            joins: true,
+            ..MemorySource::default()
+        })
+    }
+
+    /// The requests for several ranges at once made so far (of a [`MemorySource::joining`]).
+    pub fn joined(&self) -> Vec<Vec<Range<u64>>> {
+        self.joined.lock().unwrap().clone()
     }
 
     /// Stores a blob; returns its digest.
@@ -92,39 +109,13 @@ impl MemorySource {
             gate.add_permits(tokio::sync::Semaphore::MAX_PERMITS);
         }
     }
-}
 
-fn error(what: &'static str, verdict: Verdict) -> SourceError {
-    SourceError::backend(MemoryError(what, verdict))
-}
-
-#[async_trait]
-impl ImageSource for MemorySource {
-    fn name(&self) -> String {
-        "memory".into()
-    }
-
-    async fn manifest(&self, _: &ManifestSelector) -> Result<FetchedManifest, SourceError> {
-        Err(error("holds no manifests", Verdict::Fatal))
-    }
-
-    async fn blob(&self, descriptor: &Descriptor, _limit: u64) -> Result<Bytes, SourceError> {
-        let blobs = self.blobs.lock().unwrap();
-        blobs
-            .get(&descriptor.digest)
-            .cloned()
-            .ok_or_else(|| error("no such blob", Verdict::Fatal))
-    }
-
-    async fn blob_range(
+    /// The bytes of `ranges`, back to back, broken by the next queued fault if any.
+    async fn serve(
         &self,
         digest: &Digest,
-        range: Range<u64>,
+        ranges: &[Range<u64>],
     ) -> Result<ByteStream, SourceError> {
-        self.ranges
-            .lock()
-            .unwrap()
-            .push((digest.clone(), range.clone()));
         let gate = self.hold.lock().unwrap().clone();
         if let Some(gate) = gate {
             let _ = gate.acquire().await.expect("never closed");
@@ -134,10 +125,14 @@ impl ImageSource for MemorySource {
             let blob = blobs
                 .get(digest)
                 .ok_or_else(|| error("no such blob", Verdict::Fatal))?;
-            if range.end > blob.len() as u64 || range.start > range.end {
-                return Err(error("range outside the blob", Verdict::Fatal));
+            let mut data = Vec::new();
+            for range in ranges {
+                if range.end > blob.len() as u64 || range.start > range.end {
+                    return Err(error("range outside the blob", Verdict::Fatal));
+                }
+                data.extend_from_slice(&blob[range.start as usize..range.end as usize]);
             }
-            blob.slice(range.start as usize..range.end as usize)
+            Bytes::from(data)
         };
         let fault = self.faults.lock().unwrap().pop_front();
         let pieces: Vec<Result<Bytes, SourceError>> = match fault {
@@ -177,6 +172,61 @@ impl ImageSource for MemorySource {
             }
         };
         Ok(Box::pin(futures_util::stream::iter(pieces)))
+    }
+}
+
+fn error(what: &'static str, verdict: Verdict) -> SourceError {
+    SourceError::backend(MemoryError(what, verdict))
+}
+
+#[async_trait]
+impl ImageSource for MemorySource {
+    fn name(&self) -> String {
+        "memory".into()
+    }
+
+    async fn manifest(&self, _: &ManifestSelector) -> Result<FetchedManifest, SourceError> {
+        Err(error("holds no manifests", Verdict::Fatal))
+    }
+
+    async fn blob(&self, descriptor: &Descriptor, _limit: u64) -> Result<Bytes, SourceError> {
+        let blobs = self.blobs.lock().unwrap();
+        blobs
+            .get(&descriptor.digest)
+            .cloned()
+            .ok_or_else(|| error("no such blob", Verdict::Fatal))
+    }
+
+    async fn blob_range(
+        &self,
+        digest: &Digest,
+        range: Range<u64>,
+    ) -> Result<ByteStream, SourceError> {
+        self.ranges
+            .lock()
+            .unwrap()
+            .push((digest.clone(), range.clone()));
+        self.serve(digest, std::slice::from_ref(&range)).await
+    }
+
+    async fn blob_ranges(
+        &self,
+        digest: &Digest,
+        ranges: &[Range<u64>],
+    ) -> Result<ByteStream, SourceError> {
+        if !self.joins || ranges.len() == 1 {
+            let mut streams = Vec::new();
+            for range in ranges {
+                streams.push(self.blob_range(digest, range.clone()).await?);
+            }
+            return Ok(Box::pin(futures_util::stream::iter(streams).flatten()));
+        }
+        self.joined.lock().unwrap().push(ranges.to_vec());
+        self.serve(digest, ranges).await
+    }
+
+    fn joins_ranges(&self) -> bool {
+        self.joins
     }
 
     async fn referrers(&self, _: &Digest, _: &[&str]) -> Result<Vec<Descriptor>, SourceError> {

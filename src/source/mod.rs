@@ -112,6 +112,31 @@ pub trait ImageSource: Send + Sync {
         range: Range<u64>,
     ) -> Result<ByteStream, SourceError>;
 
+    /// Streams the bytes of `ranges` of a blob (ascending, not overlapping), one range after
+    /// the other, or ends with an error. Sources that can carry several ranges in one request
+    /// say so with [`ImageSource::joins_ranges`]; the others open one stream per range here.
+    async fn blob_ranges(
+        &self,
+        digest: &Digest,
+        ranges: &[Range<u64>],
+    ) -> Result<ByteStream, SourceError> {
+        if let [range] = ranges {
+            return self.blob_range(digest, range.clone()).await;
+        }
+        let mut streams = Vec::with_capacity(ranges.len());
+        for range in ranges {
+            streams.push(self.blob_range(digest, range.clone()).await?);
+        }
+        Ok(Box::pin(futures_util::stream::iter(streams).flatten()))
+    }
+
+    /// Whether [`ImageSource::blob_ranges`] costs one request for all its ranges, so that a
+    /// fetch of chunks scattered through a blob is better asked for at once than range by
+    /// range. Wrappers pass it on.
+    fn joins_ranges(&self) -> bool {
+        false
+    }
+
     /// Descriptors of the manifests of any of `artifact_types` whose `subject` is the manifest
     /// `subject` (OCI referrers), in the order the registry lists them: one lookup for all the
     /// kinds a caller wants. No default: a wrapper that forgot to pass this on would hide

@@ -1,6 +1,7 @@
 //! A source whose reads are retried by the [`RetryPolicy`], and whose range reads resume.
 //!
-//! A broken range read is reopened at the first byte not yet handed out instead of fetching the
+//! A broken range read (of one range or of several asked for at once) is reopened at the first
+//! byte not yet handed out instead of fetching the
 //! whole range again (moby's pull threw partial layers away; on a bad link that turns one
 //! failure into a restart of the largest transfer). The caller sees one uninterrupted stream of
 //! exactly the bytes it asked for, or an error once the policy gives up.
@@ -66,12 +67,19 @@ impl ImageSource for RetryingSource {
         digest: &Digest,
         range: Range<u64>,
     ) -> Result<ByteStream, SourceError> {
+        self.blob_ranges(digest, std::slice::from_ref(&range)).await
+    }
+
+    async fn blob_ranges(
+        &self,
+        digest: &Digest,
+        ranges: &[Range<u64>],
+    ) -> Result<ByteStream, SourceError> {
         let mut resuming = Resuming {
             inner: self.inner.clone(),
             policy: self.policy.clone(),
             digest: digest.clone(),
-            next: range.start,
-            end: range.end,
+            rest: ranges.iter().filter(|r| !r.is_empty()).cloned().collect(),
             stream: None,
         };
         // Open eagerly so that a fatal error (a missing blob) is reported by this call, as the
@@ -84,63 +92,82 @@ impl ImageSource for RetryingSource {
                     Ok(Some(piece)) => Some((Ok(piece), r)),
                     Ok(None) => None,
                     Err(e) => {
-                        r.next = r.end; // the stream ends after its error
+                        r.rest.clear(); // the stream ends after its error
                         Some((Err(e), r))
                     }
                 }
             },
         )))
     }
+
+    fn joins_ranges(&self) -> bool {
+        self.inner.joins_ranges()
+    }
 }
 
-/// A range read that reopens itself at the first missing byte after a failure.
+/// A read of ranges that reopens itself at the first missing byte after a failure.
 struct Resuming {
     inner: Arc<dyn ImageSource>,
     policy: Arc<RetryPolicy>,
     digest: Digest,
-    /// First byte not yet handed out.
-    next: u64,
-    end: u64,
+    /// The bytes not yet handed out, in order.
+    rest: Vec<Range<u64>>,
     stream: Option<ByteStream>,
 }
 
 impl Resuming {
     fn describe(&self) -> String {
+        let more = match self.rest.len() {
+            0 | 1 => String::new(),
+            n => format!(" and {} more ranges", n - 1),
+        };
+        let (start, end) = self.rest.first().map_or((0, 0), |r| (r.start, r.end));
         format!(
-            "bytes {}-{} of blob {} from {}",
-            self.next,
-            self.end.saturating_sub(1),
+            "bytes {start}-{}{more} of blob {} from {}",
+            end.saturating_sub(1),
             self.digest,
             self.inner.name()
         )
     }
 
-    /// Opens the rest of the range, retrying.
+    /// Opens the rest of the ranges, retrying.
     async fn open(&mut self) -> Result<(), SourceError> {
-        let (inner, digest, range) = (&self.inner, &self.digest, self.next..self.end);
-        let what = || format!("bytes {range:?} of blob {digest} from {}", inner.name());
-        let stream = retry(&self.policy, what, || {
-            inner.blob_range(digest, range.clone())
-        })
-        .await?;
+        let (inner, digest, rest) = (&self.inner, &self.digest, &self.rest);
+        let described = self.describe();
+        let what = || described.clone();
+        let stream = retry(&self.policy, what, || inner.blob_ranges(digest, rest)).await?;
         self.stream = Some(stream);
         Ok(())
     }
 
-    /// The next piece of the range, resuming after failures; `None` at the end.
+    /// Marks the first `n` bytes of the rest handed out.
+    fn advance(&mut self, mut n: u64) {
+        while n > 0 {
+            let Some(first) = self.rest.first_mut() else {
+                return;
+            };
+            let take = n.min(first.end - first.start);
+            first.start += take;
+            n -= take;
+            if first.is_empty() {
+                self.rest.remove(0);
+            }
+        }
+    }
+
+    /// The next piece of the ranges, resuming after failures; `None` at the end.
     async fn next_piece(&mut self) -> Result<Option<Bytes>, SourceError> {
         let policy = self.policy.clone();
         let mut backoff = Backoff::new(&policy);
         loop {
-            if self.next >= self.end {
+            if self.rest.is_empty() {
                 return Ok(None);
             }
             let failure = match self.stream.as_mut() {
                 None => {
-                    let range = self.next..self.end;
                     let opened = tokio::time::timeout(
                         backoff.remaining(),
-                        self.inner.blob_range(&self.digest, range),
+                        self.inner.blob_ranges(&self.digest, &self.rest),
                     )
                     .await;
                     match opened {
@@ -159,8 +186,9 @@ impl Resuming {
                         // nothing and breaks, again and again, would be retried forever.
                         Ok(Some(Ok(piece))) if piece.is_empty() => continue,
                         Ok(Some(Ok(piece))) => {
-                            let take = piece.len().min((self.end - self.next) as usize);
-                            self.next += take as u64;
+                            let left: u64 = self.rest.iter().map(|r| r.end - r.start).sum();
+                            let take = piece.len().min(left as usize);
+                            self.advance(take as u64);
                             return Ok(Some(piece.slice(..take)));
                         }
                         Ok(Some(Err(e))) => e,
@@ -226,6 +254,28 @@ mod tests {
         assert_eq!(&got[..], &blob()[100..900]);
         let ranges: Vec<Range<u64>> = memory.ranges().into_iter().map(|(_, r)| r).collect();
         assert_eq!(ranges, [100..900, 400..900, 600..900]);
+    }
+
+    #[tokio::test]
+    async fn a_broken_read_of_several_ranges_resumes_with_the_bytes_still_missing() {
+        let memory = MemorySource::joining();
+        let digest = memory.put(blob());
+        // 150 bytes in: the first range and half of the second were handed out.
+        memory.fault(Fault::EndEarly { after: 150 });
+        let source = RetryingSource::wrap(memory.clone(), quick());
+        let ranges = [100..200, 300..400, 500..600];
+        let mut stream = source.blob_ranges(&digest, &ranges).await.unwrap();
+        let mut got = Vec::new();
+        while let Some(piece) = stream.next().await {
+            got.extend_from_slice(&piece.unwrap());
+        }
+        let want: Vec<u8> = ranges
+            .iter()
+            .flat_map(|r| blob()[r.start as usize..r.end as usize].to_vec())
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(memory.joined(), [ranges.to_vec(), vec![350..400, 500..600]]);
+        assert!(memory.ranges().is_empty());
     }
 
     #[tokio::test]

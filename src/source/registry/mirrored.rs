@@ -193,6 +193,22 @@ impl ImageSource for MirroredRepository {
         Ok(Box::pin(stream.map(|r| r.map_err(SourceError::from))))
     }
 
+    async fn blob_ranges(
+        &self,
+        digest: &Digest,
+        ranges: &[Range<u64>],
+    ) -> Result<ByteStream, SourceError> {
+        let stream = self
+            .on_hosts(|c| c.pull, "pull", |r| r.blob_ranges(digest, ranges))
+            .await?;
+        Ok(Box::pin(stream.map(|r| r.map_err(SourceError::from))))
+    }
+
+    /// Each host answers for itself: one that cannot join ranges gets them one by one.
+    fn joins_ranges(&self) -> bool {
+        self.hosts.iter().any(Repository::joins_ranges)
+    }
+
     async fn referrers(
         &self,
         subject: &Digest,
