@@ -5,7 +5,8 @@
 //! ([`crate::cache`]) or is fetched. The work is split by job:
 //! - [`plan`]: which chunks one request carries (read amplification, gap filling, merged runs);
 //! - [`inflight`]: concurrent reads of a chunk share one fetch;
-//! - [`fetcher`]: the ranged request, inflating and verification;
+//! - [`fetcher`]: the request (one range, or several in one when the source joins them),
+//!   inflating and verification;
 //! - [`resume`]: where inflating gzip index spans stopped, for the next read further in;
 //! - [`scheduler`]: request slots shared by readers, prefetch and background filling, by
 //!   priority.
