@@ -10,7 +10,7 @@
 //! request, and each chunk is usable as soon as its record has arrived. With packs, the same
 //! starts fetched 0.83x (eStargz, 11 requests) and 1.02x (gzip, 13 requests, the seek indexes
 //! included) the bytes they read, and took 1.1x and 1.2x the physical floor
-//! (tools/bench/results/2026-12-07T1232Z.md).
+//! (tools/bench/results/2026-12-07T1232Z.md, before requests carried several ranges).
 //!
 //! Every chunk a pack brings is checked against the chunk digest the image's own index gives
 //! (the eStargz TOC, the zstd:chunked manifest, the seek index) before it is kept or served, so a
