@@ -142,12 +142,11 @@ impl Fetcher {
             };
             // The ranges' bytes arrive back to back; `received` holds them, and `at[k]` is where
             // range k starts in it.
-            let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
-            let mut at = Vec::with_capacity(ranges.len());
-            ranges.iter().fold(0u64, |pos, r| {
-                at.push(pos);
-                pos + (r.end - r.start)
-            });
+            let (mut at, mut total) = (Vec::with_capacity(ranges.len()), 0u64);
+            for r in &ranges {
+                at.push(total);
+                total += r.end - r.start;
+            }
             let mut received = bytes::BytesMut::with_capacity(total as usize);
             let mut k = 0;
             for (i, c) in run.iter().enumerate() {

@@ -782,6 +782,17 @@ mod tests {
         let pick = |ids: &[usize]| -> Vec<ChunkRef> {
             ids.iter().map(|&i| layer.chunks[i].clone()).collect()
         };
+        // Reads of chunks `ids` (1000 bytes each) return the layer's bytes.
+        let reads_right = |ids: &'static [usize]| {
+            let (reader, layer) = (&reader, &layer);
+            async move {
+                for &i in ids {
+                    let (offset, size) = (i as u64 * 1000, layer.size());
+                    let got = reader.read(0, &layer.chunks, size, offset, 1000, Priority::Reader);
+                    assert_eq!(&got.await.unwrap()[..], &layer.data[i * 1000..][..1000]);
+                }
+            }
+        };
         reader
             .fetch_chunks(0, &pick(&[0, 2, 3, 6, 9]), Priority::Prefetch)
             .await
@@ -795,17 +806,7 @@ mod tests {
         ];
         assert_eq!(layer.memory.joined(), [one]);
         assert!(layer.ranges().is_empty());
-        for i in [0, 2, 3, 6, 9] {
-            let got = reader.read(
-                0,
-                &layer.chunks,
-                layer.size(),
-                i as u64 * 1000,
-                1000,
-                Priority::Reader,
-            );
-            assert_eq!(&got.await.unwrap()[..], &layer.data[i * 1000..][..1000]);
-        }
+        reads_right(&[0, 2, 3, 6, 9]).await;
         assert_eq!(layer.memory.joined().len(), 1, "served from the cache");
 
         // A byte damaged in the second range of a request fails that chunk's digest: the request
@@ -824,17 +825,7 @@ mod tests {
             asked[1],
             [layer.span(1..2), layer.span(4..5), layer.span(7..8)]
         );
-        for i in [1, 4, 7] {
-            let got = reader.read(
-                0,
-                &layer.chunks,
-                layer.size(),
-                i as u64 * 1000,
-                1000,
-                Priority::Reader,
-            );
-            assert_eq!(&got.await.unwrap()[..], &layer.data[i * 1000..][..1000]);
-        }
+        reads_right(&[1, 4, 7]).await;
         assert_eq!(layer.memory.joined().len(), 3);
     }
 

@@ -37,6 +37,19 @@ impl CountingSource {
     }
 }
 
+impl CountingSource {
+    /// `stream` of blob `digest`, its bytes counted as they pass.
+    fn counted(&self, digest: &Digest, stream: ByteStream) -> ByteStream {
+        let stats = self.stats.clone();
+        let digest = digest.clone();
+        Box::pin(stream.inspect(move |piece| {
+            if let Ok(bytes) = piece {
+                stats.record_bytes(&digest, bytes.len() as u64);
+            }
+        }))
+    }
+}
+
 #[async_trait]
 impl ImageSource for CountingSource {
     fn name(&self) -> String {
@@ -65,13 +78,7 @@ impl ImageSource for CountingSource {
         self.stats.record_request(digest);
         tracing::debug!(blob = %digest, start = range.start, len = range.end - range.start, "range request");
         let stream = self.inner.blob_range(digest, range).await?;
-        let stats = self.stats.clone();
-        let digest = digest.clone();
-        Ok(Box::pin(stream.inspect(move |piece| {
-            if let Ok(bytes) = piece {
-                stats.record_bytes(&digest, bytes.len() as u64);
-            }
-        })))
+        Ok(self.counted(digest, stream))
     }
 
     async fn blob_ranges(
@@ -90,13 +97,7 @@ impl ImageSource for CountingSource {
             tracing::debug!(blob = %digest, start = ranges.first().map_or(0, |r| r.start), ranges = ranges.len(), len = ranges.iter().map(|r| r.end - r.start).sum::<u64>(), "range request");
         }
         let stream = self.inner.blob_ranges(digest, ranges).await?;
-        let stats = self.stats.clone();
-        let digest = digest.clone();
-        Ok(Box::pin(stream.inspect(move |piece| {
-            if let Ok(bytes) = piece {
-                stats.record_bytes(&digest, bytes.len() as u64);
-            }
-        })))
+        Ok(self.counted(digest, stream))
     }
 
     fn joins_ranges(&self) -> bool {

@@ -215,11 +215,7 @@ impl ImageSource for MemorySource {
         ranges: &[Range<u64>],
     ) -> Result<ByteStream, SourceError> {
         if !self.joins || ranges.len() == 1 {
-            let mut streams = Vec::new();
-            for range in ranges {
-                streams.push(self.blob_range(digest, range.clone()).await?);
-            }
-            return Ok(Box::pin(futures_util::stream::iter(streams).flatten()));
+            return crate::source::range_by_range(self, digest, ranges).await;
         }
         self.joined.lock().unwrap().push(ranges.to_vec());
         self.serve(digest, ranges).await

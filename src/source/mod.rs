@@ -90,6 +90,23 @@ impl Transient for SourceError {
     }
 }
 
+/// `ranges` of a blob as one stream, opened one [`ImageSource::blob_range`] each: what a source
+/// that cannot join ranges does for [`ImageSource::blob_ranges`].
+pub(crate) async fn range_by_range<S: ImageSource + ?Sized>(
+    source: &S,
+    digest: &Digest,
+    ranges: &[Range<u64>],
+) -> Result<ByteStream, SourceError> {
+    if let [range] = ranges {
+        return source.blob_range(digest, range.clone()).await;
+    }
+    let mut streams = Vec::with_capacity(ranges.len());
+    for range in ranges {
+        streams.push(source.blob_range(digest, range.clone()).await?);
+    }
+    Ok(Box::pin(futures_util::stream::iter(streams).flatten()))
+}
+
 /// A stream of blob bytes; see [`ImageSource::blob_range`].
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, SourceError>> + Send>>;
 
@@ -120,14 +137,7 @@ pub trait ImageSource: Send + Sync {
         digest: &Digest,
         ranges: &[Range<u64>],
     ) -> Result<ByteStream, SourceError> {
-        if let [range] = ranges {
-            return self.blob_range(digest, range.clone()).await;
-        }
-        let mut streams = Vec::with_capacity(ranges.len());
-        for range in ranges {
-            streams.push(self.blob_range(digest, range.clone()).await?);
-        }
-        Ok(Box::pin(futures_util::stream::iter(streams).flatten()))
+        range_by_range(self, digest, ranges).await
     }
 
     /// Whether [`ImageSource::blob_ranges`] costs one request for all its ranges, so that a

@@ -328,8 +328,8 @@ impl MultipartBody {
         inner: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
         url: String,
         parts: Multipart,
-        expected: u64,
     ) -> Self {
+        let expected = parts.wanted.iter().map(|r| r.end - r.start).sum();
         MultipartBody {
             inner,
             url,
@@ -561,7 +561,6 @@ mod tests {
             Box::pin(futures_util::stream::iter(pieces)),
             "u".into(),
             parts,
-            57,
         );
         let got: Vec<_> = stream.collect().await;
         let last = got.last().unwrap();

@@ -558,7 +558,6 @@ impl Repository {
         ranges: &[Range<u64>],
     ) -> Result<Option<RangeStream>, RegistryError> {
         let (resp, url) = self.open_blob(digest, ranges).await?;
-        let expected = ranges.iter().map(|r| r.end - r.start).sum();
         let parts = match resp.status() {
             StatusCode::PARTIAL_CONTENT => {
                 let kind = header_str(&resp, CONTENT_TYPE).unwrap_or_default();
@@ -585,7 +584,6 @@ impl Repository {
             Box::pin(resp.bytes_stream()),
             shown(&url),
             parts,
-            expected,
         ))))
     }
 
