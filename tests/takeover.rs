@@ -22,6 +22,8 @@ const UPGRADES_WHILE_RUNNING: usize = 5;
 /// A directory the reader reads its instructions from and writes its log to.
 struct Check {
     dir: tempfile::TempDir,
+    /// Where the daemons serving the mount log: shown when the reader stalls.
+    daemon_logs: std::cell::RefCell<Option<PathBuf>>,
 }
 
 impl Check {
@@ -59,7 +61,50 @@ impl Check {
             include_str!("support/reader.py"),
         )
         .unwrap();
-        Check { dir }
+        Check {
+            dir,
+            daemon_logs: Default::default(),
+        }
+    }
+
+    /// Shows the `.log` files in `dir` (or the file `dir`) when the reader stalls.
+    fn show_daemon_logs(&self, dir: &Path) {
+        *self.daemon_logs.borrow_mut() = Some(dir.to_path_buf());
+    }
+
+    /// The daemons' warnings and errors, and the last lines each logged.
+    fn daemon_logs(&self) -> String {
+        let Some(place) = self.daemon_logs.borrow().clone() else {
+            return String::new();
+        };
+        let files: Vec<PathBuf> = if place.is_dir() {
+            std::fs::read_dir(&place)
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "log"))
+                .collect()
+        } else {
+            vec![place]
+        };
+        let mut shown = String::new();
+        for file in files {
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let notable = lines
+                .iter()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"));
+            let last = lines.iter().skip(lines.len().saturating_sub(30));
+            shown += &format!(
+                "\n--- {} (warnings, errors, last 30 lines):\n",
+                file.display()
+            );
+            for line in notable.chain(last) {
+                shown += line;
+                shown.push('\n');
+            }
+        }
+        shown
     }
 
     fn path(&self) -> &Path {
@@ -83,7 +128,13 @@ impl Check {
         wait_until(
             Duration::from_secs(60),
             || self.rounds() >= target,
-            || format!("the reader made no progress {what}:\n{}", self.log()),
+            || {
+                format!(
+                    "the reader made no progress {what}:\n{}{}",
+                    self.log(),
+                    self.daemon_logs()
+                )
+            },
         );
     }
 
@@ -160,6 +211,7 @@ fn a_daemon_mount_keeps_its_readers_through_crashes_and_upgrades() {
         }
         log
     };
+    check.show_daemon_logs(run_dir.path());
     start();
     // A takeover keeps the mount (the kernel's superblock, its device number); a new mount
     // would have another.
@@ -267,6 +319,7 @@ fn running_containers_keep_reading_through_snapshotter_crashes_upgrades_and_hold
     let (registry, estargz) = python_app_as_estargz();
     let check = Check::new();
     let mut snapshotter = Snapshotter::start();
+    check.show_daemon_logs(&snapshotter.dir.path().join("snapshotter.log"));
     let containerd = Containerd::with_snapshotter(&snapshotter.socket);
     let pull = snapshotter.lazylayer(&[
         "pull",

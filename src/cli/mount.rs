@@ -212,15 +212,23 @@ async fn hand_over(pid: u32, dir: &std::path::Path, resumed: &crate::mount::take
     );
 }
 
-/// Whether process `pid` has exited (gone, or a zombie nobody reaped yet).
+/// Whether process `pid` has exited: every one of its threads gone or a zombie. The main thread
+/// alone is not enough: it shows as a zombie while the other threads of an exiting process are
+/// still being torn down, and one of them may still take a request from the connection, which
+/// the resend that follows would then miss.
 fn exited(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name, which is in parentheses and may hold any byte.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
-        Err(_) => true,
-    }
+    let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    threads.flatten().all(|thread| {
+        match std::fs::read_to_string(thread.path().join("stat")) {
+            // The state follows the command name, which is in parentheses and may hold any byte.
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+            Err(_) => true,
+        }
+    })
 }
 
 /// Unmounts, then waits for the daemon that served the mount to finish: it stores the chunks
