@@ -392,7 +392,7 @@ struct CachedToken {
 pub struct Authenticator {
     registry: String,
     credentials: Option<Credentials>,
-    http: reqwest::Client,
+    http: super::tls::HostClients,
     /// The last challenge the registry sent; `None` until the first 401.
     challenge: std::sync::Mutex<Option<Challenge>>,
     /// Bearer tokens by scope. The async mutex serialises token fetches so that many
@@ -401,7 +401,11 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    pub fn new(registry: String, credentials: Option<Credentials>, http: reqwest::Client) -> Self {
+    pub(super) fn new(
+        registry: String,
+        credentials: Option<Credentials>,
+        http: super::tls::HostClients,
+    ) -> Self {
         Authenticator {
             registry,
             credentials,

@@ -70,7 +70,7 @@ pub struct Registry {
     /// The API root (`https://HOST/v2/`), which request paths are joined to.
     api: Url,
     capabilities: hosts::Capabilities,
-    http: reqwest::Client,
+    http: tls::HostClients,
     auth: Authenticator,
     redirect_ttl: Duration,
     redirects: Mutex<HashMap<String, (Url, Instant)>>,
@@ -126,15 +126,21 @@ impl Registry {
                 None => None,
             },
         };
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout)
-            .read_timeout(config.stall_timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("lazylayer/", env!("CARGO_PKG_VERSION")));
-        if !host.headers.is_empty() {
-            builder = builder.default_headers(host.headers.clone());
-        }
-        let http = tls::client(builder, name, host)?;
+        let (connect_timeout, stall_timeout) = (config.connect_timeout, config.stall_timeout);
+        let headers = host.headers.clone();
+        let builder = move || {
+            let builder = reqwest::Client::builder()
+                .connect_timeout(connect_timeout)
+                .read_timeout(stall_timeout)
+                .redirect(reqwest::redirect::Policy::none())
+                .user_agent(concat!("lazylayer/", env!("CARGO_PKG_VERSION")));
+            if headers.is_empty() {
+                builder
+            } else {
+                builder.default_headers(headers.clone())
+            }
+        };
+        let http = tls::HostClients::new(builder, name, host)?;
         Ok(std::sync::Arc::new(Registry {
             name: name.to_string(),
             api: host.api.clone(),
