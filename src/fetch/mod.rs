@@ -139,22 +139,28 @@ impl ContentReader {
     }
 
     /// A prioritised prefetch of `wanted` (files' chunks in the order they are needed) as
-    /// requests: [`plan::prioritised_spans`] over this image's layers. Gaps of up to
-    /// `max_gap` are filled, or of up to `joined_gap` when the source asks for several ranges
-    /// in one request (a gap then saves a part header, not a round trip).
+    /// requests over this image's layers: [`plan::prioritised_spans`] with gaps of up to
+    /// `max_gap` filled; or, when the source asks for several ranges in one request,
+    /// [`plan::need_ordered_spans`] of `window` bytes with gaps of up to `joined_gap` (a gap
+    /// then saves a part header, not a round trip).
     pub fn prioritised_spans(
         &self,
         wanted: &[(usize, Vec<ChunkRef>)],
         max_gap: u64,
         joined_gap: u64,
+        window: u64,
         max_span: u64,
     ) -> Vec<(usize, Vec<ChunkRef>)> {
-        let gap = if self.fetcher.source.joins_ranges() {
-            joined_gap
+        if self.joins_ranges() {
+            plan::need_ordered_spans(&self.neighbours, wanted, joined_gap, window, max_span)
         } else {
-            max_gap
-        };
-        plan::prioritised_spans(&self.neighbours, wanted, gap, max_span)
+            plan::prioritised_spans(&self.neighbours, wanted, max_gap, max_span)
+        }
+    }
+
+    /// Whether the source carries several ranges in one request.
+    pub fn joins_ranges(&self) -> bool {
+        self.fetcher.source.joins_ranges()
     }
 
     /// Reads `len` bytes at `offset` of a file of `size` bytes stored in `layer` as `chunks`;

@@ -1,7 +1,7 @@
 //! Read planning: which chunks one request carries. Pure functions over a layer's chunk list,
 //! so that the policy can be tested without a source, a cache or a runtime.
 //!
-//! Five decisions live here:
+//! Six decisions live here:
 //! - [`amplification`]: a read that must fetch also takes the missing chunks that follow it back
 //!   to back in the blob, within a byte budget (start-up reads many small neighbouring files).
 //! - [`fill_gaps`]: a prefetch of chunks that sit close together but not back to back also takes
@@ -16,6 +16,9 @@
 //!   spans, the spans sent in the order of the first file each carries. Planning the whole list
 //!   at once is what makes the requests few: a profile's files are scattered through a layer in
 //!   tar order, and planned a few files at a time they cost one small request each.
+//! - [`need_ordered_spans`]: the same prefetch for a source that carries several ranges in one
+//!   request: each request gathers what is needed close together in time rather than in the
+//!   blob, so what is needed first also arrives first.
 //!
 //! Only compressed chunks are planned: a streamed layer's chunks come from re-reading the stream
 //! and zero runs are never fetched.
@@ -207,9 +210,96 @@ pub fn prioritised_spans(
         .collect()
 }
 
+/// `wanted` (chunks of files, per layer, in the order they are needed) planned as requests for
+/// a source that carries several ranges in one request: the chunks are taken in the order they
+/// are needed, and one request gathers a layer's chunks needed within `window` compressed bytes
+/// of its first one in that order, at most `max_span` bytes; its ranges go in blob order, with
+/// gaps of up to `max_gap` filled. Requests come in the order of the first chunk each carries.
+///
+/// [`prioritised_spans`] cuts each layer in blob order instead, and a profile's files lie
+/// scattered through their layers in tar order: nearly every blob-order span holds one of the
+/// first files needed, so the spans' order says little, and the first files arrive only when
+/// most of the prefetch has.
+pub fn need_ordered_spans(
+    lists: &[Vec<ChunkRef>],
+    wanted: &[(usize, Vec<ChunkRef>)],
+    max_gap: u64,
+    window: u64,
+    max_span: u64,
+) -> Vec<(usize, Vec<ChunkRef>)> {
+    struct Open {
+        first: usize,
+        opened_at: u64,
+        bytes: u64,
+        chunks: Vec<ChunkRef>,
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut frames = std::collections::HashSet::new();
+    let mut open: std::collections::BTreeMap<usize, Open> = Default::default();
+    let mut closed: Vec<(usize, usize, Vec<ChunkRef>)> = Vec::new();
+    // Compressed bytes wanted so far, in the order they are needed.
+    let mut at = 0u64;
+    let mut opened = 0usize;
+    for (layer, chunks) in wanted {
+        for c in chunks {
+            let ChunkSource::Compressed {
+                start,
+                end,
+                inner_offset,
+                ..
+            } = c.source
+            else {
+                continue;
+            };
+            if !seen.insert((*layer, start, inner_offset)) {
+                continue;
+            }
+            // Chunks of one gzip seek index span share its bytes: counted once.
+            let size = if frames.insert((*layer, start)) {
+                end - start
+            } else {
+                0
+            };
+            let full: Vec<usize> = open
+                .iter()
+                .filter(|(l, o)| {
+                    at - o.opened_at >= window || (**l == *layer && o.bytes + size > max_span)
+                })
+                .map(|(l, _)| *l)
+                .collect();
+            for l in full {
+                let o = open.remove(&l).expect("listed above");
+                closed.push((o.first, l, o.chunks));
+            }
+            let span = open.entry(*layer).or_insert_with(|| {
+                opened += 1;
+                Open {
+                    first: opened,
+                    opened_at: at,
+                    bytes: 0,
+                    chunks: Vec::new(),
+                }
+            });
+            span.bytes += size;
+            span.chunks.push(c.clone());
+            at += size;
+        }
+    }
+    closed.extend(open.into_iter().map(|(l, o)| (o.first, l, o.chunks)));
+    closed.sort_by_key(|(first, _, _)| *first);
+    closed
+        .into_iter()
+        .map(|(_, layer, mut chunks)| {
+            chunks.sort_by_key(blob_order);
+            let list = lists.get(layer).map_or(&[][..], Vec::as_slice);
+            (layer, fill_gaps(list, &chunks, max_gap))
+        })
+        .collect()
+}
+
 /// `wanted` (in blob order) cut into runs of compressed chunks that `needs_fetch` and that lie
-/// back to back or overlap in the blob (chunks of one gzip-index span share it), each spanning
-/// at most [`MAX_MERGED_SPAN`]. With `joined` (the source carries several ranges in one request,
+/// back to back or overlap in the blob (chunks of one gzip-index span share it), each carrying
+/// at most [`MAX_MERGED_SPAN`] bytes. With `joined` (the source carries several ranges in one request,
 /// [`crate::source::ImageSource::joins_ranges`]) a run also goes on across holes (chunks held,
 /// in flight, or not wanted), in at most [`MAX_JOINED_RANGES`] ranges: the holes cost a part
 /// header each instead of a request. Only runs of two or more chunks are returned: a lone chunk
@@ -221,9 +311,11 @@ pub fn merged_runs(
 ) -> Vec<Vec<ChunkRef>> {
     let mut runs: Vec<Vec<ChunkRef>> = Vec::new();
     let mut run: Vec<ChunkRef> = Vec::new();
-    // The furthest blob byte the current run needs, and how many ranges it has.
+    // The furthest blob byte the current run needs, how many ranges it has and the bytes they
+    // carry.
     let mut run_reach = 0u64;
     let mut ranges = 0usize;
+    let mut run_bytes = 0u64;
     for &c in wanted {
         let span = match c.source {
             ChunkSource::Compressed { start, end, .. } if needs_fetch(c) => Some((start, end)),
@@ -236,18 +328,20 @@ pub fn merged_runs(
             continue;
         };
         let hole = start > run_reach;
+        let adds = end.saturating_sub(start.max(run_reach));
         let extends = run.first().is_some_and(|first| {
-            let run_start = compressed_start(first);
-            run_start <= start
+            compressed_start(first) <= start
                 && (!hole || (joined && ranges < MAX_JOINED_RANGES))
-                && end.max(run_reach) - run_start <= MAX_MERGED_SPAN
+                && run_bytes + adds <= MAX_MERGED_SPAN
         });
         if !extends {
             runs.push(std::mem::take(&mut run));
             run_reach = 0;
             ranges = 1;
-        } else if hole {
-            ranges += 1;
+            run_bytes = end - start;
+        } else {
+            ranges += usize::from(hole);
+            run_bytes += adds;
         }
         run_reach = run_reach.max(end);
         run.push(c.clone());
@@ -334,6 +428,53 @@ mod tests {
         let unfilled = prioritised_spans(&lists, &wanted, 0, 40);
         let shown: Vec<Vec<u64>> = unfilled.iter().map(|(_, span)| starts(span)).collect();
         assert_eq!(shown, [vec![80], vec![50], vec![0, 20], vec![90]]);
+    }
+
+    #[test]
+    fn joined_requests_gather_chunks_needed_close_together_in_time() {
+        let lists = vec![layer(), layer()];
+        // In the order needed: layer 0's 90 and 0 (the binary and its library), layer 1's 30,
+        // then layer 0's 50 and 10 and layer 1's 0, and last layer 0's 20 with 90 again.
+        let wanted = vec![
+            (0, vec![chunk(90, 100, 0)]),
+            (0, vec![chunk(0, 10, 0)]),
+            (1, vec![chunk(30, 40, 0)]),
+            (0, vec![chunk(50, 60, 0), chunk(10, 20, 0)]),
+            (1, vec![chunk(0, 10, 0)]),
+            (0, vec![chunk(20, 30, 0), chunk(90, 100, 0)]),
+        ];
+        let shown = |planned: Vec<(usize, Vec<ChunkRef>)>| -> Vec<(usize, Vec<u64>)> {
+            planned
+                .iter()
+                .map(|(layer, span)| (*layer, starts(span)))
+                .collect()
+        };
+        // A window of 20 bytes: a request holds what is needed within 20 bytes of its first
+        // chunk, its ranges in blob order; requests go in the order of their first need.
+        assert_eq!(
+            shown(need_ordered_spans(&lists, &wanted, 0, 20, 100)),
+            [
+                (0, vec![0, 90]),
+                (1, vec![30]),
+                (0, vec![10, 50]),
+                (1, vec![0]),
+                (0, vec![20]),
+            ]
+        );
+        // A span is also cut at `max_span` bytes, and small gaps are filled.
+        assert_eq!(
+            shown(need_ordered_spans(&lists, &wanted, 0, 1000, 20)),
+            [
+                (0, vec![0, 90]),
+                (1, vec![0, 30]),
+                (0, vec![10, 50]),
+                (0, vec![20])
+            ]
+        );
+        assert_eq!(
+            shown(need_ordered_spans(&lists, &wanted, 30, 20, 100))[2],
+            (0, vec![10, 20, 30, 40, 50])
+        );
     }
 
     #[test]

@@ -77,7 +77,9 @@ impl ImageSource for CountingSource {
     ) -> Result<ByteStream, SourceError> {
         self.stats.record_request(digest);
         tracing::debug!(blob = %digest, start = range.start, len = range.end - range.start, "range request");
+        let sent = std::time::Instant::now();
         let stream = self.inner.blob_range(digest, range).await?;
+        self.stats.record_answer(sent.elapsed());
         Ok(self.counted(digest, stream))
     }
 
@@ -96,7 +98,9 @@ impl ImageSource for CountingSource {
             self.stats.record_request(digest);
             tracing::debug!(blob = %digest, start = ranges.first().map_or(0, |r| r.start), ranges = ranges.len(), len = ranges.iter().map(|r| r.end - r.start).sum::<u64>(), "range request");
         }
+        let sent = std::time::Instant::now();
         let stream = self.inner.blob_ranges(digest, ranges).await?;
+        self.stats.record_answer(sent.elapsed());
         Ok(self.counted(digest, stream))
     }
 

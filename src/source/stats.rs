@@ -44,6 +44,9 @@ pub struct FetchStats {
     /// Set once prioritised files (eStargz landmark, learned profile) have been prefetched, or
     /// at once when there are none.
     pub profile_prefetched: std::sync::atomic::AtomicBool,
+    /// The shortest wait for a range request's answer to begin, in microseconds (0: none yet):
+    /// about one round trip to the source, what a prefetch sizes its requests in flight by.
+    quickest_answer_us: AtomicU64,
     layers: Mutex<HashMap<Digest, LayerCounters>>,
 }
 
@@ -55,6 +58,24 @@ impl FetchStats {
     fn layer(&self, digest: &Digest, update: impl FnOnce(&mut LayerCounters)) {
         let mut layers = self.layers.lock().unwrap();
         update(layers.entry(digest.clone()).or_default());
+    }
+
+    /// Notes that a range request's answer began `took` after it was sent.
+    pub fn record_answer(&self, took: Duration) {
+        let us = (took.as_micros() as u64).max(1);
+        let _ = self
+            .quickest_answer_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
+                (now == 0 || us < now).then_some(us)
+            });
+    }
+
+    /// About one round trip to the source: the quickest answer to a range request so far.
+    pub fn round_trip(&self) -> Option<Duration> {
+        match self.quickest_answer_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
     }
 
     pub fn record_request(&self, digest: &Digest) {
