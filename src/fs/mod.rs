@@ -676,9 +676,10 @@ const GROUP_GAP: u64 = 256 << 10;
 /// 1 MiB spans 2.04-2.59 s, 64 KiB gaps 2.13-2.22 s (about 90), 5 in flight 2.17-2.50 s.
 const PREFETCH_SPAN: u64 = 2 << 20;
 
-/// Prioritised requests in flight when each carries one range: with spans cut at small gaps many
-/// are a few tens of KiB, so six keep a 20 ms / 200 Mbit/s link busy across their round trips;
-/// two fewer than the default request slots, so a reader's miss still finds one free.
+/// Prioritised requests in flight when each carries one range, and at most when they carry
+/// several: with spans cut at small gaps many are a few tens of KiB, so six keep a 20 ms / 200
+/// Mbit/s link busy across their round trips; two fewer than the default request slots, so a
+/// reader's miss still finds one free.
 const PREFETCH_PARALLEL: usize = 6;
 
 /// Compressed bytes of one need-ordered request ([`crate::fetch::plan::need_ordered_spans`], for
@@ -707,7 +708,8 @@ const MAX_IN_FLIGHT: u64 = 32 << 20;
 /// asked for (at 80 ms / 200 Mbit/s it settled at 5.2-6.5 MB). A fixed four requests of 512
 /// KiB were 9% slower than blob-order spans at 80 ms. Learned profile, dev loop, medians of 3-4
 /// interleaved starts, this against blob-order spans with six in flight: 20 ms / 200 Mbit/s
-/// 1.25 vs 1.27 s, 80 ms 1.53 vs 1.49 s, 20 ms / 1000 Mbit/s 1.19 vs 1.23 s.
+/// 1.25 vs 1.27 s, 80 ms 1.53 vs 1.49 s, 20 ms / 1000 Mbit/s 1.19 vs 1.23 s (measured with up to
+/// the 8 request slots in flight, before they were held to [`PREFETCH_PARALLEL`]).
 const IN_FLIGHT_ROUND_TRIPS: f64 = 3.0;
 
 /// Fetches what the image's hints say its start reads: the prioritised files (`work`:
@@ -742,7 +744,8 @@ async fn prefetch_hints(
 ///
 /// With a source that joins ranges the spans are in need order, and how many bytes are in flight
 /// follows the link ([`in_flight_budget`]): few enough that what is needed first gets most of
-/// the link, enough to keep it busy. Otherwise [`PREFETCH_PARALLEL`] requests.
+/// the link, enough to keep it busy, in at most [`PREFETCH_PARALLEL`] requests (the other request
+/// slots stay free for readers' misses). Otherwise [`PREFETCH_PARALLEL`] requests.
 async fn prefetch_files(
     content: Arc<ContentReader>,
     work: Vec<(usize, Vec<ChunkRef>)>,
@@ -790,7 +793,9 @@ async fn prefetch_files(
             let budget = in_flight_budget(stats, started, received);
             while let Some(next) = spans.peek() {
                 let size = compressed_bytes(std::slice::from_ref(next));
-                if running.len() >= MIN_REQUESTS_IN_FLIGHT && in_flight + size > budget {
+                let full = running.len() >= PREFETCH_PARALLEL
+                    || (running.len() >= MIN_REQUESTS_IN_FLIGHT && in_flight + size > budget);
+                if full {
                     break;
                 }
                 let span = spans.next().expect("peeked");
