@@ -227,19 +227,20 @@ pub fn need_ordered_spans(
     window: u64,
     max_span: u64,
 ) -> Vec<(usize, Vec<ChunkRef>)> {
+    /// A layer's span still taking chunks: its index, where in the need order it began, bytes.
     struct Open {
-        first: usize,
+        span: usize,
         opened_at: u64,
         bytes: u64,
-        chunks: Vec<ChunkRef>,
     }
     let mut seen = std::collections::HashSet::new();
-    let mut frames = std::collections::HashSet::new();
+    // The span each compressed frame went to: chunks of one gzip seek index span share its
+    // bytes, and a later chunk of it goes where the frame is fetched anyway.
+    let mut frames: std::collections::HashMap<(usize, u64), usize> = Default::default();
     let mut open: std::collections::BTreeMap<usize, Open> = Default::default();
-    let mut closed: Vec<(usize, usize, Vec<ChunkRef>)> = Vec::new();
+    let mut spans: Vec<(usize, Vec<ChunkRef>)> = Vec::new();
     // Compressed bytes wanted so far, in the order they are needed.
     let mut at = 0u64;
-    let mut opened = 0usize;
     for (layer, chunks) in wanted {
         for c in chunks {
             let ChunkSource::Compressed {
@@ -254,42 +255,31 @@ pub fn need_ordered_spans(
             if !seen.insert((*layer, start, inner_offset)) {
                 continue;
             }
-            // Chunks of one gzip seek index span share its bytes: counted once.
-            let size = if frames.insert((*layer, start)) {
-                end - start
-            } else {
-                0
-            };
-            let full: Vec<usize> = open
-                .iter()
-                .filter(|(l, o)| {
-                    at - o.opened_at >= window || (**l == *layer && o.bytes + size > max_span)
-                })
-                .map(|(l, _)| *l)
-                .collect();
-            for l in full {
-                let o = open.remove(&l).expect("listed above");
-                closed.push((o.first, l, o.chunks));
+            if let Some(&span) = frames.get(&(*layer, start)) {
+                spans[span].1.push(c.clone());
+                continue;
             }
-            let span = open.entry(*layer).or_insert_with(|| {
-                opened += 1;
+            let size = end - start;
+            open.retain(|l, o| {
+                at - o.opened_at < window && (l != layer || o.bytes + size <= max_span)
+            });
+            let o = open.entry(*layer).or_insert_with(|| {
+                spans.push((*layer, Vec::new()));
                 Open {
-                    first: opened,
+                    span: spans.len() - 1,
                     opened_at: at,
                     bytes: 0,
-                    chunks: Vec::new(),
                 }
             });
-            span.bytes += size;
-            span.chunks.push(c.clone());
+            o.bytes += size;
+            spans[o.span].1.push(c.clone());
+            frames.insert((*layer, start), o.span);
             at += size;
         }
     }
-    closed.extend(open.into_iter().map(|(l, o)| (o.first, l, o.chunks)));
-    closed.sort_by_key(|(first, _, _)| *first);
-    closed
+    spans
         .into_iter()
-        .map(|(_, layer, mut chunks)| {
+        .map(|(layer, mut chunks)| {
             chunks.sort_by_key(blob_order);
             let list = lists.get(layer).map_or(&[][..], Vec::as_slice);
             (layer, fill_gaps(list, &chunks, max_gap))
@@ -475,6 +465,21 @@ mod tests {
             shown(need_ordered_spans(&lists, &wanted, 30, 20, 100))[2],
             (0, vec![10, 20, 30, 40, 50])
         );
+        // Chunks of one compressed frame (a gzip seek index span) go in one request, however
+        // far apart in time they are needed: the frame is fetched once.
+        let frame = |inner| chunk(0, 50, inner);
+        let wanted = vec![
+            (0, vec![frame(0)]),
+            (0, vec![chunk(60, 70, 0)]),
+            (0, vec![chunk(80, 90, 0)]),
+            (0, vec![frame(5)]),
+        ];
+        let planned = need_ordered_spans(&[], &wanted, 0, 10, 100);
+        let inner: Vec<Vec<u64>> = planned
+            .iter()
+            .map(|(_, span)| span.iter().map(|c| c.file_offset).collect())
+            .collect();
+        assert_eq!(inner, [vec![0, 5], vec![60], vec![80]]);
     }
 
     #[test]
