@@ -387,6 +387,14 @@ mod tests {
         chunks.iter().map(compressed_start).collect()
     }
 
+    /// Planned requests as their layers and their chunks' blob starts.
+    fn shown(planned: &[(usize, Vec<ChunkRef>)]) -> Vec<(usize, Vec<u64>)> {
+        planned
+            .iter()
+            .map(|(layer, span)| (*layer, starts(span)))
+            .collect()
+    }
+
     #[test]
     fn prioritised_files_become_few_spans_in_the_order_they_are_needed() {
         let lists = vec![layer(), layer()];
@@ -398,15 +406,10 @@ mod tests {
             (0, vec![chunk(0, 10, 0), chunk(20, 30, 0)]),
             (0, vec![chunk(90, 100, 0), chunk(20, 30, 0)]),
         ];
-        let planned = prioritised_spans(&lists, &wanted, 20, 40);
-        let shown: Vec<(usize, Vec<u64>)> = planned
-            .iter()
-            .map(|(layer, span)| (*layer, starts(span)))
-            .collect();
         // Layer 0's 0..60 is filled in (gaps of 10 and 20 bytes) and cut at 40 bytes; the span
         // carrying the file needed second (at 50) goes before the one carrying later files.
         assert_eq!(
-            shown,
+            shown(&prioritised_spans(&lists, &wanted, 20, 40)),
             [
                 (1, vec![80]),
                 (0, vec![40, 50]),
@@ -433,16 +436,10 @@ mod tests {
             (1, vec![chunk(0, 10, 0)]),
             (0, vec![chunk(20, 30, 0), chunk(90, 100, 0)]),
         ];
-        let shown = |planned: Vec<(usize, Vec<ChunkRef>)>| -> Vec<(usize, Vec<u64>)> {
-            planned
-                .iter()
-                .map(|(layer, span)| (*layer, starts(span)))
-                .collect()
-        };
         // A window of 20 bytes: a request holds what is needed within 20 bytes of its first
         // chunk, its ranges in blob order; requests go in the order of their first need.
         assert_eq!(
-            shown(need_ordered_spans(&lists, &wanted, 0, 20, 100)),
+            shown(&need_ordered_spans(&lists, &wanted, 0, 20, 100)),
             [
                 (0, vec![0, 90]),
                 (1, vec![30]),
@@ -453,7 +450,7 @@ mod tests {
         );
         // A span is also cut at `max_span` bytes, and small gaps are filled.
         assert_eq!(
-            shown(need_ordered_spans(&lists, &wanted, 0, 1000, 20)),
+            shown(&need_ordered_spans(&lists, &wanted, 0, 1000, 20)),
             [
                 (0, vec![0, 90]),
                 (1, vec![0, 30]),
@@ -462,7 +459,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            shown(need_ordered_spans(&lists, &wanted, 30, 20, 100))[2],
+            shown(&need_ordered_spans(&lists, &wanted, 30, 20, 100))[2],
             (0, vec![10, 20, 30, 40, 50])
         );
         // Chunks of one compressed frame (a gzip seek index span) go in one request, however

@@ -38,15 +38,23 @@ impl CountingSource {
 }
 
 impl CountingSource {
-    /// `stream` of blob `digest`, its bytes counted as they pass.
-    fn counted(&self, digest: &Digest, stream: ByteStream) -> ByteStream {
+    /// The stream of blob `digest` that `open` answers with, its bytes counted as they pass and
+    /// the wait for its answer noted ([`FetchStats::record_answer`]).
+    async fn counted(
+        &self,
+        digest: &Digest,
+        open: impl std::future::Future<Output = Result<ByteStream, SourceError>>,
+    ) -> Result<ByteStream, SourceError> {
+        let sent = std::time::Instant::now();
+        let stream = open.await?;
+        self.stats.record_answer(sent.elapsed());
         let stats = self.stats.clone();
         let digest = digest.clone();
-        Box::pin(stream.inspect(move |piece| {
+        Ok(Box::pin(stream.inspect(move |piece| {
             if let Ok(bytes) = piece {
                 stats.record_bytes(&digest, bytes.len() as u64);
             }
-        }))
+        })))
     }
 }
 
@@ -77,10 +85,8 @@ impl ImageSource for CountingSource {
     ) -> Result<ByteStream, SourceError> {
         self.stats.record_request(digest);
         tracing::debug!(blob = %digest, start = range.start, len = range.end - range.start, "range request");
-        let sent = std::time::Instant::now();
-        let stream = self.inner.blob_range(digest, range).await?;
-        self.stats.record_answer(sent.elapsed());
-        Ok(self.counted(digest, stream))
+        self.counted(digest, self.inner.blob_range(digest, range))
+            .await
     }
 
     async fn blob_ranges(
@@ -98,10 +104,8 @@ impl ImageSource for CountingSource {
             self.stats.record_request(digest);
             tracing::debug!(blob = %digest, start = ranges.first().map_or(0, |r| r.start), ranges = ranges.len(), len = ranges.iter().map(|r| r.end - r.start).sum::<u64>(), "range request");
         }
-        let sent = std::time::Instant::now();
-        let stream = self.inner.blob_ranges(digest, ranges).await?;
-        self.stats.record_answer(sent.elapsed());
-        Ok(self.counted(digest, stream))
+        self.counted(digest, self.inner.blob_ranges(digest, ranges))
+            .await
     }
 
     fn joins_ranges(&self) -> bool {
